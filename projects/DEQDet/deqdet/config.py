@@ -1,0 +1,18 @@
+"""``add_deqdet_config``: every config key this project adds to Detectron2's defaults."""
+
+import torch
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_deqdet_config"]
+
+
+def add_deqdet_config(cfg: CN) -> CN:
+    """Add the project's keys (with defaults) to ``cfg`` in place and return it."""
+    # CUDA when there is a device, else CPU; a config file or override may still name a device.
+    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # Optimizer built by deqdet.solver.build_optimizer: "SGD" (Detectron2's) or "AdamW".
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    # AdamW betas (ignored by SGD).
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+    return cfg
