@@ -27,7 +27,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["CLASSES", "GENERATOR_VERSION", "ShapesSplit", "SPLITS", "generate_split", "render_image"]
+__all__ = [
+    "CLASSES",
+    "GENERATOR_VERSION",
+    "SPLITS",
+    "ShapesSplit",
+    "compose_image",
+    "generate_split",
+    "render_image",
+]
 
 # Bump whenever the drawing changes: the version is part of the cache path.
 GENERATOR_VERSION = 1
@@ -44,6 +52,7 @@ class ShapesSplit:
     min_size: tuple[int, int] = (192, 224)  # (height, width) lower bounds of the image size
     max_size: tuple[int, int] = (256, 320)  # (height, width) upper bounds, inclusive
     max_objects: int = 8
+    max_clutter: int = 6
     empty_fraction: float = 0.05
     min_visible: float = 0.4
 
@@ -163,14 +172,14 @@ def _paint(img: np.ndarray, mask: np.ndarray, color: np.ndarray, rng: np.random.
     img[ys, xs] = color + np.clip(shade, -35, 35)[:, None]
 
 
-def render_image(seed: int, spec: ShapesSplit) -> tuple[np.ndarray, list[dict]]:
-    """Draw one image.
+def compose_image(seed: int, spec: ShapesSplit) -> tuple[np.ndarray, list[tuple[np.ndarray, int]], list[np.ndarray]]:
+    """Draw one image and return how it was composed.
 
     Returns:
         image: uint8 array (H, W, 3), RGB.
-        annotations: dicts with ``bbox`` (XYWH, pixel edges: the box spans pixels
-            x .. x + w - 1), ``category_id`` (index into :data:`CLASSES`) and ``area``
-            (visible pixel count).
+        layers: ``(mask, class index)`` per painted item, bottom to top; masks are uint8
+            (H, W) in {0, 1}; the class index is -1 for clutter.
+        visible: per layer, the part of its mask not covered by any layer above it.
     """
     rng = np.random.default_rng(seed)
     h = int(rng.integers(spec.min_size[0], spec.max_size[0] + 1))
@@ -187,7 +196,7 @@ def render_image(seed: int, spec: ShapesSplit) -> tuple[np.ndarray, list[dict]]:
         s = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
         cx, cy = rng.uniform(0.1 * w, 0.9 * w), rng.uniform(0.1 * h, 0.9 * h)
         layers.append((_shape_mask(rng, CLASSES[cls], h, w, cx, cy, s), cls))
-    for _ in range(int(rng.integers(0, 7))):
+    for _ in range(int(rng.integers(0, spec.max_clutter + 1))):
         layers.append((_clutter_mask(rng, h, w), -1))
     order = rng.permutation(len(layers))
     layers = [layers[i] for i in order]
@@ -203,7 +212,19 @@ def render_image(seed: int, spec: ShapesSplit) -> tuple[np.ndarray, list[dict]]:
 
     img += rng.normal(0, 6, size=img.shape).astype(np.float32)
     image = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    return image, layers, visible
 
+
+def render_image(seed: int, spec: ShapesSplit) -> tuple[np.ndarray, list[dict]]:
+    """Draw one image.
+
+    Returns:
+        image: uint8 array (H, W, 3), RGB.
+        annotations: dicts with ``bbox`` (XYWH, pixel edges: the box spans pixels
+            x .. x + w - 1), ``category_id`` (index into :data:`CLASSES`) and ``area``
+            (visible pixel count).
+    """
+    image, layers, visible = compose_image(seed, spec)
     annotations = []
     for (mask, cls), vis in zip(layers, visible):
         full = int(mask.sum())

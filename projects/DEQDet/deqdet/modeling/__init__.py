@@ -1,0 +1,3 @@
+"""Models. Importing this package registers them in Detectron2's registries."""
+
+from . import backbone  # noqa: F401

@@ -1,0 +1,70 @@
+"""ResNet-18/34 of any width, for the CPU-sized ``shapes`` recipes.
+
+Detectron2's ``build_resnet_backbone`` builds ResNet-18/34 (``BasicBlock``) only at the ImageNet
+width (``RES2_OUT_CHANNELS == 64``). These builders take the width from
+``MODEL.RESNETS.STEM_OUT_CHANNELS`` and ``MODEL.RESNETS.RES2_OUT_CHANNELS`` (doubling per stage)
+and otherwise use Detectron2's own ``ResNet``, ``BasicStem``, ``BasicBlock`` and ``FPN``.
+"""
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, FPN
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
+
+__all__ = [
+    "build_basic_resnet_backbone",
+    "build_basic_resnet_fpn_backbone",
+    "build_retinanet_basic_resnet_fpn_backbone",
+]
+
+_BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+@BACKBONE_REGISTRY.register()
+def build_basic_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
+    """ResNet-18/34 with ``BasicBlock`` stages of widths ``RES2_OUT_CHANNELS * (1, 2, 4, 8)``."""
+    r = cfg.MODEL.RESNETS
+    if r.DEPTH not in _BLOCKS_PER_STAGE:
+        raise ValueError(f"build_basic_resnet_backbone: MODEL.RESNETS.DEPTH must be 18 or 34, got {r.DEPTH}")
+    stem = BasicStem(in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM)
+    stages = []
+    in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
+    for idx, num_blocks in enumerate(_BLOCKS_PER_STAGE[r.DEPTH]):
+        first_stride = 1 if idx == 0 else 2
+        stages.append(
+            ResNet.make_stage(
+                block_class=BasicBlock,
+                num_blocks=num_blocks,
+                stride_per_block=[first_stride] + [1] * (num_blocks - 1),
+                in_channels=in_channels,
+                out_channels=out_channels,
+                norm=r.NORM,
+            )
+        )
+        in_channels, out_channels = out_channels, out_channels * 2
+    return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
+def _fpn(cfg, bottom_up: ResNet, top_block) -> FPN:
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=top_block,
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_basic_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+    """Narrow ResNet + FPN with P6 by max-pooling (two-stage detectors: P2-P6)."""
+    return _fpn(cfg, build_basic_resnet_backbone(cfg, input_shape), LastLevelMaxPool())
+
+
+@BACKBONE_REGISTRY.register()
+def build_retinanet_basic_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+    """Narrow ResNet + FPN with P6/P7 from C5 (one-stage detectors: P3-P7)."""
+    bottom_up = build_basic_resnet_backbone(cfg, input_shape)
+    in_channels = bottom_up.output_shape()["res5"].channels
+    return _fpn(cfg, bottom_up, LastLevelP6P7(in_channels, cfg.MODEL.FPN.OUT_CHANNELS))

@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Train and evaluate detectors of this project the Detectron2 way.
+
+    python train_net.py --config-file configs/shapes/demo.yaml
+    python train_net.py --config-file X.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file X.yaml --num-gpus 8      # PyTorch DDP, as in Detectron2
+"""
+
+import sys
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
+
+import deqdet  # noqa: F401  (registers datasets and models)
+from deqdet.engine import Trainer, setup
+from deqdet.errors import UserInputError, one_line
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            from detectron2.evaluation import verify_results
+
+            verify_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def cli(argv=None):
+    """Entry point: parse ``argv`` and launch (one process per GPU when ``--num-gpus`` > 1)."""
+    args = default_argument_parser().parse_args(argv)
+    try:
+        return launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except UserInputError as e:
+        sys.exit(f"error: {one_line(e)}")
+
+
+if __name__ == "__main__":
+    cli()
