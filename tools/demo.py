@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -61,7 +62,7 @@ def main() -> None:
             ensure_shapes(name)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)
-        results = trainer.train()
+        trainer.train()
     except UserInputError as e:
         sys.exit(f"error: {one_line(e)}")
     train_eval_s = time.perf_counter() - start
@@ -69,11 +70,11 @@ def main() -> None:
         cfg, cfg.DATASETS.TEST[0], os.path.join(cfg.OUTPUT_DIR, "predictions.png"), args.vis_images, args.vis_threshold
     )
     print("\n=== deqdet demo ===")
-    # DefaultTrainer.test returns {task: metrics} for one test set, {dataset: {task: metrics}} for more
-    per_dataset = {cfg.DATASETS.TEST[0]: results} if len(cfg.DATASETS.TEST) == 1 else results
-    for dataset_name, per_task in per_dataset.items():
-        bbox = per_task["bbox"]
-        print(f"{dataset_name} bbox: " + ", ".join(f"{k} {v:.1f}" for k, v in bbox.items() if "-" not in k))
+    # the final evaluation's numbers, as the trainer's EvalHook logged them
+    with open(os.path.join(cfg.OUTPUT_DIR, "metrics.json")) as f:
+        final = [m for m in map(json.loads, f) if "bbox/AP" in m][-1]
+    print(f"{cfg.DATASETS.TEST[0]} bbox: " + ", ".join(
+        f"{k[5:]} {final[k]:.1f}" for k in ("bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/APs", "bbox/APm", "bbox/APl")))
     print(f"predictions drawn on {cfg.DATASETS.TEST[0]}: {os.path.abspath(png)}")
     print(f"wall time (set-up of data, training, evaluation, drawing): {time.perf_counter() - start:.0f} s "
           f"(training + evaluation {train_eval_s:.0f} s)")
