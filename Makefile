@@ -12,7 +12,7 @@ data: setup
 	$(PY) -m deqdet.data.prepare shapes_train shapes_val
 
 demo: setup
-	$(PY) tools/demo.py --config-file $(DEMO_CONFIG) --output $(DEMO_OUTPUT)
+	$(PY) tools/demo.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
 
 test: setup
 	$(PY) -m pytest -q tests
