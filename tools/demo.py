@@ -20,7 +20,7 @@ from detectron2.engine import DefaultPredictor, default_argument_parser
 from detectron2.utils.visualizer import Visualizer
 
 import deqdet  # noqa: F401  (registers datasets and models)
-from deqdet.data import ensure_shapes
+from deqdet.data import SPLITS, ensure_shapes
 from deqdet.engine import Trainer, setup
 from deqdet.errors import UserInputError, one_line
 
@@ -59,7 +59,8 @@ def main() -> None:
     try:
         cfg = setup(args)
         for name in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST:
-            ensure_shapes(name)
+            if name in SPLITS:  # generate embedded data up front, so training starts at once
+                ensure_shapes(name)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)
         trainer.train()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import sys
@@ -29,6 +28,7 @@ def _has_d2_compiled_ops() -> bool:
 def collect_env() -> str:
     """A multi-line, human-readable description of the software and devices in use."""
     import detectron2
+    import numpy
     import torch
     import torchvision
 
@@ -42,7 +42,7 @@ def collect_env() -> str:
         f"detectron2 origin: {_detectron2_origin(os.path.dirname(detectron2.__file__))}",
         f"detectron2 compiled ops (_C): {'yes' if _has_d2_compiled_ops() else 'no'}",
         f"COCO evaluation backend: {coco_eval_backend()}",
-        f"numpy: {importlib.import_module('numpy').__version__}",
+        f"numpy: {numpy.__version__}",
         f"CPU threads: {torch.get_num_threads()}",
     ]
     if torch.cuda.is_available():
