@@ -4,7 +4,7 @@ Importing ``deqdet`` registers everything the package adds to Detectron2's regis
 catalogs (the ``shapes`` datasets; models as they land).
 """
 
-from . import data, modeling  # noqa: F401  (registers datasets and models)
+from . import checkpoint, data, modeling  # noqa: F401  (registers datasets, models, converters)
 from .config import add_deqdet_config
 from .evaluation import install_fast_coco_eval
 
