@@ -53,7 +53,7 @@ def draw_predictions(cfg, dataset_name: str, out_path: str, num_images: int, sco
 def main() -> None:
     parser = default_argument_parser()
     parser.add_argument("--vis-images", type=int, default=8, help="validation images to draw")
-    parser.add_argument("--vis-threshold", type=float, default=0.5, help="score threshold for drawing")
+    parser.add_argument("--vis-threshold", type=float, default=0.3, help="score threshold for drawing")
     args = parser.parse_args()
     start = time.perf_counter()
     try:
