@@ -1,5 +1,6 @@
 """One AdaMixer decoder stage, a standalone module without hidden state."""
 
+import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -69,7 +70,7 @@ class AdaMixerStage(nn.Module):
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
                 nn.init.xavier_uniform_(module.weight)
-        nn.init.constant_(self.fc_cls.bias, -torch.log(torch.tensor((1 - prior_prob) / prior_prob)).item())
+        nn.init.constant_(self.fc_cls.bias, -math.log((1 - prior_prob) / prior_prob))
         nn.init.zeros_(self.fc_reg.weight)
         nn.init.zeros_(self.fc_reg.bias)
         nn.init.uniform_(self.iof_tau, 0.0, 4.0)
@@ -115,7 +116,7 @@ class AdaMixerStage(nn.Module):
 
         Returns:
             content (B, N, D), refined xyzr (B, N, 4), class logits (B, N, K), boxes (B, N, 4) xyxy
-            in pixels of the padded input.
+            in input-image pixels (the refined xyzr decoded).
         """
         xyzr = xyzr.detach()
         content = self.self_attention(content, xyzr)
