@@ -15,7 +15,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
 from .config import add_deqdet_config
-from .data.mapper import CheckedDatasetMapper
+from .data.mapper import CheckedDatasetMapper, build_train_mapper
 from .env import collect_env
 from .errors import UserInputError
 from .solver import build_optimizer
@@ -44,7 +44,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         _check_datasets(cfg.DATASETS.TRAIN)
-        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, is_train=True))
+        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -1,0 +1,117 @@
+"""``QueryDetector``: backbone -> channel mapper -> initial queries -> query decoder.
+
+AdaMixer and DEQDet differ only in the decoder (``MODEL.QUERY.DECODER``) and the channel mapper
+(``MODEL.QUERY.NECK_STYLE``).
+"""
+
+from typing import Dict, List
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+
+from .query import ChannelMapper, HungarianMatcher, InitialQueries, SetCriterion, build_query_decoder
+
+__all__ = ["QueryDetector"]
+
+
+@META_ARCH_REGISTRY.register()
+class QueryDetector(nn.Module):
+    """Sparse query-based detector. Training returns the criterion's losses over every prediction
+    the decoder supervises; inference scores the last one: sigmoid scores, top-k over all
+    (query, class) pairs, boxes clipped to the image, no NMS."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        neck: ChannelMapper,
+        queries: InitialQueries,
+        decoder: nn.Module,
+        criterion: SetCriterion,
+        pixel_mean,
+        pixel_std,
+        detections_per_image: int = 100,
+        size_divisibility: int = 32,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.queries = queries
+        self.decoder = decoder
+        self.criterion = criterion
+        self.detections_per_image = detections_per_image
+        self.size_divisibility = size_divisibility
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        q = cfg.MODEL.QUERY
+        backbone = build_backbone(cfg)
+        neck = ChannelMapper(
+            backbone.output_shape(), q.IN_FEATURES, q.FEAT_CHANNELS, q.NECK_STYLE, q.NECK_NORM_GROUPS
+        )
+        weights = dict(class_weight=q.CLASS_WEIGHT, l1_weight=q.L1_WEIGHT, giou_weight=q.GIOU_WEIGHT,
+                       alpha=q.FOCAL_ALPHA, gamma=q.FOCAL_GAMMA)
+        return {
+            "backbone": backbone,
+            "neck": neck,
+            "queries": InitialQueries(q.NUM_QUERIES, q.CONTENT_DIM),
+            "decoder": build_query_decoder(cfg, neck.strides),
+            "criterion": SetCriterion(HungarianMatcher(**weights), **weights),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "size_divisibility": max(32, backbone.size_divisibility),
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def forward(self, batched_inputs: List[dict]):
+        """Detectron2's model interface: a list of mapped dicts with ``image`` (C, H, W) and, in
+        training, ``instances`` holding ``gt_boxes`` and ``gt_classes``."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.neck(self.backbone(images.tensor))
+        content, xyzr = self.queries(images.image_sizes)
+        predictions = self.decoder(content, xyzr, features)
+        if self.training:
+            targets = [self._target(x["instances"].to(self.device), size)
+                       for x, size in zip(batched_inputs, images.image_sizes)]
+            return self.criterion(predictions, targets)
+        results = self.inference(predictions[-1]["logits"], predictions[-1]["boxes"], images.image_sizes)
+        return [
+            {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
+            for r, x, size in zip(results, batched_inputs, images.image_sizes)
+        ]
+
+    @staticmethod
+    def _target(instances: Instances, image_size) -> Dict[str, torch.Tensor]:
+        h, w = image_size
+        boxes = instances.gt_boxes.tensor
+        return {"labels": instances.gt_classes, "boxes": boxes, "whwh": boxes.new_tensor([w, h, w, h])}
+
+    def inference(self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes) -> List[Instances]:
+        """logits (B, N, K), boxes (B, N, 4) -> per image the top ``detections_per_image`` (query,
+        class) pairs by sigmoid score, boxes clipped to the image."""
+        results = []
+        num_classes = logits.shape[-1]
+        for scores, boxes_i, size in zip(logits.sigmoid(), boxes, image_sizes):
+            k = min(self.detections_per_image, scores.numel())
+            top_scores, top_idx = scores.flatten().topk(k)
+            out = Instances(size)
+            out.pred_boxes = Boxes(boxes_i[top_idx // num_classes])
+            out.pred_boxes.clip(size)
+            out.scores = top_scores
+            out.pred_classes = top_idx % num_classes
+            results.append(out)
+        return results

@@ -1,0 +1,64 @@
+"""``add_query_config``: the config keys of the query-based detector (AdaMixer, DEQDet)."""
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_query_config"]
+
+
+def add_query_config(cfg: CN) -> None:
+    """Add ``MODEL.QUERY``, the DETR-style augmentation and the optimizer's lr / decay split."""
+    cfg.MODEL.QUERY = q = CN()
+    # Decoder from QUERY_DECODER_REGISTRY ("AdaMixerDecoder"; DEQDet adds its own).
+    q.DECODER = "AdaMixerDecoder"
+    # Backbone outputs fed to the channel mapper (C2-C5, strides 4-32).
+    q.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Channel mapper: "AdaMixer" (1x1 conv + bias) or "DEQDet" (3x3 conv + bias + ReLU), then one
+    # GroupNorm shared by all levels.
+    q.NECK_STYLE = "AdaMixer"
+    # Groups of that shared GroupNorm.
+    q.NECK_NORM_GROUPS = 32
+    # Channels of the mapped feature maps (C in DESIGN.md §4).
+    q.FEAT_CHANNELS = 256
+    # Number of foreground classes (sigmoid classifier, no background class).
+    q.NUM_CLASSES = 80
+    # Number of queries N.
+    q.NUM_QUERIES = 100
+    # Query content dimension D.
+    q.CONTENT_DIM = 256
+    # Decoder stages (AdaMixer: 6 unshared stages).
+    q.NUM_STAGES = 6
+    # Self-attention heads (each with a learned IoF temperature).
+    q.NUM_HEADS = 8
+    # Hidden width of the stage's FFN.
+    q.FFN_DIM = 2048
+    # Sampled points per group P_in (AdaMixer 32, DEQDet 64).
+    q.IN_POINTS = 32
+    # Mixed points per group P_out.
+    q.OUT_POINTS = 128
+    # Sampling / mixing groups G.
+    q.NUM_GROUPS = 4
+    # Temperature of the level weights softmax(-(z - log2 stride)^2 / tau).
+    q.LEVEL_TAU = 2.0
+    # Loss weights (and matching-cost weights) of the focal, L1 (normalised xyxy) and GIoU terms.
+    q.CLASS_WEIGHT = 2.0
+    q.L1_WEIGHT = 5.0
+    q.GIOU_WEIGHT = 2.0
+    # Sigmoid focal loss / cost parameters.
+    q.FOCAL_ALPHA = 0.25
+    q.FOCAL_GAMMA = 2.0
+
+    # DETR-style augmentation (deqdet.data.detr_mapper): with probability PROB, before the final
+    # INPUT.MIN_SIZE_TRAIN resize, resize the shortest edge to one of RESIZE_SIZES and crop a random
+    # region of CROP_SIZE (absolute_range: height and width each in [min, max]).
+    cfg.INPUT.DETR_CROP = CN()
+    cfg.INPUT.DETR_CROP.ENABLED = False
+    cfg.INPUT.DETR_CROP.PROB = 0.5
+    cfg.INPUT.DETR_CROP.RESIZE_SIZES = (400, 500, 600)
+    cfg.INPUT.DETR_CROP.CROP_SIZE = (384, 600)
+
+    # Learning-rate and weight-decay multipliers of the backbone's parameters and of all others
+    # ("head": neck, queries, decoder). DEQDet's recipe: HEAD_LR_MULTIPLIER 4, HEAD_WEIGHT_DECAY_MULTIPLIER 10.
+    cfg.SOLVER.BACKBONE_LR_MULTIPLIER = 1.0
+    cfg.SOLVER.BACKBONE_WEIGHT_DECAY_MULTIPLIER = 1.0
+    cfg.SOLVER.HEAD_LR_MULTIPLIER = 1.0
+    cfg.SOLVER.HEAD_WEIGHT_DECAY_MULTIPLIER = 1.0
