@@ -3,6 +3,8 @@
 import torch
 from detectron2.config import CfgNode as CN
 
+from .modeling.dyhead.config import add_dyhead_config
+
 __all__ = ["add_deqdet_config"]
 
 
@@ -15,4 +17,5 @@ def add_deqdet_config(cfg: CN) -> CN:
     cfg.SOLVER.OPTIMIZER = "SGD"
     # AdamW betas (ignored by SGD).
     cfg.SOLVER.BETAS = (0.9, 0.999)
+    add_dyhead_config(cfg)  # MODEL.DYHEAD, MODEL.ATSS
     return cfg

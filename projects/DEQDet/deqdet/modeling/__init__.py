@@ -1,3 +1,4 @@
 """Models. Importing this package registers them in Detectron2's registries."""
 
 from . import backbone  # noqa: F401
+from . import dyhead  # noqa: F401

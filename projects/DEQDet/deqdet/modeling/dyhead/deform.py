@@ -1,0 +1,124 @@
+"""Modulated deformable 3x3 convolution (DCNv2) without a compiled extension.
+
+Two interchangeable implementations of the same function, selected by ``MODEL.DYHEAD.DCN_IMPL``:
+
+* ``"torchvision"``: :func:`torchvision.ops.deform_conv2d` (CPU and CUDA kernels).
+* ``"sampling"``: the same sum written with PyTorch ops: bilinear sampling of the 9 deformed taps
+  by :func:`torch.nn.functional.grid_sample` (zero padding, exactly DCNv2's bilinear rule), the
+  masks multiplied in, then one matrix product with the kernel. Several times faster than
+  torchvision's kernel on CPU; same output up to float rounding (tests compare the two).
+
+Both take offsets laid out as DCNv2 does: channel ``2k`` is the y offset and ``2k + 1`` the x offset
+of tap ``k = 3 i + j`` (row-major over the 3x3 kernel), in pixels of the input.
+
+Also here: how the offsets predicted on one level are given to the DCN that reads the next coarser
+level (:func:`coarse_level_offsets`), in the official port's way or geometrically aligned.
+"""
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import deform_conv2d
+
+__all__ = ["DCN_IMPLS", "COARSE_OFFSET_MODES", "modulated_deform_conv3x3", "coarse_level_offsets"]
+
+DCN_IMPLS = ("sampling", "torchvision")
+COARSE_OFFSET_MODES = ("aligned", "official")
+
+
+def _output_size(size: int, stride: int) -> int:
+    """Output length of a 3x3 convolution with padding 1."""
+    return (size - 1) // stride + 1
+
+
+def _sample_taps(x: Tensor, offset: Tensor, stride: int) -> Tensor:
+    """Bilinearly sample the 9 deformed taps of every output position.
+
+    Args:
+        x: (N, C, H, W) input.
+        offset: (N, 18, Ho, Wo) offsets, (dy, dx) per tap, in input pixels.
+        stride: 1 or 2.
+    Returns:
+        (N, C, 9, Ho * Wo) samples; taps falling outside the input read zeros.
+    """
+    n, _, h, w = x.shape
+    ho, wo = offset.shape[-2:]
+    dtype, device = x.dtype, x.device
+    taps = torch.arange(-1, 2, dtype=dtype, device=device)
+    # Regular-grid sampling position of tap (i, j) at output (y, x): (y * stride + i - 1, x * stride + j - 1).
+    base_y = (torch.arange(ho, dtype=dtype, device=device) * stride).view(1, 1, ho, 1) + taps.view(1, 3, 1, 1)
+    base_x = (torch.arange(wo, dtype=dtype, device=device) * stride).view(1, 1, 1, wo) + taps.view(1, 3, 1, 1)
+    offset = offset.view(n, 9, 2, ho, wo)
+    pos_y = offset[:, :, 0] + base_y.repeat_interleave(3, dim=1)  # tap k = 3 i + j has row offset i - 1
+    pos_x = offset[:, :, 1] + base_x.repeat(1, 3, 1, 1)  # ... and column offset j - 1
+    # grid_sample with align_corners=False maps normalised u to pixel ((u + 1) * size - 1) / 2.
+    grid = torch.stack(((2 * pos_x + 1) / w - 1, (2 * pos_y + 1) / h - 1), dim=-1)
+    samples = F.grid_sample(
+        x, grid.view(n, 9 * ho, wo, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return samples.view(n, x.shape[1], 9, ho * wo)
+
+
+def modulated_deform_conv3x3(
+    x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor, stride: int, impl: str
+) -> Tensor:
+    """DCNv2 with a 3x3 kernel, padding 1, dilation 1, one offset group.
+
+    Args:
+        x: (N, C, H, W) input.
+        offset: (N, 18, Ho, Wo) offsets, Ho = (H - 1) // stride + 1 (same for W).
+        mask: (N, 9, Ho, Wo) modulation scalars.
+        weight: (O, C, 3, 3); bias: (O,).
+        stride: 1 or 2.
+        impl: one of :data:`DCN_IMPLS`.
+    Returns:
+        (N, O, Ho, Wo).
+    """
+    if impl == "torchvision":
+        return deform_conv2d(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    if impl != "sampling":
+        raise ValueError(f"MODEL.DYHEAD.DCN_IMPL must be one of {DCN_IMPLS}, got {impl!r}")
+    n, c = x.shape[:2]
+    ho, wo = offset.shape[-2:]
+    expected = (_output_size(x.shape[2], stride), _output_size(x.shape[3], stride))
+    if (ho, wo) != expected:
+        raise ValueError(f"deformable conv: offsets of size {(ho, wo)} for an output of size {expected}")
+    columns = _sample_taps(x, offset, stride).mul_(mask.reshape(n, 1, 9, ho * wo))
+    out = torch.matmul(weight.reshape(weight.shape[0], c * 9), columns.view(n, c * 9, ho * wo))
+    return (out + bias.view(1, -1, 1)).view(n, -1, ho, wo)
+
+
+def coarse_level_offsets(
+    offset: Tensor, mask: Tensor, coarse_size: Tuple[int, int], mode: str
+) -> Tuple[Tensor, Tensor]:
+    """Offsets and masks predicted on level l, given to the stride-1 DCN that reads level l + 1.
+
+    Args:
+        offset: (N, 18, H, W) and mask: (N, 9, H, W), predicted on level l.
+        coarse_size: (h, w) of level l + 1, with h = ceil(H / 2), w = ceil(W / 2) as an FPN makes.
+        mode: ``"official"``: what microsoft/DynamicHead's CUDA kernel reads when handed the
+            level-l tensors for an (h, w) output: per image, the first ``18 h w`` offset values
+            (``9 h w`` mask values) of that image's memory, taken as an (18, h, w) array. A memory
+            reinterpretation, not a crop; the released weights were trained with it.
+            ``"aligned"``: the values at the level-l positions the coarse positions sit on (coarse
+            pixel (i, j) is fine pixel (2i, 2j) under the FPN's stride-2 convolutions), used as
+            offsets in coarse pixels, as the finer-level DCN uses its offsets in finer pixels.
+    Returns:
+        offset (N, 18, h, w) and mask (N, 9, h, w).
+    """
+    n, _, height, width = offset.shape
+    h, w = coarse_size
+    if mode == "official":
+        return (
+            offset.reshape(n, -1)[:, : 18 * h * w].view(n, 18, h, w),
+            mask.reshape(n, -1)[:, : 9 * h * w].view(n, 9, h, w),
+        )
+    if mode != "aligned":
+        raise ValueError(f"MODEL.DYHEAD.COARSE_OFFSETS must be one of {COARSE_OFFSET_MODES}, got {mode!r}")
+    if (h, w) != (_output_size(height, 2), _output_size(width, 2)):
+        raise ValueError(
+            f"DyHead: level of size {(h, w)} is not the stride-2 successor of a level of size {(height, width)}"
+        )
+    return offset[:, :, ::2, ::2], mask[:, :, ::2, ::2]
