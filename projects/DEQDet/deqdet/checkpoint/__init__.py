@@ -59,3 +59,6 @@ def convert_official(state_dict: Dict[str, torch.Tensor], source: str) -> Conver
     if source not in _CONVERTERS:
         raise KeyError(f"unknown checkpoint source {source!r}; known: {', '.join(available_sources())}")
     return _CONVERTERS[source](dict(state_dict))
+
+
+from . import dyhead  # noqa: E402,F401  (registers the "dyhead" converter)
