@@ -138,17 +138,17 @@ class DyConv(nn.Module):
         names: List[str] = list(features)
         levels = [features[k] for k in names]
         out = {}
-        for l, feature in enumerate(levels):
+        for i, feature in enumerate(levels):
             offset_mask = self.offset(feature)
             offset, mask = offset_mask[:, :18], offset_mask[:, 18:].sigmoid()
             terms = [self.DyConv[1](feature, offset, mask)]
-            if l > 0:
-                terms.append(self.DyConv[2](levels[l - 1], offset, mask))
-            if l < len(levels) - 1:
-                coarse = levels[l + 1]
+            if i > 0:
+                terms.append(self.DyConv[2](levels[i - 1], offset, mask))
+            if i < len(levels) - 1:
+                coarse = levels[i + 1]
                 c_offset, c_mask = coarse_level_offsets(offset, mask, coarse.shape[-2:], self.coarse_offsets)
                 term = self.DyConv[0](coarse, c_offset, c_mask)
                 terms.append(F.interpolate(term, size=feature.shape[-2:], mode="bilinear", align_corners=True))
             mean = torch.stack([t * self.scale_gate(t) for t in terms]).mean(dim=0)
-            out[names[l]] = self.relu(mean)
+            out[names[i]] = self.relu(mean)
         return out
