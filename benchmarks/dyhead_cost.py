@@ -10,8 +10,9 @@ DyHead blocks in place of the towers, each DyHead row with both deformable-conv 
 counts (one multiply-add = one flop, as fvcore counts convolutions), with the deformable conv
 counted as the 3x3 convolution it computes. Latency: eval mode, no grad, one random image of the
 given size (padded to a multiple of 128 as the model does), median of ``--repeat`` runs after one
-warm-up, ``torch.set_num_threads(--threads)``. Note the machine load printed with the results: on a
-shared machine the latency is noisy.
+warm-up, ``torch.set_num_threads(--threads)``: wall-clock latency and the process's CPU time. On a
+shared machine the wall clock depends on the other processes (the 1-minute load average before each
+row is recorded); with ``--threads 1`` the CPU time is what the image costs one core.
 """
 
 import argparse
@@ -28,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "projects", "DEQDet")]
 
 from detectron2.modeling import build_model  # noqa: E402
-from fvcore.nn import FlopCountAnalysis  # noqa: E402
+from detectron2.utils.analysis import FlopCountAnalysis  # noqa: E402  (fvcore's, for Instances outputs)
 
 import deqdet  # noqa: E402,F401
 from deqdet.engine import build_config  # noqa: E402
@@ -64,18 +65,20 @@ def measure(row: str, size, repeat: int) -> dict:
     result = {"row": row, "params_M": round(params / 1e6, 2)}
     with torch.no_grad():
         if row.endswith("torchvision") or not row.startswith("dyhead"):
-            flops = FlopCountAnalysis(model, (inputs,))
+            flops = FlopCountAnalysis(model, inputs)
             flops.set_op_handle("torchvision::deform_conv2d", _deform_conv_flops)
             flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             result["gflops"] = round(flops.total() / 1e9, 1)
-            result["gflops_dyhead_tower"] = round(flops.by_module().get("backbone.dyhead_tower", 0) / 1e9, 1)
+            result["gflops_dyhead_tower"] = round(flops.by_module().get("model.backbone.dyhead_tower", 0) / 1e9, 1)
         model(inputs)  # warm-up
-        times = []
+        times, cpu_times = [], []
         for _ in range(repeat):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             model(inputs)
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     result["latency_s"] = round(statistics.median(times), 2)
+    result["cpu_time_s"] = round(statistics.median(cpu_times), 2)
     result["latency_all_s"] = [round(t, 2) for t in times]
     return result
 

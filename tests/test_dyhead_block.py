@@ -164,3 +164,27 @@ def test_block_modes_agree_where_offsets_are_zero():
     official = block(feats)
     for k in feats:
         assert torch.allclose(aligned[k], official[k], atol=1e-6)
+
+
+def test_dyhead_box_head_applies_task_attention_to_pooled_features():
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+
+    from deqdet.config import add_deqdet_config
+    from deqdet.modeling.dyhead.roi_head import DyHeadBoxHead
+
+    cfg = add_deqdet_config(get_cfg())
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 0
+    cfg.MODEL.DYHEAD.ROI_NUM_ATTENTION = 2
+    head = DyHeadBoxHead(cfg, ShapeSpec(channels=16, height=7, width=7))
+    assert head.output_shape.channels == 16 * 7 * 7
+    pooled = torch.randn(5, 16, 7, 7)
+    with torch.no_grad():
+        for relu in head.attention:
+            relu.fc[2].weight.zero_()
+            relu.fc[2].bias.zero_()  # each attention starts as a plain ReLU (see the DyReLU test)
+    assert torch.equal(head(pooled), pooled.clamp(min=0).flatten(1))
+    with torch.no_grad():
+        head.attention[1].fc[2].bias.fill_(3.0)  # second: max(2x + 0.5, x + 0.5) per RoI and channel
+    expected = torch.maximum(2 * pooled.clamp(min=0) + 0.5, pooled.clamp(min=0) + 0.5)
+    assert torch.allclose(head(pooled), expected.flatten(1))
