@@ -1,0 +1,50 @@
+"""``add_dyhead_config``: the config keys of Dynamic Head, ATSS and the DyHead box head."""
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_dyhead_config"]
+
+
+def add_dyhead_config(cfg: CN) -> CN:
+    """Add ``MODEL.DYHEAD`` and ``MODEL.ATSS`` (defaults as microsoft/DynamicHead) to ``cfg``."""
+    cfg.MODEL.DYHEAD = CN()
+    # Number of stacked DyHead blocks after the FPN (paper: 6 best on R50; 0 = plain FPN).
+    cfg.MODEL.DYHEAD.NUM_CONVS = 6
+    # Channels of the blocks; must equal MODEL.FPN.OUT_CHANNELS (the blocks mix levels and input).
+    cfg.MODEL.DYHEAD.CHANNELS = 256
+    # Offsets/masks given to the DCN on the coarser level: "aligned" (the level-l predictions at the
+    # coarse positions) or "official" (microsoft/DynamicHead's kernel memory reinterpretation; use it
+    # to run their released weights as trained).
+    cfg.MODEL.DYHEAD.COARSE_OFFSETS = "aligned"
+    # Deformable conv implementation: "sampling" (grid_sample + matmul, faster on CPU) or
+    # "torchvision" (torchvision.ops.deform_conv2d). Same outputs up to float rounding.
+    cfg.MODEL.DYHEAD.DCN_IMPL = "sampling"
+    # Apply the task-aware attention (DyReLU) in the blocks. False for the paper's two-stage form,
+    # where the box head (ROI_BOX_HEAD.NAME "DyHeadBoxHead") applies it to the pooled features.
+    cfg.MODEL.DYHEAD.TASK_ATTENTION = True
+    # Task-aware attention layers in "DyHeadBoxHead" (each a DyReLU on the pooled RoI features).
+    cfg.MODEL.DYHEAD.ROI_NUM_ATTENTION = 2
+
+    cfg.MODEL.ATSS = CN()
+    # Candidates per level (times anchors per location) closest to a box centre.
+    cfg.MODEL.ATSS.TOPK = 9
+    cfg.MODEL.ATSS.NUM_CLASSES = 80
+    # Backbone features the head reads (finest first).
+    cfg.MODEL.ATSS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # 3x3 conv layers in each of the classification and box towers (0 when DyHead replaces them).
+    cfg.MODEL.ATSS.NUM_CONVS = 4
+    # Norm of the tower convs: "GN" (GroupNorm(32)) or "" (none).
+    cfg.MODEL.ATSS.NORM = "GN"
+    # Prior probability of the classifier's initial bias.
+    cfg.MODEL.ATSS.PRIOR_PROB = 0.01
+    # Box2BoxTransform weights (dx, dy, dw, dh).
+    cfg.MODEL.ATSS.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+    cfg.MODEL.ATSS.FOCAL_LOSS_GAMMA = 2.0
+    cfg.MODEL.ATSS.FOCAL_LOSS_ALPHA = 0.25
+    # Weight of the GIoU box loss.
+    cfg.MODEL.ATSS.REG_LOSS_WEIGHT = 2.0
+    # Inference: score threshold on the class probability, candidates per level, NMS IoU.
+    cfg.MODEL.ATSS.INFERENCE_TH = 0.05
+    cfg.MODEL.ATSS.PRE_NMS_TOP_N = 1000
+    cfg.MODEL.ATSS.NMS_TH = 0.6
+    return cfg
