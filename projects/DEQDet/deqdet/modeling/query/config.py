@@ -47,7 +47,7 @@ def add_query_config(cfg: CN) -> None:
     q.FOCAL_ALPHA = 0.25
     q.FOCAL_GAMMA = 2.0
 
-    # DETR-style augmentation (deqdet.data.detr_mapper): with probability PROB, before the final
+    # DETR-style augmentation (deqdet.data.mapper.detr_augmentations): with probability PROB, before the final
     # INPUT.MIN_SIZE_TRAIN resize, resize the shortest edge to one of RESIZE_SIZES and crop a random
     # region of CROP_SIZE (absolute_range: height and width each in [min, max]).
     cfg.INPUT.DETR_CROP = CN()
