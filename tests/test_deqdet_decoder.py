@@ -3,11 +3,13 @@ non-finite guard, config errors."""
 
 import logging
 import math
+import os
 
 import pytest
 import torch
 
-from deq_helpers import NO_RAP, synthetic_batch, tiny_model
+from deq_helpers import NO_RAP, ROOT, synthetic_batch, tiny_model
+from deqdet.engine import build_config
 from deqdet.modeling.deq.perturb import RefinementPerturbation, encode_jittered_xyxy
 from deqdet.modeling.query.boxes import xyxy_to_xyzr
 
@@ -190,3 +192,23 @@ def test_without_init_supervision_the_init_stage_is_frozen_and_rag0_trains():
     assert all(p.grad is None for p in model.decoder.init_stage.parameters())
     assert model.decoder.refine_stage.fc_cls.weight.grad.abs().sum() > 0
     assert model.backbone.stem.conv1.weight.grad.abs().sum() > 0  # the stash reaches the backbone
+
+
+@pytest.mark.parametrize(
+    "config,queries,crop",
+    [("configs/deqdet_r50_1x.yaml", 100, False), ("configs/deqdet_r50_2x.yaml", 300, True),
+     ("configs/shapes/deqdet_r18.yaml", 50, False)],
+)
+def test_deqdet_configs(config, queries, crop):
+    """The recipes carry the official DEQDet settings (shapes: the documented CPU schedule)."""
+    cfg = build_config(os.path.join(ROOT, config), ["MODEL.DEVICE", "cpu"])
+    q, d = cfg.MODEL.QUERY, cfg.MODEL.DEQDET
+    assert (q.DECODER, q.NECK_STYLE, q.NUM_QUERIES, cfg.INPUT.DETR_CROP.ENABLED) == ("DEQDecoder", "DEQDet", queries, crop)
+    assert (d.RAG, d.EXTRA_INIT_SUPERVISIONS, d.TOL, d.PERTURB_POSITION_INTENSITY) == (2, 2, 0.0, 25.0)
+    if "shapes" in config:
+        assert (d.REFINEMENT_STEPS, tuple(d.SUPERVISION_POSITIONS), d.MAX_ITERS) == (6, (1, 3, 6), 6)
+        assert q.IN_POINTS == build_config(os.path.join(ROOT, "configs/shapes/adamixer_r18.yaml")).MODEL.QUERY.IN_POINTS
+    else:
+        assert (d.REFINEMENT_STEPS, tuple(d.SUPERVISION_POSITIONS), d.MAX_ITERS) == (20, (1, 3, 6, 9, 12, 20), 20)
+        assert (q.IN_POINTS, q.OUT_POINTS, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY) == (64, 128, 2.5e-5, 0.01)
+        assert (cfg.SOLVER.HEAD_LR_MULTIPLIER, cfg.SOLVER.HEAD_WEIGHT_DECAY_MULTIPLIER) == (4.0, 10.0)
