@@ -54,6 +54,12 @@ def _load(name: str):
 
 
 # --------------------------------------------------------------------------------------------- train
+def _env() -> dict:
+    """This checkout's package first (as tests/conftest.py), also for the train_net subprocesses."""
+    paths = [os.path.join(ROOT, "projects", "DEQDet"), ROOT, os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
 def train(args) -> None:
     results = _load("train.json") or {}
     for variant in args.variants:
@@ -67,7 +73,7 @@ def train(args) -> None:
         print(" ".join(cmd), flush=True)
         start = time.perf_counter()
         with open(out + ".log", "w") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env())
             _, status, usage = os.wait4(proc.pid, 0)
         if status != 0:
             raise SystemExit(f"{variant}: train_net failed, see {out}.log")

@@ -52,7 +52,10 @@ class _AndersonHistory:
         n = min(self.count, self.window)
         zs, fzs = self.z[index, :n], self.fz[index, :n]
         g = (fzs - zs).double()  # (b, n, d)
-        gram = g @ g.transpose(1, 2) + self.reg * torch.eye(n, dtype=g.dtype, device=g.device)
+        gram = g @ g.transpose(1, 2)
+        # Regularisation relative to the residuals' size, so it does not swamp small residuals.
+        scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None]
+        gram = gram + self.reg * scale * torch.eye(n, dtype=g.dtype, device=g.device)
         # Bordered system [[0, 1^T], [1, G G^T + reg I]] [mu, a] = [1, 0].
         h = g.new_zeros(len(index), n + 1, n + 1)
         h[:, 0, 1:], h[:, 1:, 0], h[:, 1:, 1:] = 1.0, 1.0, gram
