@@ -9,8 +9,11 @@ in an autograd function that has the same value and, when the trainer's backward
 the stashed gradients as the gradients of the real features (so they flow on into the neck and the
 backbone) and of the refinement stage's parameters.
 
-Nothing is written to ``.grad`` during the forward: Detectron2's trainers call ``zero_grad`` after
-the forward, and DDP's gradient hooks and AMP's ``GradScaler`` only see the ordinary backward. The
+Nothing is written to ``.grad`` during the forward (the official code does, with hooks on the
+features; here that would break: Detectron2's trainers call ``zero_grad`` after the forward). DDP's
+gradient hooks and AMP's ``GradScaler`` therefore only see the ordinary backward, in which every
+trainable parameter receives its gradient once, so Detectron2's DDP settings
+(``find_unused_parameters=False``) work unchanged (tests/test_deqdet_ddp.py). The
 gradient arriving at the wrapped value is the trainer's loss scale (1, or the ``GradScaler`` scale
 under AMP); the stash is multiplied by it, so the result equals backpropagating every segment in the
 same backward. To keep fp16 gradients of the segments from underflowing, each segment is
