@@ -81,7 +81,7 @@ def train(args) -> None:
         times = [m["time"] for m in metrics if "time" in m and m["iteration"] >= 20]
         results[variant] = {
             "command": " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]),
-            "ap_vs_iter": [[m["iteration"] + 1, m["bbox/AP"]] for m in metrics if "bbox/AP" in m],
+            "ap_vs_iter": [[min(m["iteration"] + 1, args.iters), m["bbox/AP"]] for m in metrics if "bbox/AP" in m],
             "ap50_final": [m["bbox/AP50"] for m in metrics if "bbox/AP50" in m][-1],
             "s_per_iter": statistics.median(times),
             "peak_rss_mib": usage.ru_maxrss / 1024,
@@ -253,6 +253,19 @@ def _plot_residuals(curves, path: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------- report
+def _last_prediction_loss(variant: str):
+    """[(iteration, loss)]: cls + L1 + GIoU loss of the last supervised prediction (AdaMixer: its last
+    stage ``s5``; DEQDet: its last segment ``iter{max}``), from the run's metrics.json (window medians)."""
+    path = os.path.join(ROOT, "output", "bench", variant, "metrics.json")
+    metrics = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    metrics = [m for m in metrics if "total_loss" in m]
+    if not metrics:
+        return []
+    prefixes = {k[: -len("_loss_cls")] for k in metrics[0] if k.endswith("_loss_cls")}
+    last = max((p for p in prefixes if not p.startswith("init")), key=lambda p: int(p.lstrip("iters")))
+    return [(m["iteration"] + 1, sum(m[f"{last}_loss_{n}"] for n in ("cls", "l1", "giou"))) for m in metrics]
+
+
 def report(args) -> None:
     lines = ["# DEQDet vs AdaMixer on `shapes` (2-core CPU, this sandbox)", ""]
     train_res = _load("train.json") or {}
@@ -262,6 +275,11 @@ def report(args) -> None:
         for name, r in train_res.items():
             curve = ", ".join(f"{i}: {ap:.1f}" for i, ap in r["ap_vs_iter"])
             lines.append(f"| {name} | {curve} | {r['ap50_final']:.1f} | {r['s_per_iter']:.2f} | {r['peak_rss_mib']:.0f} |")
+        lines += ["", "Loss of the last supervised prediction (cls + L1 + GIoU; AdaMixer: stage 6, DEQDet: last "
+                  "RAG segment), by iteration:", "", "| variant | loss by iteration |", "|---|---|"]
+        for name in train_res:
+            curve = ", ".join(f"{i}: {v:.2f}" for i, v in _last_prediction_loss(name))
+            lines.append(f"| {name} | {curve} |")
         lines += ["", "Commands:", ""] + [f"    python {r['command']}" for r in train_res.values()] + [""]
     mem = _load("memory.json")
     if mem:
