@@ -3,6 +3,7 @@
 DEQDet ablations, activation memory, and DEQDet's adaptive inference.
 
     python benchmarks/deqdet_vs_adamixer.py train --iters 150 --eval-period 75    # AP vs iteration, s/iter
+    python benchmarks/deqdet_vs_adamixer.py train --mini --iters 300 --eval-period 50 --variants adamixer deqdet
     python benchmarks/deqdet_vs_adamixer.py memory                               # training memory
     python benchmarks/deqdet_vs_adamixer.py inference --tols 0 0.001 0.003 0.01  # AP / latency / steps
     python benchmarks/deqdet_vs_adamixer.py report                               # results.md
@@ -54,6 +55,18 @@ def _load(name: str):
 
 
 # --------------------------------------------------------------------------------------------- train
+# --mini: fit speed on the 32 shapes_mini_train images (trained and evaluated on them) with a narrow
+# decoder and backbone, the same for every variant: a convergence probe whose AP moves within minutes.
+MINI = [
+    "DATASETS.TRAIN", "('shapes_mini_train',)", "DATASETS.TEST", "('shapes_mini_train',)",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
+    "MODEL.QUERY.NUM_QUERIES", "20", "MODEL.QUERY.CONTENT_DIM", "64", "MODEL.QUERY.FFN_DIM", "128",
+    "MODEL.QUERY.FEAT_CHANNELS", "32", "MODEL.QUERY.NECK_NORM_GROUPS", "8", "MODEL.QUERY.IN_POINTS", "8",
+    "MODEL.QUERY.OUT_POINTS", "16", "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160",
+    "SOLVER.IMS_PER_BATCH", "4", "TEST.DETECTIONS_PER_IMAGE", "20",
+]
+
+
 def _env() -> dict:
     """This checkout's package first (as tests/conftest.py), also for the train_net subprocesses."""
     paths = [os.path.join(ROOT, "projects", "DEQDet"), ROOT, os.environ.get("PYTHONPATH", "")]
@@ -64,6 +77,8 @@ def train(args) -> None:
     results = _load("train.json") or {}
     for variant in args.variants:
         config, opts = VARIANTS[variant]
+        if args.mini:
+            variant, opts = f"{variant}@mini", [*opts, *MINI]
         out = os.path.join(ROOT, "output", "bench", variant)
         os.makedirs(out, exist_ok=True)
         # Constant lr after a short warm-up, so runs of different lengths share their first iterations.
@@ -270,7 +285,7 @@ def report(args) -> None:
     lines = ["# DEQDet vs AdaMixer on `shapes` (2-core CPU, this sandbox)", ""]
     train_res = _load("train.json") or {}
     if train_res:
-        lines += ["## Training (same backbone, queries, dims, batch 8, iterations)", "",
+        lines += ["## Training (same backbone, queries, dims, batch, iterations; `@mini`: the fit-speed probe)", "",
                   "| variant | AP vs iteration | final AP50 | s/iter (median) | peak RSS (MiB) |", "|---|---|---|---|---|"]
         for name, r in train_res.items():
             curve = ", ".join(f"{i}: {ap:.1f}" for i, ap in r["ap_vs_iter"])
@@ -306,6 +321,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--iters", type=int, default=150)
     p.add_argument("--eval-period", type=int, default=75)
+    p.add_argument("--mini", action="store_true", help="the fit-speed probe on shapes_mini_train (see MINI)")
     p = sub.add_parser("memory")
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
