@@ -200,7 +200,7 @@ def inference(args) -> None:
     import numpy as np
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data import DatasetCatalog
     from detectron2.evaluation import COCOEvaluator, inference_on_dataset
     from detectron2.modeling import build_model
 
@@ -237,8 +237,7 @@ def inference(args) -> None:
         if tol == 0:
             residual_curves = residuals
     results["_note"] = (f"shapes_val ({len(DatasetCatalog.get('shapes_val'))} images), batch 1, "
-                        f"{args.threads} thread(s); steps = applications of the refinement stage incl. the output one; "
-                        f"{MetadataCatalog.get('shapes_val').name}")
+                        f"{args.threads} thread(s); steps = applications of the refinement stage incl. the output one")
     _save(f"inference_{args.solver}.json", results)
     if residual_curves is not None:
         _plot_residuals(np.array(residual_curves, dtype=float), os.path.join(RESULTS, "residual_per_iteration.png"))
