@@ -74,15 +74,16 @@ def _env() -> dict:
 
 
 def train(args) -> None:
-    results = _load("train.json") or {}
     for variant in args.variants:
         config, opts = VARIANTS[variant]
         if args.mini:
             variant, opts = f"{variant}@mini", [*opts, *MINI]
         out = os.path.join(ROOT, "output", "bench", variant)
         os.makedirs(out, exist_ok=True)
+        key = f"{variant} (resumed to {args.iters})" if args.resume else variant
         # Constant lr after a short warm-up, so runs of different lengths share their first iterations.
-        cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", config, *opts,
+        cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), *(["--resume"] if args.resume else []),
+               "--config-file", config, *opts,
                "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "20",
                "TEST.EVAL_PERIOD", str(args.eval_period), "MODEL.DEVICE", "cpu", "OUTPUT_DIR", out]
         print(" ".join(cmd), flush=True)
@@ -94,7 +95,7 @@ def train(args) -> None:
             raise SystemExit(f"{variant}: train_net failed, see {out}.log")
         metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
         times = [m["time"] for m in metrics if "time" in m and m["iteration"] >= 20]
-        results[variant] = {
+        entry = {
             "command": " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]),
             "ap_vs_iter": [[min(m["iteration"] + 1, args.iters), m["bbox/AP"]] for m in metrics if "bbox/AP" in m],
             "ap50_final": [m["bbox/AP50"] for m in metrics if "bbox/AP50" in m][-1],
@@ -102,8 +103,8 @@ def train(args) -> None:
             "peak_rss_mib": usage.ru_maxrss / 1024,
             "wall_s": time.perf_counter() - start,
         }
-        print(variant, json.dumps(results[variant]), flush=True)
-        _save("train.json", results)
+        print(key, json.dumps(entry), flush=True)
+        _save("train.json", {**(_load("train.json") or {}), key: entry})  # re-read: other runs may have saved
 
 
 # -------------------------------------------------------------------------------------------- memory
@@ -238,9 +239,10 @@ def inference(args) -> None:
             residual_curves = residuals
     results["_note"] = (f"shapes_val ({len(DatasetCatalog.get('shapes_val'))} images), batch 1, "
                         f"{args.threads} thread(s); steps = applications of the refinement stage incl. the output one")
-    _save(f"inference_{args.solver}.json", results)
+    tag = f"_{args.tag}" if args.tag else ""
+    _save(f"inference_{args.solver}{tag}.json", results)
     if residual_curves is not None:
-        _plot_residuals(np.array(residual_curves, dtype=float), os.path.join(RESULTS, "residual_per_iteration.png"))
+        _plot_residuals(np.array(residual_curves, dtype=float), os.path.join(RESULTS, f"residual_per_iteration{tag}.png"))
 
 
 def _plot_residuals(curves, path: str) -> None:
@@ -300,8 +302,8 @@ def report(args) -> None:
         lines += ["## Training activation memory (peak bytes saved for backward)", "", mem.pop("_note"), "",
                   "| model | peak saved activations (MiB) | s/iter |", "|---|---|---|"]
         lines += [f"| {n} | {r['peak_saved_mib']:.1f} | {r['s_per_iter']:.2f} |" for n, r in mem.items()] + [""]
-    for solver in ("fixed_point", "anderson"):
-        inf = _load(f"inference_{solver}.json")
+    for name in sorted(f for f in os.listdir(RESULTS) if f.startswith("inference_") and f.endswith(".json")):
+        inf, solver = _load(name), name[len("inference_"):-len(".json")]
         if inf:
             lines += [f"## Adaptive inference ({solver}, MAX_ITERS {inf['max_iters']}, {inf['weights']})", "",
                       inf["_note"], "", "| TOL | AP | AP50 | mean steps | s/image |", "|---|---|---|---|---|"]
@@ -321,6 +323,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=150)
     p.add_argument("--eval-period", type=int, default=75)
     p.add_argument("--mini", action="store_true", help="the fit-speed probe on shapes_mini_train (see MINI)")
+    p.add_argument("--resume", action="store_true", help="continue the variant's last run to --iters (its "
+                   "metrics.json keeps the earlier evaluations; s/iter and RSS are of the continuation)")
     p = sub.add_parser("memory")
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
@@ -330,6 +334,7 @@ def main() -> None:
     p.add_argument("--max-iters", type=int, default=20)
     p.add_argument("--solver", default="fixed_point", choices=["fixed_point", "anderson"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tag", default="", help="suffix of the result files (e.g. the checkpoint's iteration)")
     sub.add_parser("report")
     args = parser.parse_args()
     {"train": train, "memory": memory, "inference": inference, "report": report}[args.phase](args)
