@@ -272,14 +272,15 @@ def _plot_residuals(curves, path: str) -> None:
 def _last_prediction_loss(variant: str):
     """[(iteration, loss)]: cls + L1 + GIoU loss of the last supervised prediction (AdaMixer: its last
     stage ``s5``; DEQDet: its last segment ``iter{max}``), from the run's metrics.json (window medians)."""
-    path = os.path.join(ROOT, "output", "bench", variant, "metrics.json")
+    path = os.path.join(ROOT, "output", "bench", variant.split(" (resumed")[0], "metrics.json")
     metrics = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
     metrics = [m for m in metrics if "total_loss" in m]
     if not metrics:
         return []
     prefixes = {k[: -len("_loss_cls")] for k in metrics[0] if k.endswith("_loss_cls")}
     last = max((p for p in prefixes if not p.startswith("init")), key=lambda p: int(p.lstrip("iters")))
-    return [(m["iteration"] + 1, sum(m[f"{last}_loss_{n}"] for n in ("cls", "l1", "giou"))) for m in metrics]
+    return [(m["iteration"] + 1, sum(m[f"{last}_loss_{n}"] for n in ("cls", "l1", "giou")))
+            for m in metrics if (m["iteration"] + 1) % 40 == 0 or m is metrics[-1]]
 
 
 def report(args) -> None:
@@ -294,6 +295,8 @@ def report(args) -> None:
         lines += ["", "Loss of the last supervised prediction (cls + L1 + GIoU; AdaMixer: stage 6, DEQDet: last "
                   "RAG segment), by iteration:", "", "| variant | loss by iteration |", "|---|---|"]
         for name in train_res:
+            if any(other.startswith(f"{name} (resumed") for other in train_res):
+                continue  # its run was continued: the continuation's row shows the whole curve
             curve = ", ".join(f"{i}: {v:.2f}" for i, v in _last_prediction_loss(name))
             lines.append(f"| {name} | {curve} |")
         lines += ["", "Commands:", ""] + [f"    python {r['command']}" for r in train_res.values()] + [""]
