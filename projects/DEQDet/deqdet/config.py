@@ -3,6 +3,7 @@
 import torch
 from detectron2.config import CfgNode as CN
 
+from .modeling.deq.config import add_deqdet_decoder_config
 from .modeling.query.config import add_query_config
 from .modeling.dyhead.config import add_dyhead_config
 
@@ -20,4 +21,5 @@ def add_deqdet_config(cfg: CN) -> CN:
     cfg.SOLVER.BETAS = (0.9, 0.999)
     add_query_config(cfg)  # MODEL.QUERY, INPUT.DETR_CROP, SOLVER.*_MULTIPLIER (query-based detector)
     add_dyhead_config(cfg)  # MODEL.DYHEAD, MODEL.ATSS
+    add_deqdet_decoder_config(cfg)  # MODEL.DEQDET (the equilibrium decoder)
     return cfg

@@ -63,3 +63,4 @@ def convert_official(state_dict: Dict[str, torch.Tensor], source: str) -> Conver
 
 from . import adamixer  # noqa: E402,F401  (registers the "adamixer" converter)
 from . import dyhead  # noqa: E402,F401  (registers the "dyhead" converter)
+from . import deqdet  # noqa: E402,F401  (registers the "deqdet" converter)

@@ -20,8 +20,10 @@ __all__ = ["QueryDetector"]
 @META_ARCH_REGISTRY.register()
 class QueryDetector(nn.Module):
     """Sparse query-based detector. Training returns the criterion's losses over every prediction
-    the decoder supervises; inference scores the last one: sigmoid scores, top-k over all
-    (query, class) pairs, boxes clipped to the image, no NMS."""
+    the decoder supervises (a decoder with a ``losses(content, xyzr, features, loss_fn)`` method, such
+    as ``DEQDecoder``, computes them itself); inference scores the last one: sigmoid scores, top-k over
+    all (query, class) pairs, boxes clipped to the image, no NMS. Other entries of the decoder's last
+    prediction (DEQDecoder: ``residuals``, ``steps``) are returned per image next to ``instances``."""
 
     @configurable
     def __init__(
@@ -83,15 +85,19 @@ class QueryDetector(nn.Module):
         images = self.preprocess_image(batched_inputs)
         features = self.neck(self.backbone(images.tensor))
         content, xyzr = self.queries(images.image_sizes)
-        predictions = self.decoder(content, xyzr, features)
         if self.training:
             targets = [self._target(x["instances"].to(self.device), size)
                        for x, size in zip(batched_inputs, images.image_sizes)]
-            return self.criterion(predictions, targets)
-        results = self.inference(predictions[-1]["logits"], predictions[-1]["boxes"], images.image_sizes)
+            if hasattr(self.decoder, "losses"):  # a decoder that computes (and may backpropagate) its losses
+                return self.decoder.losses(content, xyzr, features, lambda preds: self.criterion(preds, targets))
+            return self.criterion(self.decoder(content, xyzr, features), targets)
+        last = self.decoder(content, xyzr, features)[-1]
+        results = self.inference(last["logits"], last["boxes"], images.image_sizes)
+        extras = {k: v for k, v in last.items() if k not in ("logits", "boxes")}  # e.g. DEQ residuals, steps
         return [
-            {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
-            for r, x, size in zip(results, batched_inputs, images.image_sizes)
+            {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1])),
+             **{k: v[i] for k, v in extras.items()}}
+            for i, (r, x, size) in enumerate(zip(results, batched_inputs, images.image_sizes))
         ]
 
     @staticmethod

@@ -1,0 +1,43 @@
+"""``add_deqdet_decoder_config``: the keys of the deep-equilibrium decoder (``MODEL.DEQDET``)."""
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_deqdet_decoder_config"]
+
+
+def add_deqdet_decoder_config(cfg: CN) -> None:
+    """Add ``MODEL.DEQDET`` (used when ``MODEL.QUERY.DECODER`` is ``"DEQDecoder"``)."""
+    cfg.MODEL.DEQDET = d = CN()
+    # --- training (official DEQDetRoIHead defaults, DESIGN.md §5) ---
+    # No-grad applications of the refinement stage f per training iteration.
+    d.REFINEMENT_STEPS = 20
+    # After how many no-grad steps a supervised segment starts (each in 1..REFINEMENT_STEPS).
+    d.SUPERVISION_POSITIONS = (1, 3, 6, 9, 12, 20)
+    # Refinement-aware gradient: applications of f WITH gradient in each supervised segment, from the
+    # no-grad state. 0 = the plain one-step gradient: the position's own step is recomputed with gradient.
+    d.RAG = 2
+    # Supervise the init stage's prediction (False: the init stage is frozen, it gets no gradient).
+    d.INIT_SUPERVISION = True
+    # Extra supervised applications of f after the init stage, in the graph of the init stage.
+    d.EXTRA_INIT_SUPERVISIONS = 2
+    # Refinement-aware perturbation before each no-grad step: with PERTURB_CONTENT_PROB the content q
+    # becomes (1 - I) q + I ||q|| eps (I = PERTURB_CONTENT_INTENSITY); with PERTURB_POSITION_PROB the
+    # boxes (xyxy pixels) move by PERTURB_POSITION_INTENSITY * eps and are re-encoded. eps ~ N(0, 1).
+    d.PERTURB_CONTENT_PROB = 0.2
+    d.PERTURB_CONTENT_INTENSITY = 0.1
+    d.PERTURB_POSITION_PROB = 0.2
+    d.PERTURB_POSITION_INTENSITY = 25.0
+    # Memory-lean training: backpropagate every supervised segment inside the forward through detached
+    # features and stash the gradients (activation memory grows with RAG, not with the number of
+    # positions). False: every segment stays in one graph until the trainer's backward (same gradients).
+    d.GRAD_STASH = True
+    # --- inference ---
+    # Stop iterating f for an image once the relative residual ||z_k+1 - z_k|| / ||z_k|| of its state is
+    # below TOL (0: never, the official fixed schedule). Then one more application gives the output.
+    d.TOL = 0.0
+    # At most MAX_ITERS iterations before that output application (official: 20, i.e. 20 + 1 steps).
+    d.MAX_ITERS = 20
+    # Fixed-point solver of the inference iterations: "fixed_point" (plain z_k+1 = f(z_k)) or "anderson".
+    d.SOLVER = "fixed_point"
+    # Anderson acceleration: number of past iterates mixed.
+    d.ANDERSON_WINDOW = 5

@@ -1,0 +1,222 @@
+"""``DEQDecoder``: DEQDet's equilibrium decoder (Wang, Teng, Wang, ICCV 2023).
+
+An init stage with its own weights, then ONE weight-tied refinement stage ``f`` applied repeatedly
+to the state ``z = (content (B, N, D), xyzr (B, N, 4))``.
+
+Training (:meth:`DEQDecoder.losses`, the official recipe; all of it under ``MODEL.DEQDET``)::
+
+    z0 = init_stage(queries)                          # supervised, plus EXTRA_INIT_SUPERVISIONS
+    z = z0.detach()                                   #   supervised applications of f after it
+    for i in 1..REFINEMENT_STEPS:
+        z_in = RAP(z); z = no_grad f(z_in)
+        if i in SUPERVISION_POSITIONS:                # refinement-aware gradient (RAG):
+            loss += L(f^RAG(z))                       #   RAG applications of f WITH gradient
+                                                      #   (RAG = 0: L(f(z_in)), the one-step gradient)
+
+With ``GRAD_STASH`` each segment ``L(f^RAG(z))`` is backpropagated at once through detached features
+(:mod:`.stash`). Inference (:meth:`DEQDecoder.forward`): the init stage, then :func:`.solver.solve`
+for at most ``MAX_ITERS`` iterations (per image, until the relative residual is below ``TOL``), then
+one more application of ``f`` whose prediction is the output (``TOL = 0``: the official 20 + 1 steps).
+"""
+
+import logging
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from torch import nn
+
+from ..query.decoder import QUERY_DECODER_REGISTRY, stage_kwargs_from_config
+from ..query.stage import AdaMixerStage
+from .perturb import RefinementPerturbation
+from .solver import SOLVERS, solve
+from .stash import GradientStash, ObservedLossScale
+
+__all__ = ["DEQDecoder", "StateCodec"]
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[List[Dict[str, torch.Tensor]]], Dict[str, torch.Tensor]]
+
+
+class StateCodec:
+    """State ``(content (B, N, D), xyzr (B, N, 4))`` <-> flat ``(B, N * (D + 4))`` for the solver.
+
+    In the flat form ``x, y`` are divided by the padded input width / height, so the residual weighs
+    box centres in image fractions (pixels would dominate the content otherwise); ``z, r`` (log2
+    units) and the content enter as they are.
+    """
+
+    def __init__(self, num_queries: int, content_dim: int, padded_hw: Tuple[int, int], like: torch.Tensor):
+        self.num_queries, self.content_dim = num_queries, content_dim
+        h, w = padded_hw
+        self.scale = like.new_tensor([w, h, 1.0, 1.0])
+
+    def flatten(self, content: torch.Tensor, xyzr: torch.Tensor) -> torch.Tensor:
+        return torch.cat([content, xyzr / self.scale], dim=-1).flatten(1)
+
+    def unflatten(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        z = z.view(z.shape[0], self.num_queries, self.content_dim + 4)
+        return z[..., : self.content_dim], z[..., self.content_dim:] * self.scale
+
+
+def _prediction(logits: torch.Tensor, boxes: torch.Tensor) -> Dict[str, torch.Tensor]:
+    return {"logits": logits, "boxes": boxes}
+
+
+def _renamed(losses: Dict[str, torch.Tensor], prefixes: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """``s{i}_loss_x`` (SetCriterion's names for the i-th prediction) -> ``{prefixes[i]}_loss_x``."""
+    out = {}
+    for name, value in losses.items():
+        index, rest = name.split("_", 1)
+        out[f"{prefixes[int(index[1:])]}_{rest}"] = value
+    return out
+
+
+@QUERY_DECODER_REGISTRY.register()
+class DEQDecoder(nn.Module):
+    """Init stage + one weight-tied refinement stage iterated towards a fixed point (module docstring).
+
+    Parameter names follow the official release: ``init_stage`` is its ``roi_head.bbox_head.0``,
+    ``refine_stage`` its ``roi_head.bbox_head.1``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        stage_kwargs: dict,
+        refinement_steps: int = 20,
+        supervision_positions: Sequence[int] = (1, 3, 6, 9, 12, 20),
+        rag: int = 2,
+        init_supervision: bool = True,
+        extra_init_supervisions: int = 2,
+        perturbation: RefinementPerturbation = None,
+        grad_stash: bool = True,
+        tol: float = 0.0,
+        max_iters: int = 20,
+        solver: str = "fixed_point",
+        anderson_window: int = 5,
+    ):
+        super().__init__()
+        positions = sorted(set(int(p) for p in supervision_positions))
+        if refinement_steps < 1 or not positions or positions[0] < 1 or positions[-1] > refinement_steps:
+            raise ValueError(
+                f"MODEL.DEQDET.SUPERVISION_POSITIONS {tuple(supervision_positions)} must be non-empty and within "
+                f"1..REFINEMENT_STEPS ({refinement_steps})"
+            )
+        if rag < 0 or extra_init_supervisions < 0:
+            raise ValueError(f"MODEL.DEQDET.RAG ({rag}) and EXTRA_INIT_SUPERVISIONS ({extra_init_supervisions}) "
+                             "must be >= 0")
+        if solver not in SOLVERS:
+            raise ValueError(f"MODEL.DEQDET.SOLVER must be one of {SOLVERS}, got {solver!r}")
+        if tol < 0 or max_iters < 0:
+            raise ValueError(f"MODEL.DEQDET.TOL ({tol}) and MAX_ITERS ({max_iters}) must be >= 0")
+        self.init_stage = AdaMixerStage(**stage_kwargs)
+        self.refine_stage = AdaMixerStage(**stage_kwargs)
+        self.refinement_steps, self.supervision_positions, self.rag = refinement_steps, positions, rag
+        self.init_supervision, self.extra_init_supervisions = init_supervision, extra_init_supervisions
+        self.perturbation = perturbation or RefinementPerturbation(0.0, 0.0, 0.0, 0.0)
+        self.grad_stash = grad_stash
+        self.tol, self.max_iters, self.solver, self.anderson_window = tol, max_iters, solver, anderson_window
+        self.loss_scale = ObservedLossScale()
+        if not init_supervision:  # nothing would ever reach its parameters (refinement starts detached)
+            self.init_stage.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg, strides):
+        d = cfg.MODEL.DEQDET
+        return {
+            "stage_kwargs": stage_kwargs_from_config(cfg, strides),
+            "refinement_steps": d.REFINEMENT_STEPS,
+            "supervision_positions": d.SUPERVISION_POSITIONS,
+            "rag": d.RAG,
+            "init_supervision": d.INIT_SUPERVISION,
+            "extra_init_supervisions": d.EXTRA_INIT_SUPERVISIONS,
+            "perturbation": RefinementPerturbation(
+                d.PERTURB_CONTENT_PROB, d.PERTURB_CONTENT_INTENSITY, d.PERTURB_POSITION_PROB,
+                d.PERTURB_POSITION_INTENSITY,
+            ),
+            "grad_stash": d.GRAD_STASH,
+            "tol": d.TOL,
+            "max_iters": d.MAX_ITERS,
+            "solver": d.SOLVER,
+            "anderson_window": d.ANDERSON_WINDOW,
+        }
+
+    def _init_losses(self, content, xyzr, features, loss_fn: LossFn):
+        """Init stage (+ supervised applications of f) -> (its losses, its detached state)."""
+        if not self.init_supervision:
+            with torch.no_grad():
+                content, xyzr, _, _ = self.init_stage(content, xyzr, features)
+            return {}, (content, xyzr)
+        content, xyzr, logits, boxes = self.init_stage(content, xyzr, features)
+        start = (content.detach(), xyzr.detach())
+        predictions, prefixes = [_prediction(logits, boxes)], ["init"]
+        for j in range(self.extra_init_supervisions):
+            content, xyzr, logits, boxes = self.refine_stage(content, xyzr, features)
+            predictions.append(_prediction(logits, boxes))
+            prefixes.append(f"init^{j + 1}")
+        return _renamed(loss_fn(predictions), prefixes), start
+
+    def losses(
+        self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor], loss_fn: LossFn
+    ) -> Dict[str, torch.Tensor]:
+        """Training losses (module docstring).
+
+        Args:
+            content (B, N, D), xyzr (B, N, 4): the initial queries; features: L x (B, C, H_l, W_l).
+            loss_fn: predictions list -> ``{"s{i}_loss_*": scalar}`` (the criterion with the targets).
+
+        Returns:
+            ``init_*``, ``init^{j}_*`` and ``iter{i}_*`` losses. With ``grad_stash`` the ``iter`` values
+            are detached numbers except one, which carries all of their gradients (:mod:`.stash`).
+        """
+        losses, state = self._init_losses(content, xyzr, features, loss_fn)
+        stash = GradientStash(self.refine_stage, features, self.loss_scale) if self.grad_stash else None
+        feats = stash.features if stash else features
+        carrier = None
+        for i in range(1, self.refinement_steps + 1):
+            with torch.no_grad():
+                perturbed = self.perturbation(*state)
+                state = self.refine_stage(*perturbed, feats)[:2]
+            if i not in self.supervision_positions:
+                continue
+            segment = self.refine_stage(*perturbed, feats) if self.rag == 0 else state
+            for _ in range(self.rag):
+                segment = self.refine_stage(*segment[:2], feats)
+            segment_losses = _renamed(loss_fn([_prediction(*segment[2:])]), [f"iter{i}"])
+            if stash:
+                stash.backward(sum(segment_losses.values()))
+                segment_losses = {k: v.detach() for k, v in segment_losses.items()}
+                carrier = carrier or next(iter(segment_losses))
+            losses.update(segment_losses)
+        if carrier:
+            losses[carrier] = stash.attach(losses[carrier])
+        return losses
+
+    def forward(
+        self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor]
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Inference. content (B, N, D), xyzr (B, N, 4), features L x (B, C, H_l, W_l) ->
+        ``[{"logits": (B, N, K), "boxes": (B, N, 4) xyxy, "residuals": (B, MAX_ITERS) (NaN after the
+        image stopped), "steps": (B,) applications of f including the output one}]``."""
+        content, xyzr, init_logits, init_boxes = self.init_stage(content, xyzr, features)
+        stride = self.init_stage.strides[0]
+        padded_hw = (features[0].shape[-2] * stride, features[0].shape[-1] * stride)
+        codec = StateCodec(content.shape[1], content.shape[2], padded_hw, content)
+
+        def step(z: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            feats = features if len(index) == len(content) else [f[index] for f in features]
+            return codec.flatten(*self.refine_stage(*codec.unflatten(z), feats)[:2])
+
+        result = solve(step, codec.flatten(content, xyzr), tol=self.tol, max_iters=self.max_iters,
+                       method=self.solver, anderson_window=self.anderson_window)
+        _, _, logits, boxes = self.refine_stage(*codec.unflatten(result.state), features)
+        bad = ~(torch.isfinite(logits).flatten(1).all(1) & torch.isfinite(boxes).flatten(1).all(1))
+        if bad.any():
+            logger.warning(f"DEQ output step not finite for images {bad.nonzero().flatten().tolist()}; "
+                           "they get the init stage's prediction")
+            logits = torch.where(bad[:, None, None], init_logits, logits)
+            boxes = torch.where(bad[:, None, None], init_boxes, boxes)
+        return [{"logits": logits, "boxes": boxes, "residuals": result.residuals, "steps": result.iterations + 1}]

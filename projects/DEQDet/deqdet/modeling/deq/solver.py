@@ -1,0 +1,110 @@
+"""Per-image fixed-point solvers for the equilibrium iteration at inference.
+
+``solve(f, z0, ...)`` iterates ``z_{k+1} = f(z_k)`` (or its Anderson-accelerated form) for a batch of
+flattened states, each image on its own: an image stops once its relative residual
+``||f(z_k) - z_k|| / ||z_k||`` is below ``tol`` (never with ``tol = 0``), after ``max_iters``
+evaluations of ``f``, or when ``f`` returns a non-finite state for it (the image then keeps its last
+finite state, with a warning). ``f(z, index)`` evaluates the images ``index`` only, so finished
+images cost nothing.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["SOLVERS", "SolverResult", "solve"]
+
+logger = logging.getLogger(__name__)
+
+SOLVERS = ("fixed_point", "anderson")
+
+
+@dataclass
+class SolverResult:
+    """state (B, d): the last iterate; residuals (B, max_iters): relative residual of each evaluation
+    of ``f`` (NaN after the image stopped or where ``f`` was not finite); iterations (B,) int64:
+    evaluations of ``f`` spent on the image."""
+
+    state: torch.Tensor
+    residuals: torch.Tensor
+    iterations: torch.Tensor
+
+
+class _AndersonHistory:
+    """The last ``window`` pairs (z, f(z)) per image and the least-squares mixing of Anderson
+    acceleration (Walker & Ni 2011, with ``beta = 1``): minimise ``||sum_i a_i (f(z_i) - z_i)||`` under
+    ``sum_i a_i = 1`` (Tikhonov ``1e-4``) and take ``sum_i a_i f(z_i)``."""
+
+    def __init__(self, batch: int, dim: int, window: int, like: torch.Tensor, reg: float = 1e-4):
+        if window < 1:
+            raise ValueError(f"MODEL.DEQDET.ANDERSON_WINDOW must be >= 1, got {window}")
+        self.window, self.reg, self.count = window, reg, 0
+        self.z = like.new_zeros(batch, window, dim)
+        self.fz = like.new_zeros(batch, window, dim)
+
+    def step(self, index: torch.Tensor, z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
+        """Record (z, f(z)) of images ``index`` (all active images share one count) -> next iterates."""
+        slot = self.count % self.window
+        self.z[index, slot], self.fz[index, slot] = z, fz
+        self.count += 1
+        n = min(self.count, self.window)
+        zs, fzs = self.z[index, :n], self.fz[index, :n]
+        g = (fzs - zs).double()  # (b, n, d)
+        gram = g @ g.transpose(1, 2)
+        # Regularisation relative to the residuals' size, so it does not swamp small residuals.
+        scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None]
+        gram = gram + self.reg * scale * torch.eye(n, dtype=g.dtype, device=g.device)
+        # Bordered system [[0, 1^T], [1, G G^T + reg I]] [mu, a] = [1, 0].
+        h = g.new_zeros(len(index), n + 1, n + 1)
+        h[:, 0, 1:], h[:, 1:, 0], h[:, 1:, 1:] = 1.0, 1.0, gram
+        rhs = g.new_zeros(len(index), n + 1, 1)
+        rhs[:, 0] = 1.0
+        alpha = torch.linalg.solve(h, rhs)[:, 1:, 0].to(fzs.dtype)  # (b, n)
+        mixed = (alpha[:, :, None] * fzs).sum(1)
+        return torch.where(torch.isfinite(mixed), mixed, fz)
+
+
+@torch.no_grad()
+def solve(
+    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    *,
+    tol: float,
+    max_iters: int,
+    method: str = "fixed_point",
+    anderson_window: int = 5,
+    eps: float = 1e-12,
+) -> SolverResult:
+    """Iterate ``f`` from ``z0`` (B, d) per image; see the module docstring."""
+    if method not in SOLVERS:
+        raise ValueError(f"MODEL.DEQDET.SOLVER must be one of {SOLVERS}, got {method!r}")
+    if tol < 0 or max_iters < 0:
+        raise ValueError(f"MODEL.DEQDET.TOL and MAX_ITERS must be >= 0, got {tol}, {max_iters}")
+    batch = z0.shape[0]
+    z = z0.clone()
+    residuals = z0.new_full((batch, max_iters), float("nan"))
+    iterations = torch.zeros(batch, dtype=torch.long, device=z0.device)
+    active = torch.ones(batch, dtype=torch.bool, device=z0.device)
+    history = _AndersonHistory(batch, z0.shape[1], anderson_window, z0) if method == "anderson" else None
+    for k in range(max_iters):
+        index = active.nonzero().flatten()
+        if index.numel() == 0:
+            break
+        current = z[index]
+        fz = f(current, index)
+        iterations[index] += 1
+        finite = torch.isfinite(fz).all(dim=1)
+        if not finite.all():
+            bad = index[~finite].tolist()
+            logger.warning(f"DEQ iteration {k + 1}: non-finite state for images {bad}; they keep their last "
+                           "finite state")
+            active[index[~finite]] = False
+        residual = (fz - current).norm(dim=1) / current.norm(dim=1).clamp(min=eps)
+        residuals[index[finite], k] = residual[finite]
+        fz = torch.where(finite[:, None], fz, current)
+        nxt = fz if history is None else history.step(index, current, fz)
+        z[index[finite]] = nxt[finite]
+        active[index[finite & (residual < tol)]] = False
+    return SolverResult(z, residuals, iterations)
