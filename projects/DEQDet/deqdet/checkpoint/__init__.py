@@ -9,11 +9,11 @@ never uses), so nothing is ever dropped silently. ``tools/convert_official.py`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["Conversion", "register_converter", "convert_official", "available_sources"]
+__all__ = ["Conversion", "register_converter", "convert_official", "available_sources", "convert_by_renaming"]
 
 
 @dataclass
@@ -27,6 +27,29 @@ class Conversion:
 
     state_dict: Dict[str, torch.Tensor]
     dropped: List[str] = field(default_factory=list)
+
+
+def convert_by_renaming(
+    state_dict: Dict[str, torch.Tensor],
+    rename: Callable[[str], Optional[str]],
+    unused: Callable[[str], bool],
+    source: str,
+) -> Conversion:
+    """Rename every key with ``rename`` (None: unknown), dropping those for which ``unused`` holds.
+
+    Raises:
+        KeyError: a key that is neither unused nor known, named in the message.
+    """
+    converted, dropped = {}, []
+    for name, tensor in state_dict.items():
+        if unused(name):
+            dropped.append(name)
+            continue
+        ours = rename(name)
+        if ours is None:
+            raise KeyError(f"official {source} key {name!r} is not known to the converter")
+        converted[ours] = tensor
+    return Conversion(converted, sorted(dropped))
 
 
 _CONVERTERS: Dict[str, Callable[[Dict[str, torch.Tensor]], Conversion]] = {}

@@ -26,7 +26,7 @@ from typing import Dict
 
 import torch
 
-from . import Conversion, register_converter
+from . import Conversion, convert_by_renaming, register_converter
 
 __all__ = ["convert_adamixer", "rename_mmdet_resnet"]
 
@@ -101,13 +101,7 @@ def convert_adamixer(state_dict: Dict[str, torch.Tensor]) -> Conversion:
     Raises:
         KeyError: a key this converter does not know (named in the message).
     """
-    converted, dropped = {}, []
-    for name, tensor in state_dict.items():
-        if name.startswith("backbone.") and name.endswith(".num_batches_tracked"):
-            dropped.append(name)
-            continue
-        ours = _rename(name)
-        if ours is None:
-            raise KeyError(f"official AdaMixer key {name!r} is not known to the converter")
-        converted[ours] = tensor
-    return Conversion(converted, sorted(dropped))
+    return convert_by_renaming(
+        state_dict, _rename, lambda name: name.startswith("backbone.") and name.endswith(".num_batches_tracked"),
+        "AdaMixer",
+    )

@@ -24,7 +24,7 @@ from typing import Dict
 
 import torch
 
-from . import Conversion, register_converter
+from . import Conversion, convert_by_renaming, register_converter
 from .adamixer import _STAGE_RENAMES, _first_match, rename_mmdet_resnet
 
 __all__ = ["convert_deqdet"]
@@ -59,13 +59,8 @@ def convert_deqdet(state_dict: Dict[str, torch.Tensor]) -> Conversion:
     Raises:
         KeyError: a key this converter does not know (named in the message).
     """
-    converted, dropped = {}, []
-    for name, tensor in state_dict.items():
-        if _UNUSED.fullmatch(name) or (name.startswith("backbone.") and name.endswith(".num_batches_tracked")):
-            dropped.append(name)
-            continue
-        ours = _rename(name)
-        if ours is None:
-            raise KeyError(f"official DEQDet key {name!r} is not known to the converter")
-        converted[ours] = tensor
-    return Conversion(converted, sorted(dropped))
+    return convert_by_renaming(state_dict, _rename, _unused, "DEQDet")
+
+
+def _unused(name: str) -> bool:
+    return bool(_UNUSED.fullmatch(name)) or (name.startswith("backbone.") and name.endswith(".num_batches_tracked"))
