@@ -7,7 +7,7 @@ and otherwise use Detectron2's own ``ResNet``, ``BasicStem``, ``BasicBlock`` and
 """
 
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, FPN
+from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 
@@ -15,6 +15,7 @@ __all__ = [
     "build_basic_resnet_backbone",
     "build_basic_resnet_fpn_backbone",
     "build_retinanet_basic_resnet_fpn_backbone",
+    "fpn_from_config",
 ]
 
 _BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -45,7 +46,8 @@ def build_basic_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
-def _fpn(cfg, bottom_up: ResNet, top_block) -> FPN:
+def fpn_from_config(cfg, bottom_up: Backbone, top_block) -> FPN:
+    """Detectron2's ``FPN`` over ``bottom_up`` with the ``MODEL.FPN`` keys and the given top block."""
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
@@ -59,7 +61,7 @@ def _fpn(cfg, bottom_up: ResNet, top_block) -> FPN:
 @BACKBONE_REGISTRY.register()
 def build_basic_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """Narrow ResNet + FPN with P6 by max-pooling (two-stage detectors: P2-P6)."""
-    return _fpn(cfg, build_basic_resnet_backbone(cfg, input_shape), LastLevelMaxPool())
+    return fpn_from_config(cfg, build_basic_resnet_backbone(cfg, input_shape), LastLevelMaxPool())
 
 
 @BACKBONE_REGISTRY.register()
@@ -67,4 +69,4 @@ def build_retinanet_basic_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FP
     """Narrow ResNet + FPN with P6/P7 from C5 (one-stage detectors: P3-P7)."""
     bottom_up = build_basic_resnet_backbone(cfg, input_shape)
     in_channels = bottom_up.output_shape()["res5"].channels
-    return _fpn(cfg, bottom_up, LastLevelP6P7(in_channels, cfg.MODEL.FPN.OUT_CHANNELS))
+    return fpn_from_config(cfg, bottom_up, LastLevelP6P7(in_channels, cfg.MODEL.FPN.OUT_CHANNELS))

@@ -7,12 +7,12 @@ and P6 is computed from P5 as there (not from C5 as Detectron2's RetinaNet FPN d
 from typing import Dict
 
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from torch import Tensor, nn
 
-from ..backbone import build_basic_resnet_backbone
+from ..backbone import build_basic_resnet_backbone, fpn_from_config
 from .dyconv import DyConv
 
 __all__ = [
@@ -59,14 +59,7 @@ class DyHead(Backbone):
 
 
 def _wrap(cfg, bottom_up: Backbone, top_block) -> DyHead:
-    fpn = FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=top_block,
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    fpn = fpn_from_config(cfg, bottom_up, top_block)
     d = cfg.MODEL.DYHEAD
     return DyHead(
         fpn,
