@@ -14,19 +14,8 @@ import sys
 import torch
 
 import deqdet  # noqa: F401  (registers the converters)
-from deqdet.checkpoint import available_sources, convert_official
+from deqdet.checkpoint import available_sources, convert_official, unwrap_state_dict
 from deqdet.errors import UserInputError, one_line
-
-
-def unwrap(obj, path: str):
-    """The parameter dict of a loaded checkpoint (Detectron2 ``model``, mmdetection ``state_dict``)."""
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                return obj[key]
-        if all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-    raise UserInputError(f"{path}: not a checkpoint (expected a dict with 'model' or 'state_dict')")
 
 
 def main(argv=None) -> int:
@@ -41,7 +30,9 @@ def main(argv=None) -> int:
         except (OSError, RuntimeError) as e:
             raise UserInputError(f"{args.input}: cannot read checkpoint ({e})") from None
         try:
-            conversion = convert_official(unwrap(loaded, args.input), args.source)
+            conversion = convert_official(unwrap_state_dict(loaded, args.input), args.source)
+        except ValueError as e:
+            raise UserInputError(str(e)) from None
         except KeyError as e:
             raise UserInputError(f"{args.input}: {e.args[0]}") from None
     except UserInputError as e:

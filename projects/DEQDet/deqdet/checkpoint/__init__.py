@@ -3,7 +3,8 @@
 ``convert_official(state_dict, source)`` dispatches to the converter registered for ``source``
 (``"dyhead"``, ``"adamixer"``, ``"deqdet"``). Each converter returns a :class:`Conversion`: the
 converted state dict plus the official keys it dropped on purpose (tensors the official forward
-never uses), so nothing is ever dropped silently. ``tools/convert_official.py`` is the CLI.
+never uses), so nothing is ever dropped silently. ``tools/convert_official.py`` is the CLI. ``transfer_backbone`` moves a trained backbone between
+detectors (``tools/extract_backbone.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["Conversion", "register_converter", "convert_official", "available_sources", "convert_by_renaming"]
+__all__ = [
+    "Conversion",
+    "register_converter",
+    "convert_official",
+    "available_sources",
+    "convert_by_renaming",
+    "transfer_backbone",
+    "unwrap_state_dict",
+]
 
 
 @dataclass
@@ -87,3 +96,4 @@ def convert_official(state_dict: Dict[str, torch.Tensor], source: str) -> Conver
 from . import adamixer  # noqa: E402,F401  (registers the "adamixer" converter)
 from . import dyhead  # noqa: E402,F401  (registers the "dyhead" converter)
 from . import deqdet  # noqa: E402,F401  (registers the "deqdet" converter)
+from .transfer import transfer_backbone, unwrap_state_dict  # noqa: E402

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Write the backbone of a trained detector as a checkpoint another detector can start from.
+
+    python tools/extract_backbone.py output/demo/model_final.pth output/shapes_backbone.pth
+    python train_net.py --config-file configs/shapes/adamixer_r18.yaml MODEL.WEIGHTS output/shapes_backbone.pth
+
+By default it takes the bottom-up ResNet of an FPN detector (``backbone.bottom_up.*``, e.g. the
+RetinaNet demo) and names it as the plain ResNet of the query detectors (``backbone.*``). The two
+configs must agree on the ResNet (depth, widths, norm); loading reports any tensor that does not fit.
+"""
+
+import argparse
+import sys
+
+import torch
+
+import deqdet  # noqa: F401
+from deqdet.checkpoint import transfer_backbone, unwrap_state_dict
+from deqdet.errors import UserInputError, one_line
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input")
+    parser.add_argument("output")
+    parser.add_argument("--from-prefix", default="backbone.bottom_up.")
+    parser.add_argument("--to-prefix", default="backbone.")
+    args = parser.parse_args(argv)
+    try:
+        try:
+            loaded = torch.load(args.input, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError) as e:
+            raise UserInputError(f"{args.input}: cannot read checkpoint ({e})") from None
+        try:
+            backbone = transfer_backbone(unwrap_state_dict(loaded, args.input), args.from_prefix, args.to_prefix)
+        except (KeyError, ValueError) as e:
+            raise UserInputError(f"{args.input}: {e.args[0]}") from None
+    except UserInputError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    torch.save({"model": backbone, "__author__": f"backbone of {args.input}", "matching_heuristics": False}, args.output)
+    print(f"wrote {len(backbone)} tensors to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
