@@ -4,6 +4,7 @@ DEQDet ablations, activation memory, and DEQDet's adaptive inference.
 
     python benchmarks/deqdet_vs_adamixer.py train --iters 150 --eval-period 75    # AP vs iteration, s/iter
     python benchmarks/deqdet_vs_adamixer.py train --mini --iters 300 --eval-period 50 --variants adamixer deqdet
+    python benchmarks/deqdet_vs_adamixer.py train --backbone output/shapes_backbone.pth --lr 2.5e-4 --iters 600
     python benchmarks/deqdet_vs_adamixer.py memory                               # training memory
     python benchmarks/deqdet_vs_adamixer.py inference --tols 0 0.001 0.003 0.01  # AP / latency / steps
     python benchmarks/deqdet_vs_adamixer.py report                               # results.md
@@ -78,6 +79,10 @@ def train(args) -> None:
         config, opts = VARIANTS[variant]
         if args.mini:
             variant, opts = f"{variant}@mini", [*opts, *MINI]
+        if args.backbone:  # a trained ResNet (tools/extract_backbone.py): the CPU analogue of ImageNet weights
+            variant, opts = f"{variant}@pretrained", [*opts, "MODEL.WEIGHTS", args.backbone]
+        if args.lr:
+            opts = [*opts, "SOLVER.BASE_LR", str(args.lr)]
         out = os.path.join(ROOT, "output", "bench", variant)
         os.makedirs(out, exist_ok=True)
         key = f"{variant} (resumed to {args.iters})" if args.resume else variant
@@ -287,7 +292,8 @@ def report(args) -> None:
     lines = ["# DEQDet vs AdaMixer on `shapes` (2-core CPU, this sandbox)", ""]
     train_res = _load("train.json") or {}
     if train_res:
-        lines += ["## Training (same backbone, queries, dims, batch, iterations; `@mini`: the fit-speed probe)", "",
+        lines += ["## Training (same backbone, queries, dims, batch, iterations; `@mini`: the fit-speed probe; "
+                  "`@pretrained`: ResNet initialised from the RetinaNet demo's)", "",
                   "| variant | AP vs iteration | final AP50 | s/iter (median) | peak RSS (MiB) |", "|---|---|---|---|---|"]
         for name, r in train_res.items():
             curve = ", ".join(f"{i}: {ap:.1f}" for i, ap in r["ap_vs_iter"])
@@ -326,6 +332,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=150)
     p.add_argument("--eval-period", type=int, default=75)
     p.add_argument("--mini", action="store_true", help="the fit-speed probe on shapes_mini_train (see MINI)")
+    p.add_argument("--backbone", default="", help="initialise the ResNet from this checkpoint (variant@pretrained)")
+    p.add_argument("--lr", type=float, default=0.0, help="SOLVER.BASE_LR (default: the config's)")
     p.add_argument("--resume", action="store_true", help="continue the variant's last run to --iters (its "
                    "metrics.json keeps the earlier evaluations; s/iter and RSS are of the continuation)")
     p = sub.add_parser("memory")
