@@ -14,7 +14,7 @@ import sys
 import torch
 
 import deqdet  # noqa: F401  (registers the converters)
-from deqdet.checkpoint import available_sources, convert_official, unwrap_state_dict
+from deqdet.checkpoint import available_sources, convert_official, read_state_dict
 from deqdet.errors import UserInputError, one_line
 
 
@@ -25,14 +25,9 @@ def main(argv=None) -> int:
     parser.add_argument("output")
     args = parser.parse_args(argv)
     try:
+        state_dict = read_state_dict(args.input)
         try:
-            loaded = torch.load(args.input, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError) as e:
-            raise UserInputError(f"{args.input}: cannot read checkpoint ({e})") from None
-        try:
-            conversion = convert_official(unwrap_state_dict(loaded, args.input), args.source)
-        except ValueError as e:
-            raise UserInputError(str(e)) from None
+            conversion = convert_official(state_dict, args.source)
         except KeyError as e:
             raise UserInputError(f"{args.input}: {e.args[0]}") from None
     except UserInputError as e:

@@ -15,7 +15,7 @@ import sys
 import torch
 
 import deqdet  # noqa: F401
-from deqdet.checkpoint import transfer_backbone, unwrap_state_dict
+from deqdet.checkpoint import read_state_dict, transfer_backbone
 from deqdet.errors import UserInputError, one_line
 
 
@@ -27,13 +27,10 @@ def main(argv=None) -> int:
     parser.add_argument("--to-prefix", default="backbone.")
     args = parser.parse_args(argv)
     try:
+        state_dict = read_state_dict(args.input)
         try:
-            loaded = torch.load(args.input, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError) as e:
-            raise UserInputError(f"{args.input}: cannot read checkpoint ({e})") from None
-        try:
-            backbone = transfer_backbone(unwrap_state_dict(loaded, args.input), args.from_prefix, args.to_prefix)
-        except (KeyError, ValueError) as e:
+            backbone = transfer_backbone(state_dict, args.from_prefix, args.to_prefix)
+        except KeyError as e:
             raise UserInputError(f"{args.input}: {e.args[0]}") from None
     except UserInputError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

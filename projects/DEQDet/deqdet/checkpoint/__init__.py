@@ -21,7 +21,7 @@ __all__ = [
     "available_sources",
     "convert_by_renaming",
     "transfer_backbone",
-    "unwrap_state_dict",
+    "read_state_dict",
 ]
 
 
@@ -96,4 +96,4 @@ def convert_official(state_dict: Dict[str, torch.Tensor], source: str) -> Conver
 from . import adamixer  # noqa: E402,F401  (registers the "adamixer" converter)
 from . import dyhead  # noqa: E402,F401  (registers the "dyhead" converter)
 from . import deqdet  # noqa: E402,F401  (registers the "deqdet" converter)
-from .transfer import transfer_backbone, unwrap_state_dict  # noqa: E402
+from .transfer import read_state_dict, transfer_backbone  # noqa: E402

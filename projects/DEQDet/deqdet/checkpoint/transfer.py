@@ -12,22 +12,29 @@ from typing import Dict
 
 import torch
 
-__all__ = ["unwrap_state_dict", "transfer_backbone"]
+from ..errors import UserInputError
+
+__all__ = ["read_state_dict", "transfer_backbone"]
 
 
-def unwrap_state_dict(obj, path: str) -> Dict[str, torch.Tensor]:
-    """The parameter dict of a loaded checkpoint (Detectron2 ``model``, mmdetection ``state_dict``).
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The parameter dict of the checkpoint file at ``path`` (Detectron2 ``{"model": ...}``,
+    mmdetection ``{"state_dict": ...}`` or a bare state dict).
 
     Raises:
-        ValueError: ``obj`` is not a checkpoint; the message names ``path``.
+        UserInputError: the file cannot be read or holds no checkpoint; the message names ``path``.
     """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError) as e:
+        raise UserInputError(f"{path}: cannot read checkpoint ({e})") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if key in obj and isinstance(obj[key], dict):
                 return obj[key]
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
-    raise ValueError(f"{path}: not a checkpoint (expected a dict with 'model' or 'state_dict')")
+    raise UserInputError(f"{path}: not a checkpoint (expected a dict with 'model' or 'state_dict')")
 
 
 def transfer_backbone(
