@@ -3,8 +3,8 @@
 ``convert_official(state_dict, source)`` dispatches to the converter registered for ``source``
 (``"dyhead"``, ``"adamixer"``, ``"deqdet"``). Each converter returns a :class:`Conversion`: the
 converted state dict plus the official keys it dropped on purpose (tensors the official forward
-never uses), so nothing is ever dropped silently. ``tools/convert_official.py`` is the CLI. ``transfer_backbone`` moves a trained backbone between
-detectors (``tools/extract_backbone.py``).
+never uses), so nothing is ever dropped silently. ``tools/convert_official.py`` is the CLI.
+``transfer_backbone`` moves a trained backbone between detectors (``tools/extract_backbone.py``).
 """
 
 from __future__ import annotations
