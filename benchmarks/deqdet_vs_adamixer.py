@@ -4,7 +4,7 @@ DEQDet ablations, activation memory, and DEQDet's adaptive inference.
 
     python benchmarks/deqdet_vs_adamixer.py train --iters 150 --eval-period 75    # AP vs iteration, s/iter
     python benchmarks/deqdet_vs_adamixer.py train --mini --iters 300 --eval-period 50 --variants adamixer deqdet
-    python benchmarks/deqdet_vs_adamixer.py train --backbone output/shapes_backbone.pth --lr 2.5e-4 --iters 600
+    python benchmarks/deqdet_vs_adamixer.py train --backbone output/shapes_backbone.pth --lr 2.5e-4 --iters 450 --eval-period 150
     python benchmarks/deqdet_vs_adamixer.py memory                               # training memory
     python benchmarks/deqdet_vs_adamixer.py inference --tols 0 0.001 0.003 0.01  # AP / latency / steps
     python benchmarks/deqdet_vs_adamixer.py report                               # results.md
