@@ -42,8 +42,7 @@ def test_builds_from_config_with_shared_pyramid():
     assert tuple(model.decoder.refine_stage.strides) == tuple(sorted(strides)) == (8, 16, 32)
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
     assert names == {"backbone", "head", "queries", "decoder"}
-    assert sum(1 for n in dict(model.backbone.named_modules()) if n.endswith("dyhead.0")) or any(
-        "dyhead" in n for n, _ in model.backbone.named_parameters())
+    assert len(model.backbone.dyhead_tower) == 1
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -200,3 +199,25 @@ def test_papers_configs_keep_their_meta_architectures():
     for name, arch in expected.items():
         cfg = build_config(os.path.join(ROOT, "configs", name))
         assert cfg.MODEL.META_ARCHITECTURE == arch, name
+
+
+def test_coco_config_trains_a_step_and_infers():
+    torch.manual_seed(0)
+    cfg = build_config(os.path.join(ROOT, "configs", "deqdet_dyhead_r50_1x.yaml"), [
+        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.DEQDET.REFINEMENT_STEPS", "2",
+        "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 2)", "MODEL.DEQDET.MAX_ITERS", "2"])
+    model = build_model(cfg)
+    assert isinstance(model, DenseQueryDetector) and len(model.backbone.dyhead_tower) == 6
+    assert model.decoder.refine_stage.strides == (8, 16, 32, 64) and model.queries.content.num_embeddings == 100
+    model.train()
+    with EventStorage(0):
+        losses = model(_inputs())
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, no_grad[:5]  # every trainable parameter takes part in the loss
+    model.eval()
+    with torch.no_grad():
+        out = model([{k: v for k, v in x.items() if k != "instances"} for x in _inputs()])
+    assert len(out[0]["instances"]) == 100 and out[0]["steps"].item() == 3
