@@ -211,7 +211,7 @@ def test_deqdet_configs(config, queries, crop):
     else:
         assert (d.REFINEMENT_STEPS, tuple(d.SUPERVISION_POSITIONS), d.MAX_ITERS) == (20, (1, 3, 6, 9, 12, 20), 20)
         assert (q.IN_POINTS, q.OUT_POINTS, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY) == (64, 128, 2.5e-5, 0.01)
-        assert (cfg.SOLVER.HEAD_LR_MULTIPLIER, cfg.SOLVER.HEAD_WEIGHT_DECAY_MULTIPLIER) == (4.0, 10.0)
+        assert [tuple(rule) for rule in cfg.SOLVER.PARAM_GROUP_RULES] == [(r"^decoder\.", 4.0, 10.0)]
 
 
 def test_solvers_on_a_linear_contraction():
