@@ -41,7 +41,8 @@ class SetCriterion:
         if comm.get_world_size() > 1:
             torch.distributed.all_reduce(count)
             count = count / comm.get_world_size()
-        return count.item() if count.item() > 0 else 1.0
+        value = count.item()
+        return value if value > 0 else 1.0
 
     def single(self, logits, boxes, targets: List[dict], num_matched: float) -> Dict[str, torch.Tensor]:
         """Losses of one prediction: logits (B, N, K), boxes (B, N, 4)."""
