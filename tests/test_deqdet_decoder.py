@@ -99,12 +99,12 @@ def test_rap_formulas():
     xyzr = xyxy_to_xyzr(torch.tensor([[[10.0, 20.0, 50.0, 60.0]]]).expand(2, 5, 4))
     rap = RefinementPerturbation(1.0, 0.1, 0.0, 0.0)
     torch.manual_seed(7)
-    out_c, out_b = rap(content, xyzr)
+    out_c, out_b, iof_boxes = rap(content, xyzr)
     torch.manual_seed(7)
     torch.rand(())
     eps = torch.randn_like(content)
     torch.testing.assert_close(out_c, 0.9 * content + 0.1 * content.norm(dim=-1, keepdim=True) * eps)
-    assert torch.equal(out_b, xyzr)
+    assert torch.equal(out_b, xyzr) and iof_boxes is None
     # Flipped or empty boxes after jitter are re-encoded with |w|, |h| >= 1 pixel.
     flipped = encode_jittered_xyxy(torch.tensor([[30.0, 40.0, 10.0, 40.0]]))  # w = |10 - 30|, h = 0 -> 1
     torch.testing.assert_close(flipped, torch.tensor([[20.0, 40.0, 0.5 * math.log2(20.0), -math.log2(20.0)]]))
@@ -211,7 +211,7 @@ def test_deqdet_configs(config, queries, crop):
     else:
         assert (d.REFINEMENT_STEPS, tuple(d.SUPERVISION_POSITIONS), d.MAX_ITERS) == (20, (1, 3, 6, 9, 12, 20), 20)
         assert (q.IN_POINTS, q.OUT_POINTS, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY) == (64, 128, 2.5e-5, 0.01)
-        assert (cfg.SOLVER.HEAD_LR_MULTIPLIER, cfg.SOLVER.HEAD_WEIGHT_DECAY_MULTIPLIER) == (4.0, 10.0)
+        assert [tuple(rule) for rule in cfg.SOLVER.PARAM_GROUP_RULES] == [(r"^decoder\.", 4.0, 10.0)]
 
 
 def test_solvers_on_a_linear_contraction():

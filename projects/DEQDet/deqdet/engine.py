@@ -21,17 +21,18 @@ from .env import collect_env
 from .errors import UserInputError
 from .solver import build_optimizer
 
-__all__ = ["Trainer", "build_config", "setup"]
+__all__ = ["Trainer", "build_config", "set_float32_matmul_precision", "setup"]
 
 logger = logging.getLogger("deqdet")
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with COCO evaluation, the project's optimizers, readable data errors and
-    ``MODEL.CHANNELS_LAST``."""
+    """``DefaultTrainer`` with COCO evaluation, the project's optimizers, readable data errors,
+    ``MODEL.CHANNELS_LAST`` and ``MODEL.FLOAT32_MATMUL_PRECISION``."""
 
     @classmethod
     def build_model(cls, cfg):
+        set_float32_matmul_precision(cfg)
         model = super().build_model(cfg)
         if cfg.MODEL.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)
@@ -59,6 +60,16 @@ class Trainer(DefaultTrainer):
     def build_test_loader(cls, cfg, dataset_name):
         _check_datasets([dataset_name])
         return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, is_train=False))
+
+
+def set_float32_matmul_precision(cfg: CfgNode) -> None:
+    """``torch.set_float32_matmul_precision(MODEL.FLOAT32_MATMUL_PRECISION)`` (process-wide; "high" lets
+    float32 matmuls use TF32 on GPUs that have it, as the official DEQDet does)."""
+    precision = cfg.MODEL.FLOAT32_MATMUL_PRECISION
+    if precision not in ("highest", "high", "medium"):
+        raise UserInputError(
+            f"MODEL.FLOAT32_MATMUL_PRECISION must be 'highest', 'high' or 'medium', got {precision!r}")
+    torch.set_float32_matmul_precision(precision)
 
 
 def _check_datasets(names) -> None:

@@ -13,10 +13,12 @@ Training (:meth:`DEQDecoder.losses`, the official recipe; all of it under ``MODE
             loss += L(f^RAG(z))                       #   RAG applications of f WITH gradient
                                                       #   (RAG = 0: L(f(z_in)), the one-step gradient)
 
-With ``GRAD_STASH`` each segment ``L(f^RAG(z))`` is backpropagated at once through detached features
-(:mod:`.stash`). Inference (:meth:`DEQDecoder.forward`): the init stage, then :func:`.solver.solve`
-for at most ``MAX_ITERS`` iterations (per image, until the relative residual is below ``TOL``), then
-one more application of ``f`` whose prediction is the output (``TOL = 0``: the official 20 + 1 steps).
+RAP may hand the step the jittered box corners for its IoF attention bias (``PERTURB_POSITION_MODE``
+"official", :class:`.perturb.RefinementPerturbation`). With ``GRAD_STASH`` each segment
+``L(f^RAG(z))`` is backpropagated at once through detached features (:mod:`.stash`).
+Inference (:meth:`DEQDecoder.forward`): the init stage, then :func:`.solver.solve` for at most
+``MAX_ITERS`` iterations (per image, until the relative residual is below ``TOL``), then one more
+application of ``f`` whose prediction is the output (``TOL = 0``: the official 20 + 1 steps).
 """
 
 import logging
@@ -135,7 +137,7 @@ class DEQDecoder(nn.Module):
             "extra_init_supervisions": d.EXTRA_INIT_SUPERVISIONS,
             "perturbation": RefinementPerturbation(
                 d.PERTURB_CONTENT_PROB, d.PERTURB_CONTENT_INTENSITY, d.PERTURB_POSITION_PROB,
-                d.PERTURB_POSITION_INTENSITY,
+                d.PERTURB_POSITION_INTENSITY, d.PERTURB_POSITION_MODE,
             ),
             "grad_stash": d.GRAD_STASH,
             "tol": d.TOL,
@@ -178,11 +180,11 @@ class DEQDecoder(nn.Module):
         carrier = None
         for i in range(1, self.refinement_steps + 1):
             with torch.no_grad():
-                perturbed = self.perturbation(*state)
-                state = self.refine_stage(*perturbed, feats)[:2]
+                content, xyzr, iof_boxes = self.perturbation(*state)
+                state = self.refine_stage(content, xyzr, feats, iof_boxes=iof_boxes)[:2]
             if i not in self.supervision_positions:
                 continue
-            segment = self.refine_stage(*perturbed, feats) if self.rag == 0 else state
+            segment = state if self.rag else self.refine_stage(content, xyzr, feats, iof_boxes=iof_boxes)
             for _ in range(self.rag):
                 segment = self.refine_stage(*segment[:2], feats)
             segment_losses = _renamed(loss_fn([_prediction(*segment[2:])]), [f"iter{i}"])
