@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import List, Tuple
 
 import numpy as np
@@ -65,7 +66,7 @@ def adapter_for(model, image: torch.Tensor) -> TracingAdapter:
     def inference(model, inputs):
         return [{k: v for k, v in out.items() if k in ("instances", "residuals", "steps")} for out in model(inputs)]
 
-    return TracingAdapter(model, [{"image": image.to(model.device)}], inference_func=inference)
+    return TracingAdapter(model, [{"image": image.to(model.device)}], inference_func=inference).eval()
 
 
 def max_difference(a, b) -> float:
@@ -128,6 +129,10 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="size of the random sample image")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
+    # Python branches on tensors are fixed at the sample by tracing (module docstring); torch.jit's
+    # deprecation notice is not actionable here.
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
     try:
         cfg = export_config(args.config_file, args.opts)
         if args.input and not os.path.isfile(args.input):
