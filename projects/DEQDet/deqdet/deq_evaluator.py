@@ -22,7 +22,7 @@ from detectron2.utils import comm
 
 __all__ = ["DEQStatisticsEvaluator", "deq_statistics"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("detectron2")  # the logger default_setup writes to the console and log.txt
 
 PERCENTILES = (50, 90, 99)
 
