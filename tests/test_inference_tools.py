@@ -15,6 +15,14 @@ from deqdet.env import collect_env
 
 DEQ_OPTS = [*TINY, "MODEL.DEQDET.MAX_ITERS", "2"]
 ATSS_CONFIG = os.path.join(ROOT, "configs", "shapes", "atss_dyhead_r18.yaml")
+DENSE_QUERY_CONFIG = os.path.join(ROOT, "configs", "shapes", "dyhead_deqdet_r18.yaml")
+DENSE_QUERY_OPTS = [
+    "MODEL.DEVICE", "cpu", "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
+    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.DYHEAD.CHANNELS", "32", "MODEL.QUERY.FEAT_CHANNELS", "32",
+    "MODEL.QUERY.CONTENT_DIM", "32", "MODEL.QUERY.FFN_DIM", "64", "MODEL.QUERY.NUM_QUERIES", "10",
+    "MODEL.QUERY.IN_POINTS", "4", "MODEL.QUERY.OUT_POINTS", "8", "MODEL.QUERY.NUM_HEADS", "2",
+    "MODEL.DEQDET.MAX_ITERS", "2",
+]
 ATSS_OPTS = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
              "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.DYHEAD.CHANNELS", "32", "MODEL.ATSS.INFERENCE_TH", "0.0"]
 
@@ -77,8 +85,9 @@ def test_predict_video(tmp_path, capsys):
     assert "text.mp4" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config, opts", [(SHAPES_CONFIG, DEQ_OPTS), (ATSS_CONFIG, ATSS_OPTS)],
-                         ids=["deqdet", "atss_dyhead"])
+@pytest.mark.parametrize(
+    "config, opts", [(SHAPES_CONFIG, DEQ_OPTS), (ATSS_CONFIG, ATSS_OPTS), (DENSE_QUERY_CONFIG, DENSE_QUERY_OPTS)],
+    ids=["deqdet", "atss_dyhead", "dense_query_deq"])
 def test_exported_torchscript_equals_eager(config, opts, tmp_path):
     from tools.export import adapter_for, check_torchscript, export_config, export_torchscript, sample_input
 

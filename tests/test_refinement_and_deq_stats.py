@@ -60,6 +60,20 @@ def test_render_refinement_writes_grid_curves_and_gif(model, tmp_path):
     assert Image.open(paths["curves"]).size[0] > 0
 
 
+def test_render_refinement_on_the_combined_detector(tmp_path):
+    from test_inference_tools import DENSE_QUERY_CONFIG, DENSE_QUERY_OPTS
+
+    from deqdet.engine import build_config
+    from deqdet.inference import build_inference_model
+
+    cfg = build_config(DENSE_QUERY_CONFIG, DENSE_QUERY_OPTS)
+    torch.manual_seed(0)
+    model = build_inference_model(cfg)
+    image = np.random.default_rng(2).integers(0, 255, (100, 120, 3), dtype=np.uint8)
+    paths = render_refinement(cfg, model, [image], str(tmp_path / "dq"))
+    assert Image.open(paths["gif"]).n_frames == 4  # init stage + MAX_ITERS + 1 steps (default_steps(2))
+
+
 def test_render_refinement_refuses_a_model_without_deq_decoder(tmp_path):
     cfg = tiny_cfg("MODEL.QUERY.DECODER", "AdaMixerDecoder", "MODEL.QUERY.NUM_STAGES", "2")
     adamixer = tiny_model("MODEL.QUERY.DECODER", "AdaMixerDecoder", "MODEL.QUERY.NUM_STAGES", "2")

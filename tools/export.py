@@ -13,7 +13,8 @@ float, in ``INPUT.FORMAT`` pixel values, and returns the flattened ``Instances``
 scores, classes; DEQ decoders also residuals and steps). It is traced at the sample's size: feed
 images of that size. A DEQ decoder is exported with a fixed number of refinement steps:
 ``MODEL.DEQDET.TOL`` is set to 0, so it always runs ``MAX_ITERS`` + 1 steps (the per-image early
-stop is data-dependent control flow, which tracing cannot keep).
+stop is data-dependent control flow, which tracing cannot keep). Likewise a ``DenseQueryDetector`` with
+``QUERY_INIT dense_topk`` keeps the sample's number of dense boxes after NMS (normally ``NUM_QUERIES``).
 
 Writes ``{output}.ts`` (``torch.jit.load``), ``{output}.onnx`` when ONNX export succeeds, and prints
 the largest difference between the exported and the eager outputs on the sample and on a second

@@ -22,9 +22,12 @@ import cv2
 import numpy as np
 import torch
 from detectron2.data import transforms as T
-from detectron2.structures import Boxes, Instances
+from detectron2.modeling import detector_postprocess
+from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
+
+from ..modeling.meta_arch import topk_detections
 
 __all__ = ["default_steps", "render_refinement", "trace_refinement"]
 
@@ -50,18 +53,6 @@ def _decoder(model):
     return decoder
 
 
-def _top_detections(logits: torch.Tensor, boxes: torch.Tensor, k: int, scale_xy, image_size) -> Instances:
-    """One image: logits (N, K), boxes (N, 4) in model-input pixels -> the top ``k`` (query, class)
-    pairs by sigmoid score (as the detector's inference ranks them), boxes in original pixels."""
-    num_classes = logits.shape[-1]
-    scores, index = logits.sigmoid().flatten().topk(min(k, logits.numel()))
-    out = Instances(image_size)
-    out.pred_boxes = Boxes(boxes[index // num_classes] * boxes.new_tensor(scale_xy * 2))
-    out.scores = scores
-    out.pred_classes = index % num_classes
-    return out
-
-
 @torch.no_grad()
 def trace_refinement(cfg, model, images: Sequence[np.ndarray], num_steps: int, num_boxes: int = 10):
     """Run ``model`` on ``images`` (uint8 H x W x 3 in ``cfg.INPUT.FORMAT``, resized as
@@ -74,23 +65,23 @@ def trace_refinement(cfg, model, images: Sequence[np.ndarray], num_steps: int, n
     """
     decoder = _decoder(model)
     resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    inputs, scales = [], []
+    inputs = []
     for image in images:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected uint8 H x W x 3 images, got {image.dtype} {image.shape}")
         resized = resize.get_transform(image).apply_image(image)
         inputs.append({"image": torch.as_tensor(resized.transpose(2, 0, 1).astype("float32"))})
-        scales.append((image.shape[1] / resized.shape[1], image.shape[0] / resized.shape[0]))
     was_training = model.training
     model.eval()
     try:
-        _, content, xyzr, features = model.initial_queries(inputs)
+        batch, content, xyzr, features = model.initial_queries(inputs)
         trace = decoder.trace(content, xyzr, features, num_steps)
     finally:
         model.train(was_training)
+    # the detector's own ranking (top-k over (query, class) pairs), back in original-image pixels
     states = [
-        [_top_detections(s["logits"][j], s["boxes"][j], num_boxes, scales[j], images[j].shape[:2]).to("cpu")
-         for j in range(len(images))]
+        [detector_postprocess(r, *image.shape[:2]).to("cpu") for r, image in
+         zip(topk_detections(s["logits"], s["boxes"], batch.image_sizes, num_boxes), images)]
         for s in trace
     ]
     residuals = torch.stack([s["residual"] for s in trace]).float().cpu().numpy()
@@ -129,9 +120,11 @@ def _write_curves(path: str, states, residuals: np.ndarray, names: Sequence[str]
     fig, (ax_r, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
     for j, name in enumerate(names):
         line = ax_r.semilogy(steps[1:], residuals[1:, j], marker="o", ms=3, label=name)[0]
-        top = np.array([s[j].scores[:num_boxes].numpy() for s in states])  # (steps, num_boxes)
-        ax_s.plot(steps, top[:, 0], color=line.get_color(), marker="o", ms=3, label=f"{name}: top-1")
-        ax_s.plot(steps, top.mean(1), color=line.get_color(), ls="--", label=f"{name}: mean of top-{top.shape[1]}")
+        # scores are sorted; boxes left empty after clipping are gone, so a state may hold fewer
+        top1 = [float(s[j].scores[0]) if len(s[j]) else np.nan for s in states]
+        mean = [float(s[j].scores.mean()) if len(s[j]) else np.nan for s in states]
+        ax_s.plot(steps, top1, color=line.get_color(), marker="o", ms=3, label=f"{name}: top-1")
+        ax_s.plot(steps, mean, color=line.get_color(), ls="--", label=f"{name}: mean of top-{num_boxes}")
     ax_r.set(xlabel="refinement step", ylabel=r"relative residual $\|z_i - z_{i-1}\| / \|z_{i-1}\|$",
              title="residual per step")
     ax_s.set(xlabel="refinement step (0 = init stage)", ylabel="score", title="scores of the top detections")
