@@ -16,15 +16,16 @@ from deqdet.env import collect_env
 DEQ_OPTS = [*TINY, "MODEL.DEQDET.MAX_ITERS", "2"]
 ATSS_CONFIG = os.path.join(ROOT, "configs", "shapes", "atss_dyhead_r18.yaml")
 DENSE_QUERY_CONFIG = os.path.join(ROOT, "configs", "shapes", "dyhead_deqdet_r18.yaml")
-DENSE_QUERY_OPTS = [
-    "MODEL.DEVICE", "cpu", "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
-    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.DYHEAD.CHANNELS", "32", "MODEL.QUERY.FEAT_CHANNELS", "32",
-    "MODEL.QUERY.CONTENT_DIM", "32", "MODEL.QUERY.FFN_DIM", "64", "MODEL.QUERY.NUM_QUERIES", "10",
-    "MODEL.QUERY.IN_POINTS", "4", "MODEL.QUERY.OUT_POINTS", "8", "MODEL.QUERY.NUM_HEADS", "2",
-    "MODEL.DEQDET.MAX_ITERS", "2",
-]
-ATSS_OPTS = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
-             "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.DYHEAD.CHANNELS", "32", "MODEL.ATSS.INFERENCE_TH", "0.0"]
+DENSE_QUERY_OPTS = (
+    "MODEL.DEVICE cpu MODEL.RESNETS.STEM_OUT_CHANNELS 16 MODEL.RESNETS.RES2_OUT_CHANNELS 16 "
+    "MODEL.FPN.OUT_CHANNELS 32 MODEL.DYHEAD.CHANNELS 32 MODEL.QUERY.FEAT_CHANNELS 32 MODEL.QUERY.CONTENT_DIM 32 "
+    "MODEL.QUERY.FFN_DIM 64 MODEL.QUERY.NUM_QUERIES 10 MODEL.QUERY.IN_POINTS 4 MODEL.QUERY.OUT_POINTS 8 "
+    "MODEL.QUERY.NUM_HEADS 2 MODEL.DEQDET.MAX_ITERS 2"
+).split()
+ATSS_OPTS = (
+    "MODEL.DEVICE cpu MODEL.RESNETS.STEM_OUT_CHANNELS 16 MODEL.RESNETS.RES2_OUT_CHANNELS 16 "
+    "MODEL.FPN.OUT_CHANNELS 32 MODEL.DYHEAD.CHANNELS 32 MODEL.ATSS.INFERENCE_TH 0.0"
+).split()
 
 
 @pytest.fixture()
@@ -43,8 +44,23 @@ def test_predict_draws_every_readable_image_and_names_the_broken_one(images, tmp
     from tools.predict import main
 
     out = tmp_path / "out"
-    assert main(["--config-file", SHAPES_CONFIG, "--input", str(images), "--output", str(out),
-                 "--confidence-threshold", "0.0", "--opts", *DEQ_OPTS]) == 0
+    assert (
+        main(
+            [
+                "--config-file",
+                SHAPES_CONFIG,
+                "--input",
+                str(images),
+                "--output",
+                str(out),
+                "--confidence-threshold",
+                "0.0",
+                "--opts",
+                *DEQ_OPTS,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert sorted(os.listdir(out)) == ["gray.png", "rgba.png"]
     assert cv2.imread(str(out / "gray.png")).shape[:2] == (80, 60)  # drawn at the input's size
@@ -56,13 +72,42 @@ def test_predict_single_file_output_and_bad_inputs(images, tmp_path, capsys):
     from tools.predict import main
 
     target = tmp_path / "one" / "drawn.png"
-    assert main(["--config-file", SHAPES_CONFIG, "--input", str(images / "rgba.png"), "--output", str(target),
-                 "--opts", *DEQ_OPTS]) == 0
+    assert (
+        main(
+            [
+                "--config-file",
+                SHAPES_CONFIG,
+                "--input",
+                str(images / "rgba.png"),
+                "--output",
+                str(target),
+                "--opts",
+                *DEQ_OPTS,
+            ]
+        )
+        == 0
+    )
     assert target.is_file()
-    assert main(["--config-file", SHAPES_CONFIG, "--input", str(tmp_path / "nope*.jpg"), "--opts", *DEQ_OPTS]) == 2
+    assert (
+        main(["--config-file", SHAPES_CONFIG, "--input", str(tmp_path / "nope*.jpg"), "--opts", *DEQ_OPTS])
+        == 2
+    )
     assert "nope*.jpg" in capsys.readouterr().err
-    assert main(["--config-file", SHAPES_CONFIG, "--input", str(images / "rgba.png"),
-                 "--opts", *DEQ_OPTS, "MODEL.WEIGHTS", str(tmp_path / "missing.pth")]) == 2
+    assert (
+        main(
+            [
+                "--config-file",
+                SHAPES_CONFIG,
+                "--input",
+                str(images / "rgba.png"),
+                "--opts",
+                *DEQ_OPTS,
+                "MODEL.WEIGHTS",
+                str(tmp_path / "missing.pth"),
+            ]
+        )
+        == 2
+    )
     assert "missing.pth" in capsys.readouterr().err
 
 
@@ -75,19 +120,38 @@ def test_predict_video(tmp_path, capsys):
         writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
     writer.release()
     out = tmp_path / "drawn.mp4"
-    assert main(["--config-file", SHAPES_CONFIG, "--video-input", str(video), "--output", str(out),
-                 "--opts", *DEQ_OPTS]) == 0
+    assert (
+        main(
+            [
+                "--config-file",
+                SHAPES_CONFIG,
+                "--video-input",
+                str(video),
+                "--output",
+                str(out),
+                "--opts",
+                *DEQ_OPTS,
+            ]
+        )
+        == 0
+    )
     drawn = cv2.VideoCapture(str(out))
     assert int(drawn.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
     (tmp_path / "text.mp4").write_text("not a video")
-    assert main(["--config-file", SHAPES_CONFIG, "--video-input", str(tmp_path / "text.mp4"),
-                 "--opts", *DEQ_OPTS]) == 2
+    assert (
+        main(
+            ["--config-file", SHAPES_CONFIG, "--video-input", str(tmp_path / "text.mp4"), "--opts", *DEQ_OPTS]
+        )
+        == 2
+    )
     assert "text.mp4" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
-    "config, opts", [(SHAPES_CONFIG, DEQ_OPTS), (ATSS_CONFIG, ATSS_OPTS), (DENSE_QUERY_CONFIG, DENSE_QUERY_OPTS)],
-    ids=["deqdet", "atss_dyhead", "dense_query_deq"])
+    "config, opts",
+    [(SHAPES_CONFIG, DEQ_OPTS), (ATSS_CONFIG, ATSS_OPTS), (DENSE_QUERY_CONFIG, DENSE_QUERY_OPTS)],
+    ids=["deqdet", "atss_dyhead", "dense_query_deq"],
+)
 def test_exported_torchscript_equals_eager(config, opts, tmp_path):
     from tools.export import adapter_for, check_torchscript, export_config, export_torchscript, sample_input
 
@@ -108,13 +172,29 @@ def test_exported_torchscript_equals_eager(config, opts, tmp_path):
 def test_export_cli_bad_input(tmp_path, capsys):
     from tools.export import main
 
-    assert main(["--config-file", SHAPES_CONFIG, "--output", str(tmp_path / "m"), "--input",
-                 str(tmp_path / "missing.jpg"), "--opts", *DEQ_OPTS]) == 2
+    assert (
+        main(
+            [
+                "--config-file",
+                SHAPES_CONFIG,
+                "--output",
+                str(tmp_path / "m"),
+                "--input",
+                str(tmp_path / "missing.jpg"),
+                "--opts",
+                *DEQ_OPTS,
+            ]
+        )
+        == 2
+    )
     assert "missing.jpg" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content, message", [(b"", "empty"), (b"plain text, no pickle", "cannot read checkpoint")],
-                         ids=["empty", "not_a_checkpoint"])
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "empty"), (b"plain text, no pickle", "cannot read checkpoint")],
+    ids=["empty", "not_a_checkpoint"],
+)
 def test_convert_official_unreadable_input_is_one_line(tmp_path, capsys, content, message):
     from tools.convert_official import main
 

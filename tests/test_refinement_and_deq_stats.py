@@ -27,11 +27,19 @@ def test_trace_follows_the_inference_iteration(model):
         _, content, xyzr, features = model.initial_queries(batch)
         states = model.decoder.trace(content, xyzr, features, 4)
         last = model.decoder(content, xyzr, features)[-1]
-    assert len(states) == 5 and states[0]["logits"].shape == (2, 12, 8) and states[0]["boxes"].shape == (2, 12, 4)
+    assert (
+        len(states) == 5
+        and states[0]["logits"].shape == (2, 12, 8)
+        and states[0]["boxes"].shape == (2, 12, 4)
+    )
     assert torch.isnan(states[0]["residual"]).all()
     # steps 1..3 are the solver's 3 iterations (TOL 0), step 4 is the output step of inference
-    torch.testing.assert_close(torch.stack([s["residual"] for s in states[1:4]], 1),
-                               torch.stack([o["residuals"] for o in out]), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.stack([s["residual"] for s in states[1:4]], 1),
+        torch.stack([o["residuals"] for o in out]),
+        rtol=1e-4,
+        atol=1e-6,
+    )
     torch.testing.assert_close(states[4]["logits"], last["logits"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(states[4]["boxes"], last["boxes"], rtol=1e-4, atol=1e-3)
     assert not torch.allclose(states[1]["boxes"], states[4]["boxes"])  # the boxes do move
@@ -46,7 +54,10 @@ def test_default_steps_end_at_the_output_step():
 def test_render_refinement_writes_grid_curves_and_gif(model, tmp_path):
     cfg = tiny_cfg(*MAX_ITERS)
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (90, 120, 3), dtype=np.uint8), rng.integers(0, 255, (70, 60, 3), dtype=np.uint8)]
+    images = [
+        rng.integers(0, 255, (90, 120, 3), dtype=np.uint8),
+        rng.integers(0, 255, (70, 60, 3), dtype=np.uint8),
+    ]
     model.train()
     paths = render_refinement(cfg, model, images, str(tmp_path / "sub" / "r"), steps=[0, 1, 3], num_boxes=4)
     assert model.training  # mode restored
@@ -88,12 +99,40 @@ def test_visualize_refinement_cli(tmp_path, capsys):
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(image)
     (tmp_path / "broken.png").write_bytes(b"not an image")
     opts = ["--opts", *TINY, *MAX_ITERS]
-    assert main(["--config-file", SHAPES_CONFIG, "--input", str(image), str(tmp_path / "broken.png"),
-                 "--output", str(tmp_path / "out" / "r"), "--steps", "0", "2", *opts]) == 0
+    assert (
+        main(
+            [
+                "--config-file",
+                SHAPES_CONFIG,
+                "--input",
+                str(image),
+                str(tmp_path / "broken.png"),
+                "--output",
+                str(tmp_path / "out" / "r"),
+                "--steps",
+                "0",
+                "2",
+                *opts,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "broken.png" in captured.err and (tmp_path / "out" / "r.gif").is_file()
-    assert main(["--config-file", SHAPES_CONFIG, "--input", str(tmp_path / "missing.png"),
-                 "--output", str(tmp_path / "r"), *opts]) == 2
+    assert (
+        main(
+            [
+                "--config-file",
+                SHAPES_CONFIG,
+                "--input",
+                str(tmp_path / "missing.png"),
+                "--output",
+                str(tmp_path / "r"),
+                *opts,
+            ]
+        )
+        == 2
+    )
     assert "missing.png" in capsys.readouterr().err
 
 
@@ -109,9 +148,17 @@ def test_deq_statistics_by_hand():
 def test_evaluator_reports_deq_outputs_and_ignores_others():
     evaluator = DEQStatisticsEvaluator()
     evaluator.reset()
-    evaluator.process([{}, {}], [{"instances": None, "steps": torch.tensor(4), "residuals": torch.tensor([0.4, 0.2, 0.1])},
-                                 {"instances": None, "steps": torch.tensor(2),
-                                  "residuals": torch.tensor([0.3, float("nan"), float("nan")])}])
+    evaluator.process(
+        [{}, {}],
+        [
+            {"instances": None, "steps": torch.tensor(4), "residuals": torch.tensor([0.4, 0.2, 0.1])},
+            {
+                "instances": None,
+                "steps": torch.tensor(2),
+                "residuals": torch.tensor([0.3, float("nan"), float("nan")]),
+            },
+        ],
+    )
     result = evaluator.evaluate()["deq"]
     assert result["mean_steps"] == 3.0 and math.isclose(result["mean_final_residual"], 0.2, rel_tol=1e-6)
     evaluator.reset()

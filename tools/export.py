@@ -52,8 +52,11 @@ def sample_input(cfg, image_path: str | None, size: Tuple[int, int] | None, seed
     """(3, H, W) float: the image resized as at test time, or a random image of ``size``."""
     if image_path:
         image = read_image(image_path, format=cfg.INPUT.FORMAT)
-        image = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST).get_transform(
-            image).apply_image(image)
+        image = (
+            T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+            .get_transform(image)
+            .apply_image(image)
+        )
         return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
     h, w = size or (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)
     g = torch.Generator().manual_seed(seed)
@@ -65,7 +68,10 @@ def adapter_for(model, image: torch.Tensor) -> TracingAdapter:
     ``residuals`` / ``steps`` when the model returns them)."""
 
     def inference(model, inputs):
-        return [{k: v for k, v in out.items() if k in ("instances", "residuals", "steps")} for out in model(inputs)]
+        return [
+            {k: v for k, v in out.items() if k in ("instances", "residuals", "steps")}
+            for out in model(inputs)
+        ]
 
     return TracingAdapter(model, [{"image": image.to(model.device)}], inference_func=inference).eval()
 
@@ -122,13 +128,19 @@ def check_onnx(path: str, adapter: TracingAdapter) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--output", required=True, help="path prefix of the exported files")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=["torchscript"])
     parser.add_argument("--input", help="a sample image to trace with (default: a random image)")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="size of the random sample image")
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    parser.add_argument(
+        "--size", type=int, nargs=2, metavar=("H", "W"), help="size of the random sample image"
+    )
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ..."
+    )
     args = parser.parse_args(argv)
     # Python branches on tensors are fixed at the sample by tracing (module docstring); torch.jit's
     # deprecation notice is not actionable here.
@@ -153,8 +165,10 @@ def main(argv=None) -> int:
         export_torchscript(model, image, path)
         other = sample_input(cfg, None, tuple(image.shape[1:]), seed=1)
         diffs = check_torchscript(model, path, [image, other])
-        print(f"torchscript: {path}; max |exported - eager| on the sample {diffs[0]:.3g}, "
-              f"on another input of the same size {diffs[1]:.3g}")
+        print(
+            f"torchscript: {path}; max |exported - eager| on the sample {diffs[0]:.3g}, "
+            f"on another input of the same size {diffs[1]:.3g}"
+        )
     if "onnx" in args.format:
         path = args.output + ".onnx"
         failure = export_onnx(model, image, path)

@@ -36,14 +36,24 @@ from deqdet.inference import check_weights, expand_inputs
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
     parser.add_argument("--input", nargs="+", help="images: files, globs (quoted) or folders")
     parser.add_argument("--video-input", help="a video file")
-    parser.add_argument("--output", help="folder for the drawn images (or a file name for one input / the video)")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of drawn detections")
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
-                        help="config overrides: KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth MODEL.DEVICE cpu")
+    parser.add_argument(
+        "--output", help="folder for the drawn images (or a file name for one input / the video)"
+    )
+    parser.add_argument(
+        "--confidence-threshold", type=float, default=0.5, help="minimum score of drawn detections"
+    )
+    parser.add_argument(
+        "--opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        help="config overrides: KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth MODEL.DEVICE cpu",
+    )
     return parser
 
 
@@ -73,8 +83,10 @@ class Predictor:
 
     def describe(self, instances) -> str:
         names = self.metadata.get("thing_classes", None)
-        parts = [f"{names[c] if names else c} {s:.2f}"
-                 for c, s in zip(instances.pred_classes.tolist(), instances.scores.tolist())]
+        parts = [
+            f"{names[c] if names else c} {s:.2f}"
+            for c, s in zip(instances.pred_classes.tolist(), instances.scores.tolist())
+        ]
         return f"{len(instances)} detections" + (": " + ", ".join(parts[:5]) if parts else "")
 
 
@@ -85,7 +97,9 @@ def predict_images(predictor: Predictor, paths, output) -> int:
         try:
             image = read_image(path, format="BGR")
         except Exception as e:  # PIL / OS errors: any reason the file is not a readable image
-            tqdm.tqdm.write(f"error: cannot read image {path}: {one_line(UserInputError(e))}", file=sys.stderr)
+            tqdm.tqdm.write(
+                f"error: cannot read image {path}: {' '.join(str(e).split())}", file=sys.stderr
+            )
             failures += 1
             continue
         instances, drawn = predictor(image)
@@ -106,8 +120,11 @@ def predict_video(predictor: Predictor, path: str, output) -> None:
     count = int(video.get(cv2.CAP_PROP_FRAME_COUNT))
     writer = None
     if output:
-        target = output if os.path.splitext(output)[1] else os.path.join(
-            output, os.path.splitext(os.path.basename(path))[0] + ".mp4")
+        target = (
+            output
+            if os.path.splitext(output)[1]
+            else os.path.join(output, os.path.splitext(os.path.basename(path))[0] + ".mp4")
+        )
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     for _ in tqdm.trange(count, desc="frames", unit="frame"):
         ok, frame = video.read()
@@ -116,8 +133,9 @@ def predict_video(predictor: Predictor, path: str, output) -> None:
         _, drawn = predictor(frame)
         if output:
             if writer is None:
-                writer = cv2.VideoWriter(target, cv2.VideoWriter_fourcc(*"mp4v"), fps,
-                                         (drawn.shape[1], drawn.shape[0]))
+                writer = cv2.VideoWriter(
+                    target, cv2.VideoWriter_fourcc(*"mp4v"), fps, (drawn.shape[1], drawn.shape[0])
+                )
             writer.write(drawn[:, :, ::-1])
     video.release()
     if writer is not None:

@@ -25,14 +25,23 @@ from deqdet.visualization import render_refinement
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="config of a DEQ-decoder model")
     parser.add_argument("--input", nargs="+", required=True, help="images: files, globs or folders (a few)")
     parser.add_argument("--output", required=True, help="path prefix of the PNGs and the GIF")
-    parser.add_argument("--steps", type=int, nargs="+", default=None,
-                        help="grid columns, 0 = init stage (default: 0 1 2 4 ... MAX_ITERS+1)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="grid columns, 0 = init stage (default: 0 1 2 4 ... MAX_ITERS+1)",
+    )
     parser.add_argument("--num-boxes", type=int, default=10, help="top detections drawn per image and step")
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ..."
+    )
     return parser
 
 
@@ -51,8 +60,9 @@ def main(argv=None) -> int:
             raise UserInputError(f"no readable image among --input {' '.join(args.input)}")
         model = build_inference_model(cfg)
         metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
-        written = render_refinement(cfg, model, images, args.output, metadata, steps=args.steps,
-                                    num_boxes=args.num_boxes)
+        written = render_refinement(
+            cfg, model, images, args.output, metadata, steps=args.steps, num_boxes=args.num_boxes
+        )
     except (UserInputError, ValueError) as e:
         print(f"error: {one_line(e) if isinstance(e, UserInputError) else e}", file=sys.stderr)
         return 2

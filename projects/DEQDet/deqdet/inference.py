@@ -30,8 +30,9 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
     paths: List[str] = []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            found = sorted(os.path.join(pattern, f) for f in os.listdir(pattern)
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(
+                os.path.join(pattern, f) for f in os.listdir(pattern) if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
         elif os.path.isfile(pattern):
             found = [pattern]
         else:

@@ -80,8 +80,12 @@ def trace_refinement(cfg, model, images: Sequence[np.ndarray], num_steps: int, n
         model.train(was_training)
     # the detector's own ranking (top-k over (query, class) pairs), back in original-image pixels
     states = [
-        [detector_postprocess(r, *image.shape[:2]).to("cpu") for r, image in
-         zip(topk_detections(s["logits"], s["boxes"], batch.image_sizes, num_boxes), images)]
+        [
+            detector_postprocess(r, *image.shape[:2]).to("cpu")
+            for r, image in zip(
+                topk_detections(s["logits"], s["boxes"], batch.image_sizes, num_boxes), images
+            )
+        ]
         for s in trace
     ]
     residuals = torch.stack([s["residual"] for s in trace]).float().cpu().numpy()
@@ -106,7 +110,9 @@ def _step_name(step: int) -> str:
 
 def _hstack(tiles: List[np.ndarray]) -> np.ndarray:
     height = max(t.shape[0] for t in tiles)
-    return np.hstack([np.pad(t, ((0, height - t.shape[0]), (0, 4), (0, 0)), constant_values=255) for t in tiles])
+    return np.hstack(
+        [np.pad(t, ((0, height - t.shape[0]), (0, 4), (0, 0)), constant_values=255) for t in tiles]
+    )
 
 
 def _write_curves(path: str, states, residuals: np.ndarray, names: Sequence[str], num_boxes: int) -> None:
@@ -125,8 +131,11 @@ def _write_curves(path: str, states, residuals: np.ndarray, names: Sequence[str]
         mean = [float(s[j].scores.mean()) if len(s[j]) else np.nan for s in states]
         ax_s.plot(steps, top1, color=line.get_color(), marker="o", ms=3, label=f"{name}: top-1")
         ax_s.plot(steps, mean, color=line.get_color(), ls="--", label=f"{name}: mean of top-{num_boxes}")
-    ax_r.set(xlabel="refinement step", ylabel=r"relative residual $\|z_i - z_{i-1}\| / \|z_{i-1}\|$",
-             title="residual per step")
+    ax_r.set(
+        xlabel="refinement step",
+        ylabel=r"relative residual $\|z_i - z_{i-1}\| / \|z_{i-1}\|$",
+        title="residual per step",
+    )
     ax_s.set(xlabel="refinement step (0 = init stage)", ylabel="score", title="scores of the top detections")
     for ax in (ax_r, ax_s):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -173,16 +182,29 @@ def render_refinement(
     rgb = [im[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else im for im in images]
     tiles = [[_draw(rgb[j], state[j], metadata) for j in range(len(images))] for state in states]
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    paths = {"grid": f"{out_prefix}_grid.png", "curves": f"{out_prefix}_curves.png", "gif": f"{out_prefix}.gif"}
+    paths = {
+        "grid": f"{out_prefix}_grid.png",
+        "curves": f"{out_prefix}_curves.png",
+        "gif": f"{out_prefix}.gif",
+    }
 
     rows = [_hstack([_label(tiles[s][j], _step_name(s)) for s in steps]) for j in range(len(images))]
     width = max(r.shape[1] for r in rows)
-    grid = np.vstack([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
+    grid = np.vstack(
+        [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    )
     cv2.imwrite(paths["grid"], grid[:, :, ::-1])
 
     _write_curves(paths["curves"], states, residuals, names, num_boxes)
 
-    frames = [Image.fromarray(_hstack([_label(t, _step_name(i)) for t in tiles[i]])) for i in range(len(states))]
-    frames[0].save(paths["gif"], save_all=True, append_images=frames[1:], duration=[1200] + [600] * (len(frames) - 1),
-                   loop=0)
+    frames = [
+        Image.fromarray(_hstack([_label(t, _step_name(i)) for t in tiles[i]])) for i in range(len(states))
+    ]
+    frames[0].save(
+        paths["gif"],
+        save_all=True,
+        append_images=frames[1:],
+        duration=[1200] + [600] * (len(frames) - 1),
+        loop=0,
+    )
     return paths

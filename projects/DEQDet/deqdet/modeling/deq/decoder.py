@@ -220,7 +220,8 @@ class DEQDecoder(nn.Module):
             raise ValueError(f"num_steps must be >= 0, got {num_steps}")
         content, xyzr, logits, boxes = self.init_stage(content, xyzr, features)
         codec = self._codec(content, features)
-        states = [{"logits": logits, "boxes": boxes, "residual": logits.new_full((len(logits),), float("nan"))}]
+        no_residual = logits.new_full((len(logits),), float("nan"))
+        states = [{"logits": logits, "boxes": boxes, "residual": no_residual}]
         z = codec.flatten(content, xyzr)
         for _ in range(num_steps):
             content, xyzr, logits, boxes = self.refine_stage(content, xyzr, features)
