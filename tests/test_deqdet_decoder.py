@@ -8,19 +8,10 @@ import os
 import pytest
 import torch
 
-from deq_helpers import NO_RAP, ROOT, synthetic_batch, tiny_model
+from deq_helpers import NO_RAP, ROOT, jiggled, synthetic_batch, tiny_model
 from deqdet.engine import build_config
 from deqdet.modeling.deq.perturb import RefinementPerturbation, encode_jittered_xyxy
 from deqdet.modeling.query.boxes import xyxy_to_xyzr
-
-
-def _jiggled(model, seed=1):
-    """Move every parameter a little so the zero-initialised box deltas and offsets take part."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def _grads(model):
@@ -36,7 +27,7 @@ def _assert_close(actual, expected, name, rel=1e-4):
 @pytest.fixture(scope="module")
 def stash_and_plain():
     """The same weights twice: memory-lean (GRAD_STASH) and all-in-graph, RAP off."""
-    stash = _jiggled(tiny_model(*NO_RAP))
+    stash = jiggled(tiny_model(*NO_RAP))
     plain = tiny_model(*NO_RAP, "MODEL.DEQDET.GRAD_STASH", "False")
     plain.load_state_dict(stash.state_dict())
     return stash, plain
@@ -84,7 +75,7 @@ def test_stash_follows_the_trainers_loss_scale(stash_and_plain):
 
 
 def test_rap_off_is_deterministic_and_rap_on_is_not():
-    model = _jiggled(tiny_model(*NO_RAP))
+    model = jiggled(tiny_model(*NO_RAP))
     batch = synthetic_batch()
     a, b = model(batch), model(batch)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -12,11 +12,12 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 
 from .config import add_deqdet_config
 from .data.mapper import CheckedDatasetMapper, build_train_mapper
+from .deq_evaluator import DEQStatisticsEvaluator
 from .env import collect_env
 from .errors import UserInputError
 from .solver import build_optimizer
@@ -41,11 +42,12 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(
+        coco = COCOEvaluator(
             dataset_name,
             output_dir=output_folder,
             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
         )
+        return DatasetEvaluators([coco, DEQStatisticsEvaluator()])  # DEQ steps: nothing for other models
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -31,7 +31,7 @@ from torch import nn
 from ..query.decoder import QUERY_DECODER_REGISTRY, stage_kwargs_from_config
 from ..query.stage import AdaMixerStage
 from .perturb import RefinementPerturbation
-from .solver import SOLVERS, solve
+from .solver import SOLVERS, relative_residual, solve
 from .stash import GradientStash, ObservedLossScale
 
 __all__ = ["DEQDecoder", "StateCodec"]
@@ -197,6 +197,42 @@ class DEQDecoder(nn.Module):
             losses[carrier] = stash.attach(losses[carrier])
         return losses
 
+    def _codec(self, content: torch.Tensor, features: List[torch.Tensor]) -> StateCodec:
+        stride = self.init_stage.strides[0]
+        padded_hw = (features[0].shape[-2] * stride, features[0].shape[-1] * stride)
+        return StateCodec(content.shape[1], content.shape[2], padded_hw, content)
+
+    @torch.no_grad()
+    def trace(
+        self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor], num_steps: int
+    ) -> List[Dict[str, torch.Tensor]]:
+        """The prediction after the init stage and after each of ``num_steps`` plain applications of
+        the refinement stage (no RAP, no solver, no early stop), to watch the refinement.
+
+        Args:
+            content (B, N, D), xyzr (B, N, 4): the initial queries; features: L x (B, C, H_l, W_l).
+
+        Returns:
+            ``num_steps + 1`` dicts; entry ``i`` is the state after ``i`` applications of f (0: the
+            init stage): ``{"logits": (B, N, K), "boxes": (B, N, 4) xyxy, "residual": (B,)}``, the
+            residual being the step's relative residual ``||z_i - z_{i-1}|| / ||z_{i-1}||`` in the
+            solver's state space (:class:`StateCodec`; NaN for entry 0).
+        """
+        if num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+        content, xyzr, logits, boxes = self.init_stage(content, xyzr, features)
+        codec = self._codec(content, features)
+        no_residual = logits.new_full((len(logits),), float("nan"))
+        states = [{"logits": logits, "boxes": boxes, "residual": no_residual}]
+        z = codec.flatten(content, xyzr)
+        for _ in range(num_steps):
+            content, xyzr, logits, boxes = self.refine_stage(content, xyzr, features)
+            z_next = codec.flatten(content, xyzr)
+            residual = relative_residual(z_next, z)
+            states.append({"logits": logits, "boxes": boxes, "residual": residual})
+            z = z_next
+        return states
+
     def forward(
         self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor]
     ) -> List[Dict[str, torch.Tensor]]:
@@ -204,9 +240,7 @@ class DEQDecoder(nn.Module):
         ``[{"logits": (B, N, K), "boxes": (B, N, 4) xyxy, "residuals": (B, MAX_ITERS) (NaN after the
         image stopped), "steps": (B,) applications of f including the output one}]``."""
         content, xyzr, init_logits, init_boxes = self.init_stage(content, xyzr, features)
-        stride = self.init_stage.strides[0]
-        padded_hw = (features[0].shape[-2] * stride, features[0].shape[-1] * stride)
-        codec = StateCodec(content.shape[1], content.shape[2], padded_hw, content)
+        codec = self._codec(content, features)
 
         def step(z: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             feats = features if len(index) == len(content) else [f[index] for f in features]
