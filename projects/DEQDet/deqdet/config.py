@@ -24,6 +24,10 @@ def add_deqdet_config(cfg: CN) -> CN:
     cfg.SOLVER.OPTIMIZER = "SGD"
     # AdamW betas (ignored by SGD).
     cfg.SOLVER.BETAS = (0.9, 0.999)
+
+    # COCO-format datasets to register before DATASETS.TRAIN / TEST are used, each
+    # "NAME=JSON_FILE[:IMAGE_ROOT]" (IMAGE_ROOT defaults to the JSON file's folder); see docs/own_data.md.
+    cfg.DATASETS.COCO_FILES = ()
     add_basic_resnet_config(cfg)  # MODEL.RESNETS.STEM_TYPE (the narrow ResNets)
     add_query_config(cfg)  # MODEL.QUERY, INPUT.DETR_CROP, SOLVER.*_MULTIPLIER (query-based detector)
     add_dyhead_config(cfg)  # MODEL.DYHEAD, MODEL.ATSS
