@@ -11,6 +11,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from .checkpoint.loading import readable_checkpoint_errors
 from .config import add_deqdet_config
@@ -100,9 +101,11 @@ def build_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
 
 
 def setup(args) -> CfgNode:
-    """``build_config`` from command-line ``args``, then Detectron2's ``default_setup``."""
+    """``build_config`` from command-line ``args``, then Detectron2's ``default_setup``; the
+    ``deqdet`` logger writes to the console and ``OUTPUT_DIR/log.txt`` like Detectron2's."""
     cfg = build_config(args.config_file, args.opts)
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="deqdet")  # data checks, skips
     if comm.is_main_process():
         logging.getLogger("detectron2").info("deqdet environment:\n" + collect_env())
     return cfg
