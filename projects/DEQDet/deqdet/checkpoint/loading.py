@@ -29,6 +29,8 @@ def readable_checkpoint_errors(checkpointer, weights: str, *, resume: bool):
         path, named_by = weights, "MODEL.WEIGHTS"
     if path and "://" not in path and not os.path.isfile(path):
         raise UserInputError(f"checkpoint not found: {path} (named by {named_by})")
+    if path and "://" not in path and os.path.getsize(path) == 0:
+        raise UserInputError(f"checkpoint is an empty file: {path} (named by {named_by})")
     try:
         yield
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
