@@ -42,6 +42,7 @@ NUM_CLASSES_KEYS = {
     "ATSS": ("MODEL.ATSS.NUM_CLASSES",),
     "RetinaNet": ("MODEL.RETINANET.NUM_CLASSES",),
     "GeneralizedRCNN": ("MODEL.ROI_HEADS.NUM_CLASSES",),
+    "DenseQueryDetector": ("MODEL.QUERY.NUM_CLASSES", "MODEL.ATSS.NUM_CLASSES"),
 }
 _LOGGED_PER_KIND = 20  # problems of one kind logged one by one per dataset; the rest only counted
 _NAMED_IN_ERROR = 3  # images named in the one-line error
