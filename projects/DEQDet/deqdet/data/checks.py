@@ -29,6 +29,18 @@ _EXIF_ORIENTATION = 0x0112
 _CLIPPED_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation found in the header (1 when none). A PNG's EXIF chunk may follow the
+    pixels, and PIL then decodes the whole image to find it: only one before the pixels is read
+    here (one after them is caught as a size mismatch when the image is decoded)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    try:
+        return image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block: detectron2's read_image ignores it too
+        return 1
+
+
 def image_problem(record: dict) -> str | None:
     """What makes ``record``'s image unusable (``"<kind>: <detail>"`` or ``"<kind>"``), or ``None``
     when its header reads fine and its size (after EXIF rotation) is the annotation's
@@ -42,10 +54,7 @@ def image_problem(record: dict) -> str | None:
         with Image.open(file_name) as image:
             width, height = image.size
             mode = image.mode
-            try:
-                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-            except Exception:  # a broken EXIF block: detectron2's read_image ignores it too
-                orientation = 1
+            orientation = _exif_orientation(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return f"unreadable: {e}"
     if mode in _CLIPPED_MODES:
