@@ -91,3 +91,27 @@ def test_too_few_classes_stop_training_with_one_line(tmp_path):
                        "('shapes_mini_train',)", "OUTPUT_DIR", str(tmp_path)])
     assert str(info.value.code) == (
         "error: MODEL.ATSS.NUM_CLASSES is 2 but dataset 'shapes_mini_train' has 8 classes: set MODEL.ATSS.NUM_CLASSES 8")
+
+
+def test_each_dataset_is_loaded_once_per_loader(tmp_path):
+    """The up-front check and the data loader share one load of the annotation file."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import load_coco_json
+
+    from deqdet.engine import Trainer
+
+    json_path = _own_dataset(tmp_path)
+    loads = []
+
+    def load():
+        loads.append(1)
+        return load_coco_json(str(json_path), str(tmp_path), "counted")
+
+    if "counted" in DatasetCatalog.list():
+        DatasetCatalog.remove("counted")
+    DatasetCatalog.register("counted", load)
+    cfg = build_config(ATSS, [*TINY, "MODEL.ATSS.NUM_CLASSES", "3", "DATASETS.TRAIN", "('counted',)"])
+    Trainer.build_train_loader(cfg)
+    assert len(loads) == 1
+    Trainer.build_test_loader(cfg, "counted")
+    assert len(loads) == 2
