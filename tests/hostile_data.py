@@ -10,6 +10,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parent.parent
+ATSS_CONFIG = str(ROOT / "configs" / "shapes" / "atss_r18.yaml")
+# ATSS on the tests' 64 x 48 images: trained and evaluated at 64 px, batch 2, every candidate kept
+TINY_ATSS = [
+    "MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.ATSS.INFERENCE_TH", "0.0",
+]
+
 W, H = 64, 48  # every image's size as annotated (after EXIF rotation), except the large one
 OBJECT = (16, 12, 24, 20)  # the bright square of every image: x, y, w, h (XYWH, pixels)
 

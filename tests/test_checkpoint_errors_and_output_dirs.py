@@ -12,8 +12,8 @@ from deqdet.engine import build_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes", "demo.yaml")
-TINY = ["MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('shapes_mini_train',)", "DATASETS.TEST", "('shapes_mini_val',)",
-        "DATALOADER.NUM_WORKERS", "0", "SOLVER.MAX_ITER", "1"]
+TINY = ["MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('shapes_mini_train',)", "DATASETS.TEST",
+        "('shapes_mini_val',)", "DATALOADER.NUM_WORKERS", "0", "SOLVER.MAX_ITER", "1"]
 
 
 def _error(argv):
@@ -54,7 +54,8 @@ def test_bad_last_checkpoint_is_named_on_resume(tmp_path, broken_files):
         message = _error(["--config-file", CONFIG, "--resume", *TINY, "OUTPUT_DIR", str(out)])
         named = f"{out / os.path.relpath(path, out)} (named by {out / 'last_checkpoint'})"
         assert named in message, message
-        assert {"missing": "not found", "empty": "empty file", "partial": "PytorchStreamReader"}[kind] in message
+        reason = {"missing": "not found", "empty": "empty file", "partial": "PytorchStreamReader"}[kind]
+        assert reason in message, message
 
 
 def test_every_config_has_its_own_output_dir():

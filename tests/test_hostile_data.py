@@ -20,15 +20,10 @@ from deqdet.data.mapper import CheckedDatasetMapper
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError
 from deqdet.evaluation import CheckedCOCOEvaluator
-from hostile_data import FOUND_WHEN_DECODED, H, HOSTILE_BOXES, READABLE, REFUSED, W, write_coco
+from hostile_data import (
+    ATSS_CONFIG, FOUND_WHEN_DECODED, H, HOSTILE_BOXES, READABLE, REFUSED, TINY_ATSS, W, write_coco)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "shapes", "atss_r18.yaml")
-TINY = [
-    "MODEL.DEVICE", "cpu", "MODEL.ATSS.NUM_CLASSES", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)",
-    "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0",
-]
+TINY = [*TINY_ATSS, "MODEL.ATSS.NUM_CLASSES", "2"]
 REFUSED_AS = {
     "16bit": "16/32-bit image",
     "size_mismatch": "size mismatch",
@@ -78,7 +73,7 @@ def test_odd_formats_decode_with_boxes_on_their_objects(hostile):
     """Grayscale, RGBA, palette, CMYK, EXIF-rotated and very large images train as 3-channel
     pictures with the box still on the bright square."""
     records, _ = hostile
-    mapper = CheckedDatasetMapper(build_config(CONFIG, TINY), is_train=True)
+    mapper = CheckedDatasetMapper(build_config(ATSS_CONFIG, TINY), is_train=True)
     for kind in READABLE:
         record = dict(records[kind], annotations=records[kind]["annotations"][:1])
         out = mapper(record)
@@ -89,7 +84,7 @@ def test_odd_formats_decode_with_boxes_on_their_objects(hostile):
 
 def test_image_broken_past_its_header_is_skipped_in_training_and_named_in_evaluation(hostile):
     records, _ = hostile
-    cfg = build_config(CONFIG, TINY)
+    cfg = build_config(ATSS_CONFIG, TINY)
     train_mapper = CheckedDatasetMapper(cfg, is_train=True)
     assert train_mapper(dict(records["truncated"])) is None and train_mapper.skipped == 1
     with pytest.raises(UserInputError, match="cannot read image .*truncated.png"):
@@ -115,17 +110,17 @@ def test_short_training_on_a_hostile_dataset(hostile, tmp_path):
     out = str(tmp_path)
     # 10 usable images, 6 iterations of 2: the loader reaches every image, the truncated one too
     train_net.main(train_net.default_argument_parser().parse_args(
-        ["--config-file", CONFIG, *TINY, "DATASETS.TRAIN", "('hostile',)", "DATASETS.TEST", "()",
+        ["--config-file", ATSS_CONFIG, *TINY, "DATASETS.TRAIN", "('hostile',)", "DATASETS.TEST", "()",
          "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", out]))
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
-    # Detectron2's trainer stops at the first non-finite total loss: reaching iteration 5 means all were finite
+    # Detectron2's trainer stops at the first non-finite total loss: iteration 5 reached, all were finite
     assert metrics[-1]["iteration"] == 5
     assert all(math.isfinite(v) for k, v in metrics[-1].items() if "loss" in k)
     log = open(os.path.join(out, "log.txt")).read()
     n_images = len(READABLE + REFUSED + FOUND_WHEN_DECODED)
-    assert (f"dataset 'hostile': {n_images} images checked; {len(REFUSED)} unusable" in log
-            and "4 boxes dropped (zero or negative size: 2, non-finite box: 1, outside the image: 1); 2 boxes clipped"
-            in log), log[-3000:]
+    assert f"dataset 'hostile': {n_images} images checked; {len(REFUSED)} unusable" in log, log[-3000:]
+    dropped = "4 boxes dropped (zero or negative size: 2, non-finite box: 1, outside the image: 1)"
+    assert f"{dropped}; 2 boxes clipped" in log
     for kind in REFUSED:
         assert f"skipped image {os.path.join(os.path.dirname(str(hostile[1])), kind)}" in log, kind
     assert "skipped in training: cannot read image" in log and "truncated.png" in log
@@ -133,12 +128,14 @@ def test_short_training_on_a_hostile_dataset(hostile, tmp_path):
 
 def test_evaluation_refuses_unusable_images_all_at_once(hostile, tmp_path):
     with pytest.raises(SystemExit) as info:
-        train_net.cli(["--config-file", CONFIG, "--eval-only", *TINY, "DATASETS.TEST", "('hostile',)",
+        train_net.cli(["--config-file", ATSS_CONFIG, "--eval-only", *TINY, "DATASETS.TEST", "('hostile',)",
                        "OUTPUT_DIR", str(tmp_path)])
     message = str(info.value.code)
     n_images = len(READABLE + REFUSED + FOUND_WHEN_DECODED)
-    assert message.startswith(f"error: dataset 'hostile': {len(REFUSED)} of {n_images} images cannot be used: ")
-    assert "\n" not in message and "16bit.png (16/32-bit image" in message and "and 2 more (all in the log)" in message
+    expected = f"error: dataset 'hostile': {len(REFUSED)} of {n_images} images cannot be used: "
+    assert message.startswith(expected), message
+    assert "\n" not in message and "16bit.png (16/32-bit image" in message
+    assert "and 2 more (all in the log)" in message
 
 
 def test_empty_or_fully_unusable_dataset_is_an_error(tmp_path):
@@ -147,8 +144,8 @@ def test_empty_or_fully_unusable_dataset_is_an_error(tmp_path):
     for name, fragment in [("empty_set", "dataset 'empty_set' is empty (no images in"),
                            ("all_broken", "dataset 'all_broken': 2 of 2 images cannot be used")]:
         with pytest.raises(SystemExit) as info:
-            train_net.cli(["--config-file", CONFIG, *TINY, "DATASETS.TRAIN", f"('{name}',)", "SOLVER.MAX_ITER", "1",
-                           "OUTPUT_DIR", str(tmp_path / name)])
+            train_net.cli(["--config-file", ATSS_CONFIG, *TINY, "DATASETS.TRAIN", f"('{name}',)",
+                           "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(tmp_path / name)])
         assert fragment in str(info.value.code), info.value.code
 
 
@@ -171,5 +168,6 @@ def test_evaluation_ground_truth_drops_what_training_drops(tmp_path):
     NaN and outside boxes are not counted as missed (they are with Detectron2's evaluator)."""
     record = register("boxes_only", write_coco(tmp_path, ["boxes"], category_ids=(1,)))[0]
     clean_record_boxes(record)
-    assert _perfect_predictions_ap(CheckedCOCOEvaluator, "boxes_only", record, tmp_path / "a") == pytest.approx(100.0)
+    checked = _perfect_predictions_ap(CheckedCOCOEvaluator, "boxes_only", record, tmp_path / "a")
+    assert checked == pytest.approx(100.0)
     assert _perfect_predictions_ap(COCOEvaluator, "boxes_only", record, tmp_path / "b") < 80.0

@@ -69,7 +69,8 @@ def test_default_predictor_on_hostile_images(config, tmp_path):
 
 def test_predictor_takes_grayscale_and_rgba_arrays():
     gray = np.random.default_rng(2).integers(0, 256, (30, 20), dtype=np.uint8)
-    assert (as_three_channels(gray) == gray[:, :, None]).all() and as_three_channels(gray).shape == (30, 20, 3)
+    assert as_three_channels(gray).shape == (30, 20, 3)
+    assert (as_three_channels(gray) == gray[:, :, None]).all()
     assert (as_three_channels(gray[:, :, None]) == as_three_channels(gray)).all()
     rgba = np.dstack([gray, gray // 2, gray // 3, np.full_like(gray, 7)])
     assert (as_three_channels(rgba) == rgba[:, :, :3]).all()

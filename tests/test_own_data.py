@@ -13,15 +13,9 @@ import train_net
 from deqdet.data import loading
 from deqdet.data.loading import check_num_classes
 from deqdet.engine import build_config
-from hostile_data import write_coco
+from hostile_data import ATSS_CONFIG, TINY_ATSS, write_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ATSS = os.path.join(ROOT, "configs", "shapes", "atss_r18.yaml")
-TINY = [
-    "MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.MAX_SIZE_TEST", "96", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
-    "DATALOADER.NUM_WORKERS", "0", "MODEL.ATSS.INFERENCE_TH", "0.0",
-]
 CATEGORY_IDS = (3, 7, 12)
 
 
@@ -41,7 +35,8 @@ def test_train_and_evaluate_on_own_coco_files(tmp_path):
     val_json = _own_dataset(tmp_path / "val")
     out = tmp_path / "out"
     train_net.main(train_net.default_argument_parser().parse_args([
-        "--config-file", ATSS, *TINY, "MODEL.ATSS.NUM_CLASSES", "3", "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", str(out),
+        "--config-file", ATSS_CONFIG, *TINY_ATSS, "MODEL.ATSS.NUM_CLASSES", "3", "SOLVER.MAX_ITER", "4",
+        "OUTPUT_DIR", str(out),
         "DATASETS.COCO_FILES", f"('own_train={train_json}:{train_json.parent}', 'own_val={val_json}')",
         "DATASETS.TRAIN", "('own_train',)", "DATASETS.TEST", "('own_val',)",
     ]))
@@ -62,8 +57,9 @@ def test_bad_coco_files_entries_are_named(tmp_path):
         (f"x={tmp_path}/nope.json", f"annotation file of 'x' not found: {tmp_path}/nope.json"),
     ]:
         with pytest.raises(SystemExit) as info:
-            train_net.cli(["--config-file", ATSS, "DATASETS.COCO_FILES", f"('{entry}',)"])
-        assert str(info.value.code).startswith("error: ") and fragment in str(info.value.code), info.value.code
+            train_net.cli(["--config-file", ATSS_CONFIG, "DATASETS.COCO_FILES", f"('{entry}',)"])
+        message = str(info.value.code)
+        assert message.startswith("error: ") and fragment in message, message
 
 
 @pytest.mark.parametrize("config,keys", [
@@ -75,7 +71,8 @@ def test_bad_coco_files_entries_are_named(tmp_path):
 def test_class_count_checked_against_the_dataset(config, keys):
     """shapes has 8 classes: 7 configured is an error naming the key, 9 a warning naming it."""
     for key in keys:
-        with pytest.raises(loading.UserInputError, match=f"{key} is 7 but dataset 'shapes_mini_train' has 8 classes"):
+        too_few = f"{key} is 7 but dataset 'shapes_mini_train' has 8 classes"
+        with pytest.raises(loading.UserInputError, match=too_few):
             check_num_classes(build_config(os.path.join(ROOT, config), [key, "7"]), "shapes_mini_train")
         with mock.patch.object(loading.logger, "warning") as warning:
             check_num_classes(build_config(os.path.join(ROOT, config), [key, "9"]), "shapes_mini_train")
@@ -87,10 +84,10 @@ def test_class_count_checked_against_the_dataset(config, keys):
 
 def test_too_few_classes_stop_training_with_one_line(tmp_path):
     with pytest.raises(SystemExit) as info:
-        train_net.cli(["--config-file", ATSS, *TINY, "MODEL.ATSS.NUM_CLASSES", "2", "DATASETS.TRAIN",
-                       "('shapes_mini_train',)", "OUTPUT_DIR", str(tmp_path)])
-    assert str(info.value.code) == (
-        "error: MODEL.ATSS.NUM_CLASSES is 2 but dataset 'shapes_mini_train' has 8 classes: set MODEL.ATSS.NUM_CLASSES 8")
+        train_net.cli(["--config-file", ATSS_CONFIG, *TINY_ATSS, "MODEL.ATSS.NUM_CLASSES", "2",
+                       "DATASETS.TRAIN", "('shapes_mini_train',)", "OUTPUT_DIR", str(tmp_path)])
+    assert str(info.value.code) == ("error: MODEL.ATSS.NUM_CLASSES is 2 but dataset 'shapes_mini_train' "
+                                    "has 8 classes: set MODEL.ATSS.NUM_CLASSES 8")
 
 
 def test_each_dataset_is_loaded_once_per_loader(tmp_path):
@@ -110,7 +107,8 @@ def test_each_dataset_is_loaded_once_per_loader(tmp_path):
     if "counted" in DatasetCatalog.list():
         DatasetCatalog.remove("counted")
     DatasetCatalog.register("counted", load)
-    cfg = build_config(ATSS, [*TINY, "MODEL.ATSS.NUM_CLASSES", "3", "DATASETS.TRAIN", "('counted',)"])
+    cfg = build_config(ATSS_CONFIG, [*TINY_ATSS, "MODEL.ATSS.NUM_CLASSES", "3",
+                                     "DATASETS.TRAIN", "('counted',)"])
     Trainer.build_train_loader(cfg)
     assert len(loads) == 1
     Trainer.build_test_loader(cfg, "counted")

@@ -88,5 +88,6 @@ class CheckedCOCOEvaluator(COCOEvaluator):
         dropped, clipped = clean_ground_truth(self._coco_api)
         if dropped or clipped:
             logging.getLogger("deqdet").info(
-                f"evaluation of {dataset_name!r}: {dropped} ground-truth boxes dropped, {clipped} clipped, as in training"
+                f"evaluation of {dataset_name!r}: {dropped} ground-truth boxes dropped, "
+                f"{clipped} clipped, as in training"
             )

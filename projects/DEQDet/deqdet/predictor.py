@@ -18,11 +18,15 @@ def as_three_channels(image: np.ndarray) -> np.ndarray:
         UserInputError: not a non-empty uint8 array of one of these shapes.
     """
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        raise UserInputError(f"expected a uint8 numpy image, got {getattr(image, 'dtype', type(image).__name__)}")
+        raise UserInputError(
+            f"expected a uint8 numpy image, got {getattr(image, 'dtype', type(image).__name__)}"
+        )
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or image.shape[0] == 0 or image.shape[1] == 0:
-        raise UserInputError(f"expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {image.shape}")
+        raise UserInputError(
+            f"expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {image.shape}"
+        )
     if image.shape[2] == 1:
         return np.repeat(image, 3, axis=2)
     return np.ascontiguousarray(image[:, :, :3])

@@ -81,7 +81,12 @@ def clean_box(xyxy, width: float, height: float) -> tuple[list[float] | None, st
         return None, "non-finite box"
     if x1 - x0 < MIN_BOX_SIZE or y1 - y0 < MIN_BOX_SIZE:
         return None, "zero or negative size"
-    clipped = [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
+    clipped = [
+        min(max(x0, 0.0), width),
+        min(max(y0, 0.0), height),
+        min(max(x1, 0.0), width),
+        min(max(y1, 0.0), height),
+    ]
     if clipped[2] - clipped[0] < MIN_BOX_SIZE or clipped[3] - clipped[1] < MIN_BOX_SIZE:
         return None, "outside the image"
     return clipped, None

@@ -37,7 +37,9 @@ def register_coco_files(cfg) -> list[str]:
         if name in DatasetCatalog.list():
             registered = MetadataCatalog.get(name)
             if (registered.get("json_file"), registered.get("image_root")) != (json_file, image_root):
-                raise UserInputError(f"DATASETS.COCO_FILES: dataset name {name!r} is already registered with other files")
+                raise UserInputError(
+                    f"DATASETS.COCO_FILES: dataset name {name!r} is already registered with other files"
+                )
         else:
             register_coco_instances(name, {}, json_file, image_root)
         names.append(name)

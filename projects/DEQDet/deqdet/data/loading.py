@@ -59,7 +59,9 @@ def load_dataset(name: str) -> list[dict]:
     except json.JSONDecodeError as e:
         raise UserInputError(f"malformed JSON in {json_file or name}: {e}") from e
     except FileNotFoundError as e:
-        raise UserInputError(f"annotation file of dataset {name!r} not found: {e.filename or json_file}") from e
+        raise UserInputError(
+            f"annotation file of dataset {name!r} not found: {e.filename or json_file}"
+        ) from e
     except KeyError as e:  # load_coco_json: an annotation's category_id is not among the categories
         raise UserInputError(f"{json_file or name}: {e.args[0]}") from e
     if not dicts:
@@ -91,8 +93,14 @@ def check_dataset(name: str, dicts: list[dict], *, skip_bad_images: bool) -> lis
     """
     with ThreadPoolExecutor(min(_CHECK_THREADS, len(dicts))) as pool:
         found = list(
-            tqdm(pool.map(image_problem, dicts), total=len(dicts), desc=f"checking {name}", unit="image",
-                 disable=not comm.is_main_process(), mininterval=1.0)
+            tqdm(
+                pool.map(image_problem, dicts),
+                total=len(dicts),
+                desc=f"checking {name}",
+                unit="image",
+                disable=not comm.is_main_process(),
+                mininterval=1.0,
+            )
         )
     bad = [(record["file_name"], problem) for record, problem in zip(dicts, found) if problem]
     good = [record for record, problem in zip(dicts, found) if problem is None]
@@ -109,8 +117,12 @@ def check_dataset(name: str, dicts: list[dict], *, skip_bad_images: bool) -> lis
     )
     if bad and (not skip_bad_images or not good):
         named = "; ".join(f"{file_name} ({problem})" for file_name, problem in bad[:_NAMED_IN_ERROR])
-        more = f"; and {len(bad) - _NAMED_IN_ERROR} more (all in the log)" if len(bad) > _NAMED_IN_ERROR else ""
-        raise UserInputError(f"dataset {name!r}: {len(bad)} of {len(dicts)} images cannot be used: {named}{more}")
+        more = (
+            f"; and {len(bad) - _NAMED_IN_ERROR} more (all in the log)" if len(bad) > _NAMED_IN_ERROR else ""
+        )
+        raise UserInputError(
+            f"dataset {name!r}: {len(bad)} of {len(dicts)} images cannot be used: {named}{more}"
+        )
     return good
 
 
@@ -128,7 +140,8 @@ def check_num_classes(cfg, name: str) -> None:
         configured = functools.reduce(getattr, key.split("."), cfg)
         if configured < len(classes):
             raise UserInputError(
-                f"{key} is {configured} but dataset {name!r} has {len(classes)} classes: set {key} {len(classes)}"
+                f"{key} is {configured} but dataset {name!r} has {len(classes)} classes: "
+                f"set {key} {len(classes)}"
             )
         if configured > len(classes):
             logger.warning(

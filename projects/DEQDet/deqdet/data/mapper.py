@@ -39,7 +39,9 @@ class CheckedDatasetMapper(DatasetMapper):
             if not self.is_train:
                 raise UserInputError(problem) from e
         self.skipped += 1
-        logging.getLogger("deqdet").warning(f"skipped in training: {problem} ({self.skipped} skipped by this loader)")
+        logging.getLogger("deqdet").warning(
+            f"skipped in training: {problem} ({self.skipped} skipped by this loader)"
+        )
         return None
 
 
