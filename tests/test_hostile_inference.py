@@ -21,6 +21,7 @@ DETECTORS = {  # config -> overrides keeping every candidate (random weights sco
     "configs/shapes/deqdet_r18.yaml": [],
     "configs/shapes/atss_dyhead_r18.yaml": ["MODEL.ATSS.INFERENCE_TH", "0.0"],
     "configs/shapes/retinanet_r18.yaml": ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"],
+    "configs/shapes/dyhead_deqdet_r18.yaml": [],
 }
 
 

@@ -67,6 +67,7 @@ def test_bad_coco_files_entries_are_named(tmp_path):
     ("configs/shapes/atss_dyhead_r18.yaml", ["MODEL.ATSS.NUM_CLASSES"]),
     ("configs/shapes/retinanet_r18.yaml", ["MODEL.RETINANET.NUM_CLASSES"]),
     ("configs/shapes/rcnn_dyhead_r18.yaml", ["MODEL.ROI_HEADS.NUM_CLASSES"]),
+    ("configs/shapes/dyhead_deqdet_r18.yaml", ["MODEL.QUERY.NUM_CLASSES", "MODEL.ATSS.NUM_CLASSES"]),
 ])
 def test_class_count_checked_against_the_dataset(config, keys):
     """shapes has 8 classes: 7 configured is an error naming the key, 9 a warning naming it."""
