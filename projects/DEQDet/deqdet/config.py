@@ -33,6 +33,10 @@ def add_deqdet_config(cfg: CN) -> CN:
     # the lr / decay of Detectron2's default groups (BIAS_LR_FACTOR, WEIGHT_DECAY_NORM, ...). Like
     # mmdetection's paramwise_cfg custom_keys. DEQDet: [["^decoder\\.", 4.0, 10.0]].
     cfg.SOLVER.PARAM_GROUP_RULES = []
+
+    # COCO-format datasets to register before DATASETS.TRAIN / TEST are used, each
+    # "NAME=JSON_FILE[:IMAGE_ROOT]" (IMAGE_ROOT defaults to the JSON file's folder); see docs/own_data.md.
+    cfg.DATASETS.COCO_FILES = ()
     add_basic_resnet_config(cfg)  # MODEL.RESNETS.STEM_TYPE (the narrow ResNets)
     add_query_config(cfg)  # MODEL.QUERY, INPUT.DETR_CROP (query-based detector)
     add_dyhead_config(cfg)  # MODEL.DYHEAD, MODEL.ATSS
