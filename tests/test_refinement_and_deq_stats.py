@@ -24,7 +24,7 @@ def test_trace_follows_the_inference_iteration(model):
     batch = synthetic_batch(2)
     with torch.no_grad():
         out = model([{"image": x["image"]} for x in batch])
-        _, content, xyzr, features = model.initial_queries(batch)
+        _, content, xyzr, features, _ = model.initial_queries(batch)
         states = model.decoder.trace(content, xyzr, features, 4)
         last = model.decoder(content, xyzr, features)[-1]
     assert (

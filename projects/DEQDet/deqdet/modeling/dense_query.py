@@ -148,12 +148,13 @@ class DenseQueryDetector(ATSS):
 
     def initial_queries(
         self, batched_inputs: List[dict]
-    ) -> Tuple[ImageList, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    ) -> Tuple[ImageList, torch.Tensor, torch.Tensor, List[torch.Tensor], Optional[torch.Tensor]]:
         """Everything the decoder receives: (images, content (B, N, D), xyzr (B, N, 4), decoder features
-        L x (B, C, H_l, W_l)), as the forward computes them (for tools that drive the decoder)."""
+        L x (B, C, H_l, W_l)), and the class prior (B, N, K) added to its logits or None, as the forward
+        computes them (for tools that drive the decoder, e.g. the refinement visualisation)."""
         images, features, predictions = self._dense_forward(batched_inputs)
-        content, xyzr, _ = self._queries(images, [features[f] for f in self.head_in_features], predictions)
-        return images, content, xyzr, [features[f] for f in self.query_in_features]
+        content, xyzr, prior = self._queries(images, [features[f] for f in self.head_in_features], predictions)
+        return images, content, xyzr, [features[f] for f in self.query_in_features], prior
 
     def _dense_forward(self, batched_inputs: List[dict]):
         images = self.preprocess_image(batched_inputs)

@@ -105,18 +105,19 @@ class QueryDetector(nn.Module):
 
     def initial_queries(
         self, batched_inputs: List[dict]
-    ) -> Tuple[ImageList, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    ) -> Tuple[ImageList, torch.Tensor, torch.Tensor, List[torch.Tensor], None]:
         """Everything the decoder receives: (images, content (B, N, D), xyzr (B, N, 4), features
-        L x (B, C, H_l, W_l)). Used by :meth:`forward` and by the refinement visualisation."""
+        L x (B, C, H_l, W_l)), and the prior added to its class logits (none here; see
+        ``DenseQueryDetector``). Used by :meth:`forward` and by the refinement visualisation."""
         images = self.preprocess_image(batched_inputs)
         features = self.neck(self.backbone(images.tensor))
         content, xyzr = self.queries(images.image_sizes)
-        return images, content, xyzr, features
+        return images, content, xyzr, features, None
 
     def forward(self, batched_inputs: List[dict]):
         """Detectron2's model interface: a list of mapped dicts with ``image`` (C, H, W) and, in
         training, ``instances`` holding ``gt_boxes`` and ``gt_classes``."""
-        images, content, xyzr, features = self.initial_queries(batched_inputs)
+        images, content, xyzr, features, _ = self.initial_queries(batched_inputs)
         if self.training:
             targets = [query_targets(x["instances"].to(self.device), size)
                        for x, size in zip(batched_inputs, images.image_sizes)]

@@ -74,8 +74,10 @@ def trace_refinement(cfg, model, images: Sequence[np.ndarray], num_steps: int, n
     was_training = model.training
     model.eval()
     try:
-        batch, content, xyzr, features = model.initial_queries(inputs)
+        batch, content, xyzr, features, prior = model.initial_queries(inputs)
         trace = decoder.trace(content, xyzr, features, num_steps)
+        if prior is not None:  # the detector scores its queries with this prior added (class prior)
+            trace = [{**s, "logits": s["logits"] + prior} for s in trace]
     finally:
         model.train(was_training)
     # the detector's own ranking (top-k over (query, class) pairs), back in original-image pixels

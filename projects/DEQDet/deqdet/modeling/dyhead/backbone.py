@@ -67,6 +67,7 @@ def _wrap(cfg, bottom_up: Backbone, top_block) -> DyHead:
         coarse_offsets=d.COARSE_OFFSETS,
         dcn_impl=d.DCN_IMPL,
         task_attention=d.TASK_ATTENTION,
+        zero_init_offset=d.ZERO_INIT_OFFSET,
     )
 
 
