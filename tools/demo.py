@@ -27,6 +27,7 @@ import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.data import SPLITS, ensure_shapes
 from deqdet.engine import Trainer, setup
 from deqdet.errors import UserInputError, one_line
+from deqdet.visualization import render_refinement
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -36,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config-file", default="configs/shapes/demo.yaml", metavar="FILE")
     parser.add_argument("--vis-images", type=int, default=8, help="validation images to draw")
     parser.add_argument("--vis-threshold", type=float, default=0.3, help="score threshold for drawing")
+    parser.add_argument("--refine-images", type=int, default=3,
+                        help="validation images whose DEQ refinement is drawn (refinement_grid.png, ...)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return parser.parse_args(argv)
 
@@ -92,12 +95,23 @@ def main(argv=None) -> None:
         dense = Trainer.test(cfg, model)
         model.inference_source = source
         lines.append("dense head (ATSS) " + ap_line(dataset, dense["bbox"]))
-    png = draw_predictions(
+    if "deq" in results:  # DEQStatisticsEvaluator, over the same evaluation
+        deq = results["deq"]
+        lines.append(f"DEQ refinement steps per image (TOL {cfg.MODEL.DEQDET.TOL}, at most "
+                     f"{cfg.MODEL.DEQDET.MAX_ITERS} + 1): mean {deq['mean_steps']:.2f}, median {deq['steps_p50']:.0f}, "
+                     f"max {deq['max_steps']:.0f}; mean final residual {deq.get('mean_final_residual', float('nan')):.3f}")
+    outputs = [draw_predictions(
         cfg, dataset, os.path.join(cfg.OUTPUT_DIR, "predictions.png"), args.vis_images, args.vis_threshold
-    )
+    )]
+    if hasattr(getattr(model, "decoder", None), "trace") and args.refine_images > 0:
+        records = DatasetCatalog.get(dataset)[: args.refine_images]
+        images = [read_image(r["file_name"], format=cfg.INPUT.FORMAT) for r in records]
+        drawn = render_refinement(cfg, model, images, os.path.join(cfg.OUTPUT_DIR, "refinement"),
+                                  MetadataCatalog.get(dataset), names=[os.path.basename(r["file_name"]) for r in records])
+        outputs += [drawn["grid"], drawn["curves"], drawn["gif"]]
     print("\n=== deqdet demo ===")
     print("\n".join(lines))
-    print(f"predictions drawn on {dataset}: {os.path.abspath(png)}")
+    print("pictures: " + ", ".join(os.path.abspath(p) for p in outputs))
     print(f"wall time (set-up of data, training, evaluation, drawing): {time.perf_counter() - start:.0f} s "
           f"(training + evaluation {train_eval_s:.0f} s)")
 
