@@ -223,3 +223,19 @@ def test_coco_config_trains_a_step_and_infers():
     with torch.no_grad():
         out = model([{k: v for k, v in x.items() if k != "instances"} for x in _inputs()])
     assert len(out[0]["instances"]) == 100 and out[0]["steps"].item() == 3
+
+
+def test_decoder_feature_grad_scales_what_the_decoder_sends_into_the_pyramid():
+    no_rap = ["MODEL.DEQDET.PERTURB_CONTENT_PROB", "0.0", "MODEL.DEQDET.PERTURB_POSITION_PROB", "0.0"]
+    grads, values = {}, {}
+    for scale in ("1.0", "0.25", "0.0"):
+        model = _model("MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", scale, *no_rap)
+        model.train()
+        with EventStorage(0):
+            losses = model(_inputs())
+        sum(v for k, v in losses.items() if not k.startswith("dense_")).backward()  # the decoder's losses only
+        values[scale] = {k: v.item() for k, v in losses.items()}
+        grads[scale] = model.backbone.backbone.bottom_up.stem.conv1.weight.grad
+    assert values["0.25"] == pytest.approx(values["1.0"]) and values["0.0"] == pytest.approx(values["1.0"])
+    assert grads["1.0"].abs().sum() > 0 and grads["0.0"] is None
+    torch.testing.assert_close(grads["0.25"], 0.25 * grads["1.0"], atol=1e-7, rtol=1e-3)

@@ -62,5 +62,8 @@ def add_dense_query_config(cfg: CN) -> None:
     # score (class probability x centerness) of the box that initialised it, so that refinement starts
     # from the dense head's ranking and learns a residual (PRIOR_EPS for the whole-image queries).
     d.CLASS_PRIOR = False
+    # Multiplier of the gradient the decoder's losses send into the shared pyramid (1: all of it, 0: the
+    # decoder reads detached features and only the dense head trains the backbone, FPN and DyHead blocks).
+    d.DECODER_FEATURE_GRAD = 1.0
     # Detections returned at inference: "decoder" (the query decoder's) or "dense" (the ATSS head's).
     d.INFERENCE_SOURCE = "decoder"
