@@ -5,7 +5,8 @@
     python benchmarks/dense_query_ablation.py report      # dense_query_ablation.md + ap_vs_time.png
 
 Every variant is a ``train_net.py`` process on CPU from scratch (OUTPUT_DIR ``output/ablation/<variant>``)
-with the demo's batch, sizes and optimizer, ``--iters`` iterations (lr x0.1 at 75% and 93%), evaluated
+with the demo's batch, sizes and optimizer, ``--iters`` iterations (warm-up 100, lr x0.1 at 75% and
+93%), seed ``--seed``, evaluated
 on ``shapes_val`` every ``--eval-period`` iterations. Recorded per variant: AP / AP50 / AP75 of the
 final evaluation (the decoder's for query detectors), the dense head's AP from the same checkpoint
 (``MODEL.DENSE_QUERY.INFERENCE_SOURCE dense``), the median s/iter, the peak resident memory (``os.wait4``),
@@ -38,19 +39,20 @@ DEMO_DECODER = [
     "(2,)", "MODEL.DEQDET.RAG", "1", "MODEL.DEQDET.EXTRA_INIT_SUPERVISIONS", "1", "SOLVER.IMS_PER_BATCH", "4",
     "MODEL.DEQDET.TOL", "0.1", "MODEL.DEQDET.MAX_ITERS", "8", "DATALOADER.NUM_WORKERS", "0",
     "INPUT.MIN_SIZE_TEST", "288", "INPUT.MAX_SIZE_TEST", "480", "SOLVER.WEIGHT_DECAY", "0.05",
-    "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "10.0", "SOLVER.WARMUP_ITERS", "200",
+    "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "10.0",
 ]
 VARIANTS = {
     "paper_deqdet": (PAPER_DEQDET, DEMO_DECODER),
-    "dense_aux_only": (DEMO, ["MODEL.DENSE_QUERY.QUERY_INIT", "whole_image", "MODEL.DENSE_QUERY.CLASS_PRIOR", "False"]),
-    "dense_topk": (DEMO, ["MODEL.DENSE_QUERY.CLASS_PRIOR", "False"]),
+    "dense_aux_only": (DEMO, ["MODEL.DENSE_QUERY.QUERY_INIT", "whole_image"]),
+    "dense_topk_no_prior": (DEMO, ["MODEL.DENSE_QUERY.CLASS_PRIOR", "False"]),
     "demo": (DEMO, []),
     "dyhead0": (DEMO, ["MODEL.DYHEAD.NUM_CONVS", "0"]),
     "dyhead2": (DEMO, ["MODEL.DYHEAD.NUM_CONVS", "2"]),
     "adamixer_decoder": (DEMO, ["MODEL.QUERY.DECODER", "AdaMixerDecoder", "MODEL.QUERY.NUM_STAGES", "3"]),
+    "atss_only": (DEMO, ["MODEL.META_ARCHITECTURE", "ATSS"]),
     "retinanet": (RETINANET, []),
 }
-DENSE_QUERY = {"dense_aux_only", "dense_topk", "demo", "dyhead0", "dyhead2", "adamixer_decoder"}
+DENSE_QUERY = {"dense_aux_only", "dense_topk_no_prior", "demo", "dyhead0", "dyhead2", "adamixer_decoder"}
 RESULT_FILE = "dense_query_ablation.json"
 _STAMP = re.compile(r"^\[(\d\d/\d\d \d\d:\d\d:\d\d)")
 
@@ -88,11 +90,13 @@ def _run(cmd: list, log_path: str):
 def train(args) -> None:
     for variant in args.variants:
         config, opts = VARIANTS[variant]
-        out = os.path.join(ROOT, "output", "ablation", variant)
+        name = variant + args.tag
+        out = os.path.join(ROOT, "output", "ablation", name)
         os.makedirs(out, exist_ok=True)
         steps = f"({int(args.iters * 0.75)}, {int(args.iters * 0.93)})"
         cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", config, *opts,
-               "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", steps, "TEST.EVAL_PERIOD", str(args.eval_period),
+               "SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", steps, "SOLVER.WARMUP_ITERS", "100",
+               "TEST.EVAL_PERIOD", str(args.eval_period),
                "MODEL.DEVICE", "cpu", "SEED", str(args.seed), "OUTPUT_DIR", out]
         print(" ".join(cmd), flush=True)
         start = time.perf_counter()
@@ -118,8 +122,8 @@ def train(args) -> None:
             _run(dense_cmd, out + "_dense.log")
             text = open(out + "_dense.log").read()
             entry["dense_ap"] = float(re.findall(r"copypaste: ([\d.]+),", text)[-1])
-        print(variant, json.dumps(entry), flush=True)
-        _save(RESULT_FILE, {**(_load(RESULT_FILE) or {}), variant: entry})
+        print(name, json.dumps(entry), flush=True)
+        _save(RESULT_FILE, {**(_load(RESULT_FILE) or {}), name: entry})
 
 
 def report(args) -> None:
@@ -158,9 +162,10 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=700)
     p.add_argument("--eval-period", type=int, default=350)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--tag", default="", help="suffix of the variant's name in the results (e.g. @1000)")
     p.set_defaults(func=train)
     p = sub.add_parser("report")
-    p.add_argument("--curves", nargs="+", default=["demo", "retinanet"])
+    p.add_argument("--curves", nargs="+", default=["demo", "retinanet"], help="result names drawn in ap_vs_time.png")
     p.set_defaults(func=report)
     args = parser.parse_args()
     args.func(args)
