@@ -26,8 +26,8 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torchvision.ops import nms
 
 from .dyhead.atss import ATSS
-from .meta_arch import query_targets, topk_detections
-from .query import HungarianMatcher, InitialQueries, SetCriterion, build_query_decoder
+from .meta_arch import query_targets, set_criterion_from_config, topk_detections
+from .query import InitialQueries, SetCriterion, build_query_decoder
 from .query.boxes import xyxy_to_xyzr
 
 __all__ = ["DenseQueryDetector", "QUERY_INITS", "INFERENCE_SOURCES"]
@@ -114,12 +114,10 @@ class DenseQueryDetector(ATSS):
         if q.NUM_CLASSES != cfg.MODEL.ATSS.NUM_CLASSES:
             raise ValueError(f"MODEL.QUERY.NUM_CLASSES ({q.NUM_CLASSES}) and MODEL.ATSS.NUM_CLASSES "
                              f"({cfg.MODEL.ATSS.NUM_CLASSES}) must be equal")
-        weights = dict(class_weight=q.CLASS_WEIGHT, l1_weight=q.L1_WEIGHT, giou_weight=q.GIOU_WEIGHT,
-                       alpha=q.FOCAL_ALPHA, gamma=q.FOCAL_GAMMA)
         ret.update(
             queries=InitialQueries(q.NUM_QUERIES, q.CONTENT_DIM),
             decoder=build_query_decoder(cfg, [shapes[f].stride for f in q.IN_FEATURES]),
-            criterion=SetCriterion(HungarianMatcher(**weights), **weights),
+            criterion=set_criterion_from_config(cfg),
             query_in_features=q.IN_FEATURES,
             query_init=dq.QUERY_INIT,
             dense_loss_weight=dq.DENSE_LOSS_WEIGHT,

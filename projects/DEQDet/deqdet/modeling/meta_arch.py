@@ -14,7 +14,15 @@ from torch import nn
 
 from .query import ChannelMapper, HungarianMatcher, InitialQueries, SetCriterion, build_query_decoder
 
-__all__ = ["QueryDetector", "query_targets", "topk_detections"]
+__all__ = ["QueryDetector", "query_targets", "set_criterion_from_config", "topk_detections"]
+
+
+def set_criterion_from_config(cfg) -> SetCriterion:
+    """The Hungarian matcher and set criterion with the ``MODEL.QUERY`` loss (= matching cost) weights."""
+    q = cfg.MODEL.QUERY
+    weights = dict(class_weight=q.CLASS_WEIGHT, l1_weight=q.L1_WEIGHT, giou_weight=q.GIOU_WEIGHT,
+                   alpha=q.FOCAL_ALPHA, gamma=q.FOCAL_GAMMA)
+    return SetCriterion(HungarianMatcher(**weights), **weights)
 
 
 def query_targets(instances: Instances, image_size) -> Dict[str, torch.Tensor]:
@@ -81,14 +89,12 @@ class QueryDetector(nn.Module):
         neck = ChannelMapper(
             backbone.output_shape(), q.IN_FEATURES, q.FEAT_CHANNELS, q.NECK_STYLE, q.NECK_NORM_GROUPS
         )
-        weights = dict(class_weight=q.CLASS_WEIGHT, l1_weight=q.L1_WEIGHT, giou_weight=q.GIOU_WEIGHT,
-                       alpha=q.FOCAL_ALPHA, gamma=q.FOCAL_GAMMA)
         return {
             "backbone": backbone,
             "neck": neck,
             "queries": InitialQueries(q.NUM_QUERIES, q.CONTENT_DIM),
             "decoder": build_query_decoder(cfg, neck.strides),
-            "criterion": SetCriterion(HungarianMatcher(**weights), **weights),
+            "criterion": set_criterion_from_config(cfg),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
