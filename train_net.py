@@ -14,7 +14,7 @@ from detectron2.utils import comm
 
 import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.engine import Trainer, setup
-from deqdet.errors import UserInputError, one_line
+from deqdet.errors import NonFiniteLossError, UserInputError, one_line
 
 
 def main(args):
@@ -45,7 +45,7 @@ def cli(argv=None):
             dist_url=args.dist_url,
             args=(args,),
         )
-    except UserInputError as e:
+    except (UserInputError, NonFiniteLossError) as e:
         sys.exit(f"error: {one_line(e)}")
 
 
