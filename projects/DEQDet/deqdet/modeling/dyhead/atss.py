@@ -23,8 +23,9 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
-from fvcore.nn import giou_loss, sigmoid_focal_loss_jit
+from fvcore.nn import sigmoid_focal_loss_jit
 from torch import Tensor, nn
+from torchvision.ops import generalized_box_iou_loss
 
 __all__ = ["ATSS", "ATSSHead", "atss_assign", "centerness_targets"]
 
@@ -270,7 +271,9 @@ class ATSS(DenseDetector):
         ctr_targets = centerness_targets(pos_anchors, pos_boxes)
         ctr_sum = max(_mean_over_processes(ctr_targets.sum()), 1e-6)
         pred_boxes = self.box2box_transform.apply_deltas(deltas[positive], pos_anchors)
-        loss_box = (giou_loss(pred_boxes, pos_boxes, reduction="none") * ctr_targets).sum() / ctr_sum
+        # torchvision's GIoU loss is fvcore's without its box-order assertion: diverged (NaN) boxes
+        # give a NaN loss that the trainer reports by name, not an AssertionError.
+        loss_box = (generalized_box_iou_loss(pred_boxes, pos_boxes) * ctr_targets).sum() / ctr_sum
         loss_ctr = F.binary_cross_entropy_with_logits(centerness[positive], ctr_targets, reduction="sum") / num_pos
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box * self.reg_loss_weight, "loss_ctr": loss_ctr}
 
