@@ -96,7 +96,12 @@ def solve(
     active = torch.ones(batch, dtype=torch.bool, device=z0.device)
     history = _AndersonHistory(batch, z0.shape[1], anderson_window, z0) if method == "anderson" else None
     if tol == 0:
-        return _solve_all_steps(f, z, residuals, iterations, active, history, eps)
+        result = _solve_all_steps(f, z, residuals, iterations, active, history, eps)
+        stopped = result.iterations < max_iters
+        if stopped.any():  # the one host read, after the loop
+            logger.warning(f"DEQ iteration: non-finite state for images {stopped.nonzero().flatten().tolist()}; "
+                           "they keep their last finite state")
+        return result
     for k in range(max_iters):
         index = active.nonzero().flatten()
         if index.numel() == 0:
@@ -120,7 +125,8 @@ def solve(
 
 
 def _solve_all_steps(f, z, residuals, iterations, active, history, eps) -> SolverResult:
-    """The ``tol = 0`` loop of :func:`solve`, without host-device synchronisation (module docstring)."""
+    """The ``tol = 0`` loop of :func:`solve`, without host-device synchronisation (module docstring);
+    images whose ``f`` turned non-finite stop (fewer ``iterations``)."""
     index = torch.arange(z.shape[0], device=z.device)
     for k in range(residuals.shape[1]):
         fz = f(z, index)
@@ -133,8 +139,4 @@ def _solve_all_steps(f, z, residuals, iterations, active, history, eps) -> Solve
         nxt = fz if history is None else history.step(index, z, fz)
         z = torch.where(keep[:, None], nxt, z)
         active = keep
-    stopped = iterations < residuals.shape[1]
-    if stopped.any():
-        bad = stopped.nonzero().flatten().tolist()
-        logger.warning(f"DEQ iteration: non-finite state for images {bad}; they keep their last finite state")
     return SolverResult(z, residuals, iterations)

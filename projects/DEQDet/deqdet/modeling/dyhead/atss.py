@@ -241,7 +241,7 @@ class ATSS(DenseDetector):
             label = inst.gt_classes[matched] if len(inst) else torch.zeros_like(index)
             labels.append(torch.where(index >= 0, label, torch.full_like(index, self.num_classes)))
             gt = inst.gt_boxes.tensor
-            boxes.append(gt[matched] if len(inst) else torch.zeros(len(index), 4, device=index.device))
+            boxes.append(gt[matched] if len(inst) else gt.new_zeros(len(index), 4))
         return torch.stack(labels), torch.stack(boxes)
 
     def forward_training(self, images: ImageList, features, predictions, gt_instances):
