@@ -35,7 +35,7 @@ def final_weights(output_dir: str) -> dict:
 
 
 def register_fixed_size_dataset(folder: str) -> None:
-    """``shapes_mini_train`` with every image cut to 192 x 192 px (boxes clipped, emptied ones
+    """``shapes_mini_train`` with every image cut to 128 x 128 px (boxes clipped, emptied ones
     dropped) as ``FIXED_SIZE_DATASET``: batches of any split pad to the same size."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
@@ -49,12 +49,12 @@ def register_fixed_size_dataset(folder: str) -> None:
         coco = json.loads(src.read_text())
         for image in coco["images"]:
             name = os.path.join(folder, os.path.basename(image["file_name"]))
-            Image.open(src.parent / image["file_name"]).convert("RGB").crop((0, 0, 192, 192)).save(name)
-            image.update(file_name=name, width=192, height=192)
+            Image.open(src.parent / image["file_name"]).convert("RGB").crop((0, 0, 128, 128)).save(name)
+            image.update(file_name=name, width=128, height=128)
         kept = []
         for ann in coco["annotations"]:
             x, y, w, h = ann["bbox"]
-            w, h = min(x + w, 192) - x, min(y + h, 192) - y
+            w, h = min(x + w, 128) - x, min(y + h, 128) - y
             if w > 4 and h > 4:
                 kept.append({**ann, "bbox": [x, y, w, h], "area": w * h})
         coco["annotations"] = kept

@@ -290,6 +290,7 @@ class ATSS(DenseDetector):
             pred = self._decode_multi_level_predictions(
                 anchors, scores, [x[i] for x in deltas], 0.0, self.test_topk_candidates, image_size
             )
-            keep = batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh)
+            boxes = pred.pred_boxes.tensor  # float32 (Detectron2's Boxes), whatever the scores' dtype
+            keep = batched_nms(boxes, pred.scores.to(boxes.dtype), pred.pred_classes, self.test_nms_thresh)
             results.append(pred[keep[: self.max_detections_per_image]])
         return results
