@@ -26,6 +26,10 @@ SMALL_QUERIES = [
 DEQ = ["--config-file", os.path.join(ROOT, "configs", "shapes", "deqdet_r18.yaml"), *COMMON, *SMALL_QUERIES,
        "MODEL.DEQDET.REFINEMENT_STEPS", "3", "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 3)",
        "MODEL.DEQDET.RAG", "1", "MODEL.DEQDET.EXTRA_INIT_SUPERVISIONS", "1", "MODEL.DEQDET.MAX_ITERS", "3"]
+# The combined detector: ATSS + DyHead dense head whose top boxes initialise the DEQ decoder.
+DENSE_QUERY = ["--config-file", os.path.join(ROOT, "configs", "shapes", "dyhead_deqdet_r18.yaml"), *COMMON,
+               "MODEL.QUERY.NUM_QUERIES", "8", "MODEL.QUERY.FFN_DIM", "64", "MODEL.QUERY.IN_POINTS", "4",
+               "MODEL.QUERY.OUT_POINTS", "8", "MODEL.DEQDET.MAX_ITERS", "3"]
 ATSS_DYHEAD = ["--config-file", os.path.join(ROOT, "configs", "shapes", "atss_dyhead_r18.yaml"), *COMMON,
                "MODEL.DYHEAD.NUM_CONVS", "1"]
 

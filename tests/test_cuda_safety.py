@@ -23,6 +23,8 @@ DETECTORS = {
     "deqdet": ("deqdet_r18.yaml", [*TINY, "MODEL.DEQDET.REFINEMENT_STEPS", "2", "MODEL.DEQDET.SUPERVISION_POSITIONS",
                                    "(2,)", "MODEL.DEQDET.MAX_ITERS", "2", "MODEL.DEQDET.RAG", "1"]),
     "adamixer": ("adamixer_r18.yaml", [*TINY, "MODEL.QUERY.NUM_STAGES", "2"]),
+    "dense_query": ("dyhead_deqdet_r18.yaml", ["MODEL.DEVICE", "cpu", "MODEL.QUERY.NUM_QUERIES", "8",
+                                                "MODEL.DEQDET.MAX_ITERS", "2", "MODEL.ATSS.INFERENCE_TH", "0.0"]),
     "atss_dyhead": ("atss_dyhead_r18.yaml", ["MODEL.DEVICE", "cpu", "MODEL.DYHEAD.NUM_CONVS", "1",
                                              "MODEL.ATSS.INFERENCE_TH", "0.0"]),
 }
@@ -49,7 +51,7 @@ def test_float64_inference_and_training(name):
         # Exceptions computed in float32 by the libraries on purpose: the focal terms (fvcore's
         # sigmoid_focal_loss casts its inputs) and ATSS's targets (Detectron2 keeps anchors and
         # ground-truth Boxes in float32). The set criterion's box terms stay in float64.
-        if name != "atss_dyhead":
+        if name in ("adamixer", "deqdet"):
             assert value.dtype == (torch.float32 if key.endswith("loss_cls") else torch.float64), key
     sum(losses.values()).backward()
     for n, p in model.named_parameters():

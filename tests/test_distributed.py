@@ -46,7 +46,7 @@ def test_two_processes_match_one_with_the_whole_batch(name, argv, tmp_path):
     launcher = os.path.join(ROOT, "tests", "train_net_with_faults.py")
     proc = subprocess.run(
         [sys.executable, launcher, "--num-gpus", "2", "--dist-url", "auto", *argv, *COMPARABLE, "OUTPUT_DIR", two],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = final_weights(one), final_weights(two)

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import train_net
-from reliability_helpers import ATSS_DYHEAD, DEQ, ROOT, final_weights
+from deqdet.engine import Trainer
+from detectron2.engine import HookBase
+from reliability_helpers import ATSS_DYHEAD, DENSE_QUERY, DEQ, ROOT, final_weights
 
 LAUNCHER = os.path.join(ROOT, "tests", "train_net_with_faults.py")
 
@@ -22,7 +24,7 @@ def _main(argv):
 
 def _killed_run(argv, **faults):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **{f"FAULT_{k.upper()}": str(v) for k, v in faults.items()}}
-    proc = subprocess.run([sys.executable, LAUNCHER, *argv], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, LAUNCHER, *argv], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
@@ -41,7 +43,7 @@ def _last_checkpoint(folder):
 def straight(tmp_path_factory):
     """Uninterrupted 6-iteration runs, by name."""
     runs = {}
-    for name, argv in (("deq", DEQ), ("atss_dyhead", ATSS_DYHEAD)):
+    for name, argv in (("deq", DEQ), ("atss_dyhead", ATSS_DYHEAD), ("dense_query", DENSE_QUERY)):
         out = str(tmp_path_factory.mktemp(f"straight_{name}"))
         _main([*argv, "OUTPUT_DIR", out])
         runs[name] = final_weights(out)
@@ -71,10 +73,30 @@ def test_kill_between_checkpoints_then_resume_atss_dyhead(straight, tmp_path):
     _assert_same_weights(final_weights(out), straight["atss_dyhead"])
 
 
+class _CrashAfter(HookBase):
+    def after_step(self):
+        if self.trainer.iter == 2:
+            raise RuntimeError("simulated crash")
+
+
+def test_crash_then_resume_dense_query_detector(straight, tmp_path, monkeypatch):
+    """An in-process crash after iteration 2 (a deterministic stop; the checkpoint of iteration 1 is
+    the last one), then --resume."""
+    out = str(tmp_path)
+    build_hooks = Trainer.build_hooks
+    monkeypatch.setattr(Trainer, "build_hooks", lambda self: build_hooks(self) + [_CrashAfter()])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _main([*DENSE_QUERY, "OUTPUT_DIR", out])
+    monkeypatch.setattr(Trainer, "build_hooks", build_hooks)
+    assert _last_checkpoint(out) == "model_0000001.pth"
+    _main(["--resume", *DENSE_QUERY, "OUTPUT_DIR", out])
+    _assert_same_weights(final_weights(out), straight["dense_query"])
+
+
 def test_resume_restores_the_deq_loss_scale(tmp_path):
     """The stash's observed loss scale (the AMP scale of the previous backward) is part of the
     trainer's checkpointed state."""
-    from deqdet.engine import Trainer, build_config
+    from deqdet.engine import build_config
 
     cfg = build_config(DEQ[1], [*DEQ[2:], "OUTPUT_DIR", str(tmp_path)])
     first = Trainer(cfg)

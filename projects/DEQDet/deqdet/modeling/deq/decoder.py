@@ -249,14 +249,14 @@ class DEQDecoder(nn.Module):
         result = solve(step, codec.flatten(content, xyzr), tol=self.tol, max_iters=self.max_iters,
                        method=self.solver, anderson_window=self.anderson_window)
         _, _, logits, boxes = self.refine_stage(*codec.unflatten(result.state), features)
-        logits, boxes = _finite_prediction(logits, boxes, init_logits, init_boxes, padded_hw)
+        logits, boxes = _finite_prediction(logits, boxes, init_logits, init_boxes, codec.scale[:2])
         return [{"logits": logits, "boxes": boxes, "residuals": result.residuals, "steps": result.iterations + 1}]
 
 
-def _finite_prediction(logits, boxes, init_logits, init_boxes, padded_hw):
+def _finite_prediction(logits, boxes, init_logits, init_boxes, padded_wh: torch.Tensor):
     """Per image: the output step's prediction (logits (B, N, K), boxes (B, N, 4)) if finite, else the
-    init stage's if finite, else whole-image boxes with the lowest logit (score 0); each fallback is
-    logged. One host synchronisation (after the refinement loop)."""
+    init stage's if finite, else whole-image boxes (``padded_wh`` (2,): the padded input's width and
+    height) with the lowest logit (score 0); each fallback is logged. One host synchronisation (after the refinement loop)."""
 
     def bad(lg, bx):
         return ~(torch.isfinite(lg).flatten(1).all(1) & torch.isfinite(bx).flatten(1).all(1))
@@ -272,7 +272,7 @@ def _finite_prediction(logits, boxes, init_logits, init_boxes, padded_hw):
     if neither.any():
         logger.warning(f"DEQ init stage's prediction not finite either for images {neither.nonzero().flatten().tolist()}; "
                        "they get whole-image boxes with score 0")
-        h, w = padded_hw
+        whole_image = torch.cat([torch.zeros_like(padded_wh), padded_wh]).to(boxes.dtype)
         logits = torch.where(neither[:, None, None], torch.finfo(logits.dtype).min, logits)
-        boxes = torch.where(neither[:, None, None], boxes.new_tensor([0.0, 0.0, w, h]), boxes)
+        boxes = torch.where(neither[:, None, None], whole_image, boxes)
     return logits, boxes
