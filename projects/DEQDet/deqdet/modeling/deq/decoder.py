@@ -264,13 +264,14 @@ def _finite_prediction(logits, boxes, init_logits, init_boxes, padded_wh: torch.
     bad_output, bad_init = bad(logits, boxes), bad(init_logits, init_boxes)
     if not bad_output.any():
         return logits, boxes
-    logger.warning(f"DEQ output step not finite for images {bad_output.nonzero().flatten().tolist()}; "
-                   "they get the init stage's prediction")
+    images = bad_output.nonzero().flatten().tolist()
+    logger.warning(f"DEQ output step not finite for images {images}; they get the init stage's prediction")
     logits = torch.where(bad_output[:, None, None], init_logits, logits)
     boxes = torch.where(bad_output[:, None, None], init_boxes, boxes)
     neither = bad_output & bad_init
     if neither.any():
-        logger.warning(f"DEQ init stage's prediction not finite either for images {neither.nonzero().flatten().tolist()}; "
+        images = neither.nonzero().flatten().tolist()
+        logger.warning(f"DEQ init stage's prediction not finite either for images {images}; "
                        "they get whole-image boxes with score 0")
         whole_image = torch.cat([torch.zeros_like(padded_wh), padded_wh]).to(boxes.dtype)
         logits = torch.where(neither[:, None, None], torch.finfo(logits.dtype).min, logits)

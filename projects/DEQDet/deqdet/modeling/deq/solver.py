@@ -73,7 +73,8 @@ class _AndersonHistory:
         h[:, 0, 1:], h[:, 1:, 0], h[:, 1:, 1:] = 1.0, 1.0, gram
         rhs = g.new_zeros(len(index), n + 1, 1)
         rhs[:, 0] = 1.0
-        alpha = torch.linalg.solve_ex(h, rhs)[0][:, 1:, 0].to(fzs.dtype)  # (b, n); _ex: no error check, no sync
+        # solve_ex: no singularity check, so no host synchronisation (the system is regularised).
+        alpha = torch.linalg.solve_ex(h, rhs)[0][:, 1:, 0].to(fzs.dtype)  # (b, n)
         mixed = (alpha[:, :, None] * fzs).sum(1)
         return torch.where(torch.isfinite(mixed), mixed, fz)
 
@@ -104,8 +105,8 @@ def solve(
         result = _solve_all_steps(f, z, residuals, iterations, active, history, eps)
         stopped = result.iterations < max_iters
         if stopped.any():  # the one host read, after the loop
-            logger.warning(f"DEQ iteration: non-finite state for images {stopped.nonzero().flatten().tolist()}; "
-                           "they keep their last finite state")
+            images = stopped.nonzero().flatten().tolist()
+            logger.warning(f"DEQ iteration: non-finite state for images {images}; they keep their last finite state")
         return result
     for k in range(max_iters):
         index = active.nonzero().flatten()
