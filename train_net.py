@@ -17,7 +17,7 @@ from detectron2.utils import comm
 import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.checkpoint.loading import readable_checkpoint_errors
 from deqdet.engine import Trainer, setup
-from deqdet.errors import UserInputError, one_line
+from deqdet.errors import NonFiniteLossError, UserInputError, one_line
 
 
 def main(args):
@@ -50,7 +50,7 @@ def cli(argv=None):
             dist_url=args.dist_url,
             args=(args,),
         )
-    except UserInputError as e:
+    except (UserInputError, NonFiniteLossError) as e:
         sys.exit(f"error: {one_line(e)}")
 
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import weakref
 
+import detectron2.engine.defaults
 import torch
 import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, HookBase, create_ddp_model, default_setup
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint.loading import readable_checkpoint_errors
 from .config import add_deqdet_config
@@ -21,19 +25,117 @@ from .data.loading import checked_dataset_dicts
 from .data.mapper import CheckedDatasetMapper, build_train_mapper
 from .deq_evaluator import DEQStatisticsEvaluator
 from .env import collect_env
-from .errors import UserInputError
+from .errors import NonFiniteLossError, UserInputError
 from .evaluation import CheckedCOCOEvaluator
+from .modeling.deq.stash import ObservedLossScale
+from .resume import AtomicCheckpointer, ReseedAtCheckpoints, ResumableLoader, ResumableTrainingSampler
+from .resume import derived_seed
 from .solver import build_optimizer
 
-__all__ = ["Trainer", "build_config", "set_float32_matmul_precision", "setup"]
+__all__ = ["FiniteLossGuard", "Trainer", "build_config", "set_float32_matmul_precision", "setup"]
 
 logger = logging.getLogger("deqdet")
+
+
+def _create_ddp_model(model, **kwargs):
+    """Detectron2's ``create_ddp_model``, without ``device_ids`` for a model on the CPU (which
+    DistributedDataParallel rejects: Detectron2 passes ``[local rank]`` whatever the device)."""
+    if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return create_ddp_model(model, **kwargs)
+
+
+@contextlib.contextmanager
+def _cpu_capable_ddp():
+    """``DefaultTrainer.__init__`` wraps the model with the ``create_ddp_model`` of its module,
+    looked up when called: use :func:`_create_ddp_model` there meanwhile."""
+    original = detectron2.engine.defaults.create_ddp_model
+    detectron2.engine.defaults.create_ddp_model = _create_ddp_model
+    try:
+        yield
+    finally:
+        detectron2.engine.defaults.create_ddp_model = original
+
+
+def _loss_scales(model: torch.nn.Module):
+    """``{module name: ObservedLossScale}`` of the modules that keep one (DEQDecoder's stash)."""
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    return {name: m.loss_scale for name, m in model.named_modules()
+            if isinstance(getattr(m, "loss_scale", None), ObservedLossScale)}
+
+
+class FiniteLossGuard(HookBase):
+    """Stops training at the first non-finite loss term, naming the terms and the iteration
+    (:class:`~deqdet.errors.NonFiniteLossError`, raised after the forward, before the backward and
+    the optimizer step). One host synchronisation per iteration, as Detectron2's own check."""
+
+    def before_train(self):
+        model = self.trainer.model
+        model = model.module if isinstance(model, DistributedDataParallel) else model
+        self._handle = model.register_forward_hook(self._check)
+
+    def after_train(self):
+        self._handle.remove()
+
+    def _check(self, module, inputs, losses):
+        if not module.training or not isinstance(losses, dict) or not losses:
+            return
+        values = [v.detach().float().reshape(-1)[0] for v in losses.values()]
+        finite = torch.isfinite(torch.stack(values)).tolist()
+        if not all(finite):
+            bad = ", ".join(f"{name} = {float(v)}" for (name, v), ok in zip(losses.items(), finite) if not ok)
+            raise NonFiniteLossError(
+                f"loss became non-finite at iteration {self.trainer.iter}: {bad}; training stopped "
+                "(lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS or check the data; resume with "
+                "--resume from the last checkpoint)"
+            )
 
 
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with COCO evaluation (+ DEQ refinement statistics), the project's optimizers,
     ``MODEL.CHANNELS_LAST``, ``MODEL.FLOAT32_MATMUL_PRECISION``, datasets loaded once and checked up
-    front (:mod:`deqdet.data.loading`) and readable data and checkpoint errors."""
+    front (:mod:`deqdet.data.loading`), readable data and checkpoint errors, multi-process training
+    on CPUs (gloo) as on GPUs, a stop naming the loss term at a non-finite loss, and exact
+    resumption (:mod:`deqdet.resume`: atomic checkpoints; the data stream and the random draws
+    continue where the checkpoint left them)."""
+
+    def __init__(self, cfg):
+        with _cpu_capable_ddp():
+            super().__init__(cfg)
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ made its checkpointer just before calling this; the periodic
+        # checkpointer hook takes it from here, so it becomes the atomic one first.
+        self.checkpointer = AtomicCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        hooks = super().build_hooks()
+        hooks.insert(0, FiniteLossGuard())
+        sampler = self._resumable_sampler
+        if sampler is not None:
+            hooks.insert(0, ReseedAtCheckpoints(self.cfg.SOLVER.CHECKPOINT_PERIOD, lambda: sampler.seed))
+        return hooks
+
+    @property
+    def _resumable_sampler(self):
+        loader = self.data_loader
+        return loader.sampler if isinstance(loader, ResumableLoader) else None
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["loss_scales"] = {name: s.value for name, s in _loss_scales(self.model).items()}
+        if self._resumable_sampler is not None:
+            state["data_seed"] = self._resumable_sampler.seed
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for name, scale in _loss_scales(self.model).items():
+            scale.value = state_dict.get("loss_scales", {}).get(name, scale.value)
+        sampler = self._resumable_sampler
+        if sampler is not None and "data_seed" in state_dict:
+            sampler.resume(state_dict["data_seed"], (self.iter + 1) * self.cfg.SOLVER.IMS_PER_BATCH)
+        elif comm.is_main_process():
+            logger.warning("resumed without the data stream's position: the data order starts afresh")
 
     @classmethod
     def build_model(cls, cfg):
@@ -59,8 +161,20 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """Detectron2's train loader; with ``DATALOADER.SAMPLER_TRAIN`` "TrainingSampler" (the
+        default) a :class:`~deqdet.resume.ResumableLoader` over a :class:`ResumableTrainingSampler`
+        seeded by ``SEED`` (a shared random seed when negative, kept in the checkpoints)."""
         dataset = checked_dataset_dicts(cfg, cfg.DATASETS.TRAIN, is_train=True)
-        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg), dataset=dataset)
+        mapper = build_train_mapper(cfg)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        sampler = ResumableTrainingSampler(len(dataset), seed)
+        # DataLoader workers' seeds come from a generator of the loader's own, not the global one.
+        loader = build_detection_train_loader(
+            cfg, mapper=mapper, dataset=dataset, sampler=sampler, seed=derived_seed(seed, 0, comm.get_rank())
+        )
+        return ResumableLoader(loader, sampler)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -152,7 +152,9 @@ class DenseQueryDetector(ATSS):
             proposals = Instances(image_size, pred_boxes=Boxes(torch.cat(boxes)), class_scores=torch.cat(class_scores))
             proposals.pred_boxes.clip(image_size)
             proposals.scores = proposals.class_scores.amax(dim=1)
-            keep = nms(proposals.pred_boxes.tensor, proposals.scores, self.proposal_nms_thresh)[:num_queries]
+            proposal_boxes = proposals.pred_boxes.tensor  # float32 (Detectron2's Boxes) whatever the scores' dtype
+            scores = proposals.scores.to(proposal_boxes.dtype)
+            keep = nms(proposal_boxes, scores, self.proposal_nms_thresh)[:num_queries]
             results.append(proposals[keep])
         return results
 

@@ -249,10 +249,31 @@ class DEQDecoder(nn.Module):
         result = solve(step, codec.flatten(content, xyzr), tol=self.tol, max_iters=self.max_iters,
                        method=self.solver, anderson_window=self.anderson_window)
         _, _, logits, boxes = self.refine_stage(*codec.unflatten(result.state), features)
-        bad = ~(torch.isfinite(logits).flatten(1).all(1) & torch.isfinite(boxes).flatten(1).all(1))
-        if bad.any():
-            logger.warning(f"DEQ output step not finite for images {bad.nonzero().flatten().tolist()}; "
-                           "they get the init stage's prediction")
-            logits = torch.where(bad[:, None, None], init_logits, logits)
-            boxes = torch.where(bad[:, None, None], init_boxes, boxes)
+        logits, boxes = _finite_prediction(logits, boxes, init_logits, init_boxes, codec.scale[:2])
         return [{"logits": logits, "boxes": boxes, "residuals": result.residuals, "steps": result.iterations + 1}]
+
+
+def _finite_prediction(logits, boxes, init_logits, init_boxes, padded_wh: torch.Tensor):
+    """Per image: the output step's prediction (logits (B, N, K), boxes (B, N, 4)) if finite, else the
+    init stage's if finite, else whole-image boxes (``padded_wh`` (2,): the padded input's width and
+    height) with the lowest logit (score 0); each fallback is logged. One host synchronisation (after the refinement loop)."""
+
+    def bad(lg, bx):
+        return ~(torch.isfinite(lg).flatten(1).all(1) & torch.isfinite(bx).flatten(1).all(1))
+
+    bad_output, bad_init = bad(logits, boxes), bad(init_logits, init_boxes)
+    if not bad_output.any():
+        return logits, boxes
+    images = bad_output.nonzero().flatten().tolist()
+    logger.warning(f"DEQ output step not finite for images {images}; they get the init stage's prediction")
+    logits = torch.where(bad_output[:, None, None], init_logits, logits)
+    boxes = torch.where(bad_output[:, None, None], init_boxes, boxes)
+    neither = bad_output & bad_init
+    if neither.any():
+        images = neither.nonzero().flatten().tolist()
+        logger.warning(f"DEQ init stage's prediction not finite either for images {images}; "
+                       "they get whole-image boxes with score 0")
+        whole_image = torch.cat([torch.zeros_like(padded_wh), padded_wh]).to(boxes.dtype)
+        logits = torch.where(neither[:, None, None], torch.finfo(logits.dtype).min, logits)
+        boxes = torch.where(neither[:, None, None], whole_image, boxes)
+    return logits, boxes

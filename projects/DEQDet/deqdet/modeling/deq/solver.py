@@ -4,8 +4,15 @@
 flattened states, each image on its own: an image stops once its relative residual
 ``||f(z_k) - z_k|| / ||z_k||`` is below ``tol`` (never with ``tol = 0``), after ``max_iters``
 evaluations of ``f``, or when ``f`` returns a non-finite state for it (the image then keeps its last
-finite state, with a warning). ``f(z, index)`` evaluates the images ``index`` only, so finished
-images cost nothing.
+finite state, with a warning).
+
+Host-device synchronisation: with ``tol = 0`` (the official schedule) the loop has none: every
+image is evaluated at every step (``f(z, index)`` with all images) and stopped images are masked
+with ``torch.where``; the images that hit a non-finite state are looked up once, after the loop,
+for the warning. With ``tol > 0`` the adaptive stop needs host values: each step reads the active
+images (``active.nonzero()``, one synchronisation per step) so that ``f(z, index)`` evaluates only
+those and finished images cost nothing. tests/test_cuda_safety.py runs the ``tol = 0`` loop on
+PyTorch's ``meta`` device, where any host read of a tensor value fails.
 """
 
 import logging
@@ -66,7 +73,8 @@ class _AndersonHistory:
         h[:, 0, 1:], h[:, 1:, 0], h[:, 1:, 1:] = 1.0, 1.0, gram
         rhs = g.new_zeros(len(index), n + 1, 1)
         rhs[:, 0] = 1.0
-        alpha = torch.linalg.solve(h, rhs)[:, 1:, 0].to(fzs.dtype)  # (b, n)
+        # solve_ex: no singularity check, so no host synchronisation (the system is regularised).
+        alpha = torch.linalg.solve_ex(h, rhs)[0][:, 1:, 0].to(fzs.dtype)  # (b, n)
         mixed = (alpha[:, :, None] * fzs).sum(1)
         return torch.where(torch.isfinite(mixed), mixed, fz)
 
@@ -93,6 +101,13 @@ def solve(
     iterations = torch.zeros(batch, dtype=torch.long, device=z0.device)
     active = torch.ones(batch, dtype=torch.bool, device=z0.device)
     history = _AndersonHistory(batch, z0.shape[1], anderson_window, z0) if method == "anderson" else None
+    if tol == 0:
+        result = _solve_all_steps(f, z, residuals, iterations, active, history, eps)
+        stopped = result.iterations < max_iters
+        if stopped.any():  # the one host read, after the loop
+            images = stopped.nonzero().flatten().tolist()
+            logger.warning(f"DEQ iteration: non-finite state for images {images}; they keep their last finite state")
+        return result
     for k in range(max_iters):
         index = active.nonzero().flatten()
         if index.numel() == 0:
@@ -112,4 +127,22 @@ def solve(
         nxt = fz if history is None else history.step(index, current, fz)
         z[index[finite]] = nxt[finite]
         active[index[finite & (residual < tol)]] = False
+    return SolverResult(z, residuals, iterations)
+
+
+def _solve_all_steps(f, z, residuals, iterations, active, history, eps) -> SolverResult:
+    """The ``tol = 0`` loop of :func:`solve`, without host-device synchronisation (module docstring);
+    images whose ``f`` turned non-finite stop (fewer ``iterations``)."""
+    index = torch.arange(z.shape[0], device=z.device)
+    for k in range(residuals.shape[1]):
+        fz = f(z, index)
+        iterations += active.long()
+        finite = torch.isfinite(fz).all(dim=1)
+        residual = (fz - z).norm(dim=1) / z.norm(dim=1).clamp(min=eps)
+        keep = active & finite
+        residuals[:, k] = torch.where(keep, residual, residuals[:, k])
+        fz = torch.where(finite[:, None], fz, z)
+        nxt = fz if history is None else history.step(index, z, fz)
+        z = torch.where(keep[:, None], nxt, z)
+        active = keep
     return SolverResult(z, residuals, iterations)

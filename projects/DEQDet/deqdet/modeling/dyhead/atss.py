@@ -23,8 +23,9 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
-from fvcore.nn import giou_loss, sigmoid_focal_loss_jit
+from fvcore.nn import sigmoid_focal_loss_jit
 from torch import Tensor, nn
+from torchvision.ops import generalized_box_iou_loss
 
 __all__ = ["ATSS", "ATSSHead", "atss_assign", "centerness_targets"]
 
@@ -240,7 +241,7 @@ class ATSS(DenseDetector):
             label = inst.gt_classes[matched] if len(inst) else torch.zeros_like(index)
             labels.append(torch.where(index >= 0, label, torch.full_like(index, self.num_classes)))
             gt = inst.gt_boxes.tensor
-            boxes.append(gt[matched] if len(inst) else torch.zeros(len(index), 4, device=index.device))
+            boxes.append(gt[matched] if len(inst) else gt.new_zeros(len(index), 4))
         return torch.stack(labels), torch.stack(boxes)
 
     def forward_training(self, images: ImageList, features, predictions, gt_instances):
@@ -270,7 +271,9 @@ class ATSS(DenseDetector):
         ctr_targets = centerness_targets(pos_anchors, pos_boxes)
         ctr_sum = max(_mean_over_processes(ctr_targets.sum()), 1e-6)
         pred_boxes = self.box2box_transform.apply_deltas(deltas[positive], pos_anchors)
-        loss_box = (giou_loss(pred_boxes, pos_boxes, reduction="none") * ctr_targets).sum() / ctr_sum
+        # torchvision's GIoU loss is fvcore's without its box-order assertion: diverged (NaN) boxes
+        # give a NaN loss that the trainer reports by name, not an AssertionError.
+        loss_box = (generalized_box_iou_loss(pred_boxes, pos_boxes) * ctr_targets).sum() / ctr_sum
         loss_ctr = F.binary_cross_entropy_with_logits(centerness[positive], ctr_targets, reduction="sum") / num_pos
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box * self.reg_loss_weight, "loss_ctr": loss_ctr}
 
@@ -287,6 +290,7 @@ class ATSS(DenseDetector):
             pred = self._decode_multi_level_predictions(
                 anchors, scores, [x[i] for x in deltas], 0.0, self.test_topk_candidates, image_size
             )
-            keep = batched_nms(pred.pred_boxes.tensor, pred.scores, pred.pred_classes, self.test_nms_thresh)
+            boxes = pred.pred_boxes.tensor  # float32 (Detectron2's Boxes), whatever the scores' dtype
+            keep = batched_nms(boxes, pred.scores.to(boxes.dtype), pred.pred_classes, self.test_nms_thresh)
             results.append(pred[keep[: self.max_detections_per_image]])
         return results

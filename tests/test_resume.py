@@ -1,0 +1,110 @@
+"""Crash and resume: a training killed (SIGKILL, also in the middle of writing a checkpoint) and
+resumed with ``--resume`` ends with exactly the weights of an uninterrupted run (CPU, fixed seed;
+same model, optimizer, scheduler, iteration, data order and random draws: equality, no tolerance)."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_net
+from deqdet.engine import Trainer
+from detectron2.engine import HookBase
+from reliability_helpers import ATSS_DYHEAD, DENSE_QUERY, DEQ, ROOT, final_weights
+
+LAUNCHER = os.path.join(ROOT, "tests", "train_net_with_faults.py")
+
+
+def _main(argv):
+    return train_net.main(train_net.default_argument_parser().parse_args(argv))
+
+
+def _killed_run(argv, **faults):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **{f"FAULT_{k.upper()}": str(v) for k, v in faults.items()}}
+    proc = subprocess.run([sys.executable, LAUNCHER, *argv], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+def _assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def _last_checkpoint(folder):
+    with open(os.path.join(folder, "last_checkpoint")) as f:
+        return f.read().strip()
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Uninterrupted 6-iteration runs, by name."""
+    runs = {}
+    for name, argv in (("deq", DEQ), ("atss_dyhead", ATSS_DYHEAD), ("dense_query", DENSE_QUERY)):
+        out = str(tmp_path_factory.mktemp(f"straight_{name}"))
+        _main([*argv, "OUTPUT_DIR", out])
+        runs[name] = final_weights(out)
+    return runs
+
+
+def test_kill_while_writing_a_checkpoint_then_resume_deq(straight, tmp_path):
+    out = str(tmp_path)
+    _killed_run([*DEQ, "OUTPUT_DIR", out], kill_saving="model_0000003")
+    # Killed half-way through writing the checkpoint of iteration 3: the half-written file never
+    # took the checkpoint's name and last_checkpoint still names the previous complete one.
+    assert os.path.isfile(os.path.join(out, ".model_0000003.incomplete.pth"))
+    assert not os.path.exists(os.path.join(out, "model_0000003.pth"))
+    assert _last_checkpoint(out) == "model_0000001.pth"
+    torch.load(os.path.join(out, "model_0000001.pth"), weights_only=False)  # complete and readable
+
+    _main(["--resume", *DEQ, "OUTPUT_DIR", out])  # resumes at iteration 2
+    assert _last_checkpoint(out) == "model_final.pth"
+    _assert_same_weights(final_weights(out), straight["deq"])
+
+
+def test_kill_between_checkpoints_then_resume_atss_dyhead(straight, tmp_path):
+    out = str(tmp_path)
+    _killed_run([*ATSS_DYHEAD, "OUTPUT_DIR", out], kill_after_iter=4)
+    assert _last_checkpoint(out) == "model_0000003.pth"
+    _main(["--resume", *ATSS_DYHEAD, "OUTPUT_DIR", out])  # resumes at iteration 4
+    _assert_same_weights(final_weights(out), straight["atss_dyhead"])
+
+
+class _CrashAfter(HookBase):
+    def after_step(self):
+        if self.trainer.iter == 2:
+            raise RuntimeError("simulated crash")
+
+
+def test_crash_then_resume_dense_query_detector(straight, tmp_path, monkeypatch):
+    """An in-process crash after iteration 2 (a deterministic stop; the checkpoint of iteration 1 is
+    the last one), then --resume."""
+    out = str(tmp_path)
+    build_hooks = Trainer.build_hooks
+    monkeypatch.setattr(Trainer, "build_hooks", lambda self: build_hooks(self) + [_CrashAfter()])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _main([*DENSE_QUERY, "OUTPUT_DIR", out])
+    monkeypatch.setattr(Trainer, "build_hooks", build_hooks)
+    assert _last_checkpoint(out) == "model_0000001.pth"
+    _main(["--resume", *DENSE_QUERY, "OUTPUT_DIR", out])
+    _assert_same_weights(final_weights(out), straight["dense_query"])
+
+
+def test_resume_restores_the_deq_loss_scale(tmp_path):
+    """The stash's observed loss scale (the AMP scale of the previous backward) is part of the
+    trainer's checkpointed state."""
+    from deqdet.engine import build_config
+
+    cfg = build_config(DEQ[1], [*DEQ[2:], "OUTPUT_DIR", str(tmp_path)])
+    first = Trainer(cfg)
+    first.model.decoder.loss_scale.value = 1024.0
+    first.iter = 1
+    first.checkpointer.save("model_0000001")
+    second = Trainer(cfg)
+    assert second.model.decoder.loss_scale.value == 1.0
+    second.resume_or_load(resume=True)
+    assert second.model.decoder.loss_scale.value == 1024.0
+    assert second.start_iter == 2 and second.data_loader.sampler.start == 2 * cfg.SOLVER.IMS_PER_BATCH
