@@ -8,7 +8,7 @@ from .modeling.deq.config import add_deqdet_decoder_config
 from .modeling.query.config import add_query_config
 from .modeling.dyhead.config import add_dyhead_config
 
-__all__ = ["add_deqdet_config"]
+__all__ = ["add_deqdet_config", "add_dense_query_config"]
 
 
 def add_deqdet_config(cfg: CN) -> CN:
@@ -28,4 +28,26 @@ def add_deqdet_config(cfg: CN) -> CN:
     add_query_config(cfg)  # MODEL.QUERY, INPUT.DETR_CROP, SOLVER.*_MULTIPLIER (query-based detector)
     add_dyhead_config(cfg)  # MODEL.DYHEAD, MODEL.ATSS
     add_deqdet_decoder_config(cfg)  # MODEL.DEQDET (the equilibrium decoder)
+    add_dense_query_config(cfg)  # MODEL.DENSE_QUERY (the combined dense head + query decoder)
     return cfg
+
+
+def add_dense_query_config(cfg: CN) -> None:
+    """Add ``MODEL.DENSE_QUERY``: the wiring of ``DenseQueryDetector`` (its dense head is configured by
+    ``MODEL.ATSS``, its decoder by ``MODEL.QUERY`` / ``MODEL.DEQDET``)."""
+    cfg.MODEL.DENSE_QUERY = d = CN()
+    # Initial boxes of the decoder: "whole_image" (the papers' fixed whole-image boxes) or "dense_topk"
+    # (the dense head's distinct top-scoring boxes, detached; whole-image boxes fill the remaining queries).
+    d.QUERY_INIT = "dense_topk"
+    # Weight of the dense head's (ATSS) losses in the total loss.
+    d.DENSE_LOSS_WEIGHT = 1.0
+    # "dense_topk": IoU threshold of the class-agnostic NMS that makes the dense boxes distinct, and the
+    # candidates per level (by max class probability x centerness) that enter it.
+    d.PROPOSAL_NMS_THRESH = 0.7
+    d.PROPOSAL_TOPK_PER_LEVEL = 1000
+    # "dense_topk": add to the decoder's class logits, per query, the detached log-odds of the dense head's
+    # score (class probability x centerness) of the box that initialised it, so that refinement starts
+    # from the dense head's ranking and learns a residual (PRIOR_EPS for the whole-image queries).
+    d.CLASS_PRIOR = False
+    # Detections returned at inference: "decoder" (the query decoder's) or "dense" (the ATSS head's).
+    d.INFERENCE_SOURCE = "decoder"

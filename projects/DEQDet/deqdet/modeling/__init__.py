@@ -4,3 +4,4 @@ from . import backbone  # noqa: F401
 from . import meta_arch  # noqa: F401
 from . import dyhead  # noqa: F401
 from . import deq  # noqa: F401
+from . import dense_query  # noqa: F401

@@ -14,7 +14,31 @@ from torch import nn
 
 from .query import ChannelMapper, HungarianMatcher, InitialQueries, SetCriterion, build_query_decoder
 
-__all__ = ["QueryDetector"]
+__all__ = ["QueryDetector", "query_targets", "topk_detections"]
+
+
+def query_targets(instances: Instances, image_size) -> Dict[str, torch.Tensor]:
+    """Ground truth of one image as the set criterion takes it: ``labels`` (M,), ``boxes`` (M, 4) xyxy
+    pixels, ``whwh`` (4,) the (unpadded) image size."""
+    h, w = image_size
+    boxes = instances.gt_boxes.tensor
+    return {"labels": instances.gt_classes, "boxes": boxes, "whwh": boxes.new_tensor([w, h, w, h])}
+
+
+def topk_detections(logits: torch.Tensor, boxes: torch.Tensor, image_sizes, k: int) -> List[Instances]:
+    """logits (B, N, K), boxes (B, N, 4) -> per image the top ``k`` (query, class) pairs by sigmoid
+    score, boxes clipped to the image (no NMS)."""
+    results = []
+    num_classes = logits.shape[-1]
+    for scores, boxes_i, size in zip(logits.sigmoid(), boxes, image_sizes):
+        top_scores, top_idx = scores.flatten().topk(min(k, scores.numel()))
+        out = Instances(size)
+        out.pred_boxes = Boxes(boxes_i[top_idx // num_classes])
+        out.pred_boxes.clip(size)
+        out.scores = top_scores
+        out.pred_classes = top_idx % num_classes
+        results.append(out)
+    return results
 
 
 @META_ARCH_REGISTRY.register()
@@ -86,38 +110,16 @@ class QueryDetector(nn.Module):
         features = self.neck(self.backbone(images.tensor))
         content, xyzr = self.queries(images.image_sizes)
         if self.training:
-            targets = [self._target(x["instances"].to(self.device), size)
+            targets = [query_targets(x["instances"].to(self.device), size)
                        for x, size in zip(batched_inputs, images.image_sizes)]
             if hasattr(self.decoder, "losses"):  # a decoder that computes (and may backpropagate) its losses
                 return self.decoder.losses(content, xyzr, features, lambda preds: self.criterion(preds, targets))
             return self.criterion(self.decoder(content, xyzr, features), targets)
         last = self.decoder(content, xyzr, features)[-1]
-        results = self.inference(last["logits"], last["boxes"], images.image_sizes)
+        results = topk_detections(last["logits"], last["boxes"], images.image_sizes, self.detections_per_image)
         extras = {k: v for k, v in last.items() if k not in ("logits", "boxes")}  # e.g. DEQ residuals, steps
         return [
             {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1])),
              **{k: v[i] for k, v in extras.items()}}
             for i, (r, x, size) in enumerate(zip(results, batched_inputs, images.image_sizes))
         ]
-
-    @staticmethod
-    def _target(instances: Instances, image_size) -> Dict[str, torch.Tensor]:
-        h, w = image_size
-        boxes = instances.gt_boxes.tensor
-        return {"labels": instances.gt_classes, "boxes": boxes, "whwh": boxes.new_tensor([w, h, w, h])}
-
-    def inference(self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes) -> List[Instances]:
-        """logits (B, N, K), boxes (B, N, 4) -> per image the top ``detections_per_image`` (query,
-        class) pairs by sigmoid score, boxes clipped to the image."""
-        results = []
-        num_classes = logits.shape[-1]
-        for scores, boxes_i, size in zip(logits.sigmoid(), boxes, image_sizes):
-            k = min(self.detections_per_image, scores.numel())
-            top_scores, top_idx = scores.flatten().topk(k)
-            out = Instances(size)
-            out.pred_boxes = Boxes(boxes_i[top_idx // num_classes])
-            out.pred_boxes.clip(size)
-            out.scores = top_scores
-            out.pred_classes = top_idx % num_classes
-            results.append(out)
-        return results

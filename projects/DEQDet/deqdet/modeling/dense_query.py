@@ -1,0 +1,216 @@
+"""``DenseQueryDetector``: a dense one-to-many head and a sparse query decoder on one pyramid.
+
+::
+
+    image -> backbone (+ FPN, + MODEL.DYHEAD.NUM_CONVS DyHead blocks) -> pyramid
+    pyramid[MODEL.ATSS.IN_FEATURES]  -> ATSS head: one-to-many losses (x DENSE_LOSS_WEIGHT);
+                                        decoded boxes -> class-agnostic NMS -> top-N (detached)
+    pyramid[MODEL.QUERY.IN_FEATURES] -> query decoder (QUERY_DECODER_REGISTRY: DEQDecoder or
+                                        AdaMixerDecoder), Hungarian set losses -> Instances
+
+The dense head is Detectron2-style ATSS (this class inherits its head, assignment, losses and
+inference unchanged) and does not know a decoder exists; the decoder receives content and xyzr as in
+:class:`~deqdet.modeling.meta_arch.QueryDetector` and does not know where its boxes came from. This
+class owns the wiring: ``MODEL.DENSE_QUERY.QUERY_INIT`` picks the decoder's initial boxes (``whole_image``
+as in the papers, or ``dense_topk``: the dense head's distinct top-scoring boxes, as DDQ / two-stage
+DETRs do), ``INFERENCE_SOURCE`` picks which head's detections are returned (both can be evaluated from
+one checkpoint). DEQ residuals and steps per image stay in the outputs.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torchvision.ops import nms
+
+from .dyhead.atss import ATSS
+from .meta_arch import query_targets, topk_detections
+from .query import HungarianMatcher, InitialQueries, SetCriterion, build_query_decoder
+from .query.boxes import xyxy_to_xyzr
+
+__all__ = ["DenseQueryDetector", "QUERY_INITS", "INFERENCE_SOURCES"]
+
+QUERY_INITS = ("whole_image", "dense_topk")
+INFERENCE_SOURCES = ("decoder", "dense")
+# Class-prior probability of the queries that no dense box initialised (and the logit clamp).
+PRIOR_EPS = 1e-4
+
+
+def _with_prior(prediction: Dict[str, torch.Tensor], prior: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A decoder prediction with the (B, N, K) prior logits added to its ``logits`` (unchanged if None)."""
+    return prediction if prior is None else {**prediction, "logits": prediction["logits"] + prior}
+
+
+@META_ARCH_REGISTRY.register()
+class DenseQueryDetector(ATSS):
+    """ATSS dense head + query decoder on a shared pyramid (module docstring).
+
+    Training returns the ATSS losses (``dense_loss_*``, weighted) and the decoder's set losses (named
+    as in ``QueryDetector``). Inference returns per image ``instances`` from ``inference_source`` and,
+    for a DEQ decoder, its ``residuals`` and ``steps``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        queries: InitialQueries,
+        decoder: torch.nn.Module,
+        criterion: SetCriterion,
+        query_in_features: List[str],
+        query_init: str = "dense_topk",
+        dense_loss_weight: float = 1.0,
+        proposal_nms_thresh: float = 0.7,
+        proposal_topk_per_level: int = 1000,
+        class_prior: bool = False,
+        inference_source: str = "decoder",
+        **atss_kwargs,
+    ):
+        super().__init__(**atss_kwargs)
+        if query_init not in QUERY_INITS:
+            raise ValueError(f"MODEL.DENSE_QUERY.QUERY_INIT must be one of {QUERY_INITS}, got {query_init!r}")
+        if inference_source not in INFERENCE_SOURCES:
+            raise ValueError(
+                f"MODEL.DENSE_QUERY.INFERENCE_SOURCE must be one of {INFERENCE_SOURCES}, got {inference_source!r}"
+            )
+        self.queries = queries
+        self.decoder = decoder
+        self.criterion = criterion
+        self.query_in_features = list(query_in_features)
+        self.query_init = query_init
+        self.dense_loss_weight = dense_loss_weight
+        self.proposal_nms_thresh = proposal_nms_thresh
+        self.proposal_topk_per_level = proposal_topk_per_level
+        self.class_prior = class_prior
+        self.inference_source = inference_source
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        q, dq = cfg.MODEL.QUERY, cfg.MODEL.DENSE_QUERY
+        shapes = ret["backbone"].output_shape()
+        missing = [f for f in q.IN_FEATURES if f not in shapes]
+        if missing:
+            raise ValueError(f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the backbone ({sorted(shapes)})")
+        channels = {shapes[f].channels for f in q.IN_FEATURES}
+        if channels != {q.FEAT_CHANNELS}:
+            raise ValueError(
+                f"MODEL.QUERY.FEAT_CHANNELS ({q.FEAT_CHANNELS}) must equal the channels of MODEL.QUERY.IN_FEATURES "
+                f"({sorted(channels)}): the decoder reads the pyramid directly"
+            )
+        if q.NUM_CLASSES != cfg.MODEL.ATSS.NUM_CLASSES:
+            raise ValueError(f"MODEL.QUERY.NUM_CLASSES ({q.NUM_CLASSES}) and MODEL.ATSS.NUM_CLASSES "
+                             f"({cfg.MODEL.ATSS.NUM_CLASSES}) must be equal")
+        weights = dict(class_weight=q.CLASS_WEIGHT, l1_weight=q.L1_WEIGHT, giou_weight=q.GIOU_WEIGHT,
+                       alpha=q.FOCAL_ALPHA, gamma=q.FOCAL_GAMMA)
+        ret.update(
+            queries=InitialQueries(q.NUM_QUERIES, q.CONTENT_DIM),
+            decoder=build_query_decoder(cfg, [shapes[f].stride for f in q.IN_FEATURES]),
+            criterion=SetCriterion(HungarianMatcher(**weights), **weights),
+            query_in_features=q.IN_FEATURES,
+            query_init=dq.QUERY_INIT,
+            dense_loss_weight=dq.DENSE_LOSS_WEIGHT,
+            proposal_nms_thresh=dq.PROPOSAL_NMS_THRESH,
+            proposal_topk_per_level=dq.PROPOSAL_TOPK_PER_LEVEL,
+            class_prior=dq.CLASS_PRIOR,
+            inference_source=dq.INFERENCE_SOURCE,
+        )
+        return ret
+
+    @torch.no_grad()
+    def dense_proposals(self, images: ImageList, features: List[torch.Tensor], predictions) -> List[Instances]:
+        """The dense head's distinct boxes per image, best first: per level the
+        ``proposal_topk_per_level`` anchors of highest score ``max_k p_k x centerness``, decoded, clipped
+        to the image, class-agnostic NMS at ``proposal_nms_thresh``, at most ``NUM_QUERIES`` kept.
+
+        Returns per image Instances with ``pred_boxes`` (n, 4), ``scores`` (n,) and ``class_scores``
+        (n, K): ``p_k x centerness`` of the anchor each box came from (ATSS's ranking score per class).
+        """
+        logits, deltas, centerness = self._transpose_dense_predictions(predictions, [self.num_classes, 4, 1])
+        anchors = self.anchor_generator(features)
+        num_queries = self.queries.content.num_embeddings
+        results = []
+        for i, image_size in enumerate(images.image_sizes):
+            boxes, class_scores = [], []
+            for level_anchors, x, d, c in zip(anchors, logits, deltas, centerness):
+                probs = x[i].sigmoid() * c[i].sigmoid()  # (R_l, K)
+                index = probs.amax(dim=1).topk(min(self.proposal_topk_per_level, len(probs))).indices
+                boxes.append(self.box2box_transform.apply_deltas(d[i][index], level_anchors.tensor[index]))
+                class_scores.append(probs[index])
+            proposals = Instances(image_size, pred_boxes=Boxes(torch.cat(boxes)), class_scores=torch.cat(class_scores))
+            proposals.pred_boxes.clip(image_size)
+            proposals.scores = proposals.class_scores.amax(dim=1)
+            keep = nms(proposals.pred_boxes.tensor, proposals.scores, self.proposal_nms_thresh)[:num_queries]
+            results.append(proposals[keep])
+        return results
+
+    def initial_queries(
+        self, batched_inputs: List[dict]
+    ) -> Tuple[ImageList, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+        """Everything the decoder receives: (images, content (B, N, D), xyzr (B, N, 4), decoder features
+        L x (B, C, H_l, W_l)), as the forward computes them (for tools that drive the decoder)."""
+        images, features, predictions = self._dense_forward(batched_inputs)
+        content, xyzr, _ = self._queries(images, [features[f] for f in self.head_in_features], predictions)
+        return images, content, xyzr, [features[f] for f in self.query_in_features]
+
+    def _dense_forward(self, batched_inputs: List[dict]):
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        predictions = self.head([features[f] for f in self.head_in_features])
+        return images, features, predictions
+
+    def _queries(self, images: ImageList, dense_features, predictions):
+        """Initial content (B, N, D), xyzr (B, N, 4) and the class prior (B, N, K) logits or None.
+
+        ``whole_image``: the learned content and whole-image boxes. ``dense_topk``: the first rows' boxes
+        are the dense proposals (made at least 1 px wide and high); with ``class_prior`` their
+        ``logit(class_scores)`` is the prior, ``logit(PRIOR_EPS)`` for the rows left whole-image.
+        """
+        content, xyzr = self.queries(images.image_sizes)
+        if self.query_init == "whole_image":
+            return content, xyzr, None
+        xyzr = xyzr.clone()
+        prior = xyzr.new_full((*xyzr.shape[:2], self.num_classes), PRIOR_EPS) if self.class_prior else None
+        for i, proposals in enumerate(self.dense_proposals(images, dense_features, predictions)):
+            boxes = proposals.pred_boxes.tensor
+            boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2] + 1.0)], dim=1)
+            xyzr[i, : len(boxes)] = xyxy_to_xyzr(boxes).to(xyzr.dtype)
+            if prior is not None:
+                prior[i, : len(boxes)] = proposals.class_scores.to(prior.dtype)
+        return content, xyzr, None if prior is None else torch.logit(prior, eps=PRIOR_EPS)
+
+    def forward(self, batched_inputs: List[dict]):
+        """Detectron2's model interface (see ``QueryDetector.forward``)."""
+        images, features, predictions = self._dense_forward(batched_inputs)
+        dense_features = [features[f] for f in self.head_in_features]
+        query_features = [features[f] for f in self.query_in_features]
+        if self.training:
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            dense = self.forward_training(images, dense_features, predictions, gt_instances)
+            losses = {f"dense_{k}": v * self.dense_loss_weight for k, v in dense.items()}
+            content, xyzr, prior = self._queries(images, dense_features, predictions)
+            targets = [query_targets(x, size) for x, size in zip(gt_instances, images.image_sizes)]
+
+            def loss_fn(preds):
+                return self.criterion([_with_prior(p, prior) for p in preds], targets)
+
+            if hasattr(self.decoder, "losses"):
+                losses.update(self.decoder.losses(content, xyzr, query_features, loss_fn))
+            else:
+                losses.update(loss_fn(self.decoder(content, xyzr, query_features)))
+            return losses
+        if self.inference_source == "dense":
+            results, extras = self.forward_inference(images, dense_features, predictions), {}
+        else:
+            content, xyzr, prior = self._queries(images, dense_features, predictions)
+            last = _with_prior(self.decoder(content, xyzr, query_features)[-1], prior)
+            results = topk_detections(last["logits"], last["boxes"], images.image_sizes,
+                                      self.max_detections_per_image)
+            extras = {k: v for k, v in last.items() if k not in ("logits", "boxes")}
+        return [
+            {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1])),
+             **{k: v[i] for k, v in extras.items()}}
+            for i, (r, x, size) in enumerate(zip(results, batched_inputs, images.image_sizes))
+        ]
