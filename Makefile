@@ -17,5 +17,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# Speed and memory side by side (benchmarks/run.py; BENCH_ARGS=--quick: under 10 minutes on 2 cores).
+bench: setup
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf output

@@ -237,8 +237,8 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def memory_child(name: str, hw, batch: int, device: str, steps: int = 2) -> dict:
-    """Run in a fresh process: peak memory of one training step of ``name``."""
+def memory_child(name: str, hw, batch: int, device: str, steps: int) -> dict:
+    """Run in a fresh process: peak memory and time of the last of ``steps`` training steps of ``name``."""
     from detectron2.utils.events import EventStorage
 
     from deqdet_vs_adamixer import SavedTensorMeter
@@ -248,7 +248,7 @@ def memory_child(name: str, hw, batch: int, device: str, steps: int = 2) -> dict
     inputs = images(batch, hw, device, with_targets=True)
     result = {}
     with EventStorage(0):
-        for i in range(steps):  # the last step is measured; the earlier ones warm up the allocator
+        for _ in range(steps):  # the last step is measured; earlier ones warm up the allocator and oneDNN
             meter = SavedTensorMeter()
             try:  # reset the resident high-water mark (Linux: "5" clears VmHWM)
                 with open("/proc/self/clear_refs", "w") as f:
@@ -278,11 +278,11 @@ def memory_child(name: str, hw, batch: int, device: str, steps: int = 2) -> dict
     return result
 
 
-def memory(names, hw, batch: int, device: str, threads: int) -> dict:
+def memory(names, hw, batch: int, device: str, threads: int, steps: int) -> dict:
     out = {}
     for name in names:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--sizes", f"{hw[0]}x{hw[1]}",
-               "--train-batch", str(batch), "--device", device, "--threads", str(threads)]
+               "--train-batch", str(batch), "--device", device, "--threads", str(threads), "--repeat", str(steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             out[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -373,8 +373,8 @@ def markdown(record: dict) -> str:
             b1 = lat.get("batch1", {}).get(name, {}).get("median_s")
             row.append(f"{_ratio(b1, ref)}" if b1 and ref else "")
             tr = res.get("train", {}).get(name)
-            row.append(f"{tr['median_s']:.3f}" if tr else "")
             mem = res.get("memory", {}).get(name, {})
+            row.append(f"{tr['median_s']:.3f}" if tr else f"{mem['step_s']} *" if "step_s" in mem else "")
             keys = ["saved_for_backward_mib", "rss_step_rise_mib", "rss_step_peak_mib"]
             if record["device"].startswith("cuda"):
                 keys.append("cuda_max_allocated_mib")
@@ -385,6 +385,8 @@ def markdown(record: dict) -> str:
             lines += ["", f"DEQDet refinement step ({step['queries']} queries, batch 1): "
                       f"{step['refinement_step']['median_s']:.4f} s; R50 backbone {step['backbone']['median_s']:.3f} s "
                       f"(ratio {step['step_over_backbone']}); channel mapper about {step['neck']['median_s']:.3f} s."]
+        if any("step_s" in v for v in res.get("memory", {}).values()) and not res.get("train"):
+            lines += ["", "\\* training step timed in the model's own memory process (not interleaved)."]
         unsupported = sorted({op for v in res.get("flops", {}).values() for op in v["unsupported_ops"]})
         if unsupported:
             lines += ["", "Operators fvcore does not count (so GFLOPs are lower bounds): " + ", ".join(unsupported)]
@@ -433,7 +435,8 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="+", choices=PHASES, default=list(PHASES))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true",
-                        help="batch 4, training and memory only at the shapes size; 2 rounds")
+                        help="batch 1 only, 2 rounds; FLOPs and memory (one training step, its time in the "
+                             "table) at the first size only; no interleaved training rounds")
     parser.add_argument("--tag", default=None, help="result file name (default bench / bench_quick)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -441,7 +444,7 @@ def main(argv=None) -> None:
     sizes = args.sizes or [SIZES["shapes"], SIZES["800x1333"]]
     if args.memory_child:
         sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-        print(json.dumps(memory_child(args.memory_child, sizes[0], args.train_batch, args.device)))
+        print(json.dumps(memory_child(args.memory_child, sizes[0], args.train_batch, args.device, args.repeat or 2)))
         return
     repeat = args.repeat or (2 if args.quick else 3)
     tag = args.tag or ("bench_quick" if args.quick else "bench")
@@ -464,20 +467,21 @@ def main(argv=None) -> None:
 
     for i, hw in enumerate(sizes):
         name = size_name(hw)
-        full = not args.quick or i == 0  # --quick: the later sizes get batch-1 latency and the step only
+        first = i == 0  # --quick: FLOPs and memory at the first size only; interleaved training: always
         res = record["sizes"][name] = {"hw": list(hw)}
         print(f"{name}:", flush=True)
-        if "flops" in args.only and full:
+        if "flops" in args.only and (first or not args.quick):
             res["flops"] = phase(f"{name} flops", flops, models, hw, args.device)
         if "latency" in args.only:
-            batches = args.batches if full else [1]
+            batches = [1] if args.quick else args.batches
             res["latency"] = phase(f"{name} latency", latency, models, hw, batches, repeat, args.device)
         if "step" in args.only and "deqdet_r50" in models:
             res["step"] = phase(f"{name} step", refinement_step, models["deqdet_r50"], hw, repeat, args.device)
-        if "train" in args.only and full:
+        if "train" in args.only and first and not args.quick:  # later sizes: the memory process times it
             res["train"] = phase(f"{name} train", train, models, hw, args.train_batch, repeat, args.device)
-        if "memory" in args.only and full:
-            res["memory"] = phase(f"{name} memory", memory, names, hw, args.train_batch, args.device, args.threads)
+        if "memory" in args.only and (first or not args.quick):
+            res["memory"] = phase(f"{name} memory", memory, names, hw, args.train_batch, args.device, args.threads,
+                                  1 if args.quick else 2)
     os.makedirs(RESULTS, exist_ok=True)
     base = os.path.join(RESULTS, tag)
     with open(base + ".json", "w") as f:
