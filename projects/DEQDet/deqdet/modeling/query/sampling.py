@@ -95,9 +95,10 @@ def sample_3d(
             belong to group ``g``.
         features: L maps (B, C, H_l, W_l); pixel ``(i, j)`` of level ``l`` is centred at image
             position ``((j + 0.5) * stride_l, (i + 0.5) * stride_l)``. Channels-last maps (as
-            :class:`~deqdet.modeling.query.neck.ChannelMapper` returns) are read by one weighted
-            gather per level, others by one ``grid_sample`` per level; the two give the same values
-            and gradients up to float rounding (the gather is about 2-3x faster on CPU).
+            :class:`~deqdet.modeling.query.neck.ChannelMapper` returns) are read, when no gradient
+            is needed (inference, DEQDet's no-grad refinement steps), by one weighted gather per
+            level; otherwise by one ``grid_sample`` per level. Both give the same values and
+            gradients up to float rounding (benchmarks/results/speedups.md).
         strides: L strides.
         num_groups: G; group ``g`` reads channels ``g * C / G .. (g + 1) * C / G - 1``.
 
@@ -106,6 +107,8 @@ def sample_3d(
         :func:`level_weights` of the points' z, summed over levels.
     """
     weights = level_weights(points[..., 2], strides, tau)  # (B, N, G * P, L)
-    if all(f.is_contiguous(memory_format=torch.channels_last) for f in features):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (points, *features))
+    # The gather's backward (embedding_bag's) is slower on CPU than grid_sample's: gather without grad only.
+    if not needs_grad and all(f.is_contiguous(memory_format=torch.channels_last) for f in features):
         return _sample_levels_gather(points, features, strides, num_groups, weights)
     return _sample_levels_grid(points, features, strides, num_groups, weights)
