@@ -111,7 +111,7 @@ def breakdown(prof, total_us: float) -> list:
     are also summed per kind."""
     sums, counts = collections.defaultdict(float), collections.Counter()
     for evt in prof.events():
-        if evt.device_type.name != "CPU" or evt.name.startswith("aten::") or "::" in evt.name:
+        if evt.device_type.name != "CPU" or "::" in evt.name or " " not in evt.name:  # labels have spaces
             continue
         name = evt.name
         sums[name] += evt.cpu_time_total
@@ -123,11 +123,11 @@ def breakdown(prof, total_us: float) -> list:
     return [(k, counts[k], sums[k] / 1e3, 100 * sums[k] / total_us) for k in sums if not k.startswith("Profiler")]
 
 
-def write(what, args, prof, wall_s, extra_rows, loads):
+def write(what, prof, wall_s, loads):
     total_us = wall_s * 1e6
     rows = breakdown(prof, total_us)
     stepwise = sorted([r for r in rows if "#" in r[0]], key=lambda r: (r[0].split(" #")[0], int(r[0].split("#")[1])))
-    parts = sorted([r for r in rows if "#" not in r[0]], key=lambda r: -r[2]) + extra_rows
+    parts = sorted([r for r in rows if "#" not in r[0]], key=lambda r: -r[2])
     m = machine()
     lines = [f"# Profile: {what}", "",
              f"Command: `python benchmarks/profile_models.py {' '.join(sys.argv[1:])}`  ",
@@ -163,7 +163,6 @@ def main(argv=None):
     batch = args.batch or (2 if train else 1)
     model, _ = build("atss_dyhead_r50" if args.what == "dyhead" else "deqdet_r50", "cpu")
     inputs = images(batch, hw, "cpu", with_targets=train)
-    extra = []
     if args.what == "dyhead":
         instrument_dyhead(model)
     else:
@@ -191,7 +190,7 @@ def main(argv=None):
         run()
         wall = time.perf_counter() - start
     loads.append(load())
-    write(args.what, args, prof, wall, extra, loads)
+    write(args.what, prof, wall, loads)
 
 
 if __name__ == "__main__":

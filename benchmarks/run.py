@@ -2,7 +2,7 @@
 """Speed and memory of DEQDet, AdaMixer, ATSS (+ DyHead) and Detectron2's own detectors, side by side.
 
     make bench                                  # python benchmarks/run.py: the full run (< 30 min, 2 cores)
-    make bench BENCH_ARGS=--quick               # fewer sizes, batches and repeats (< 10 min, 2 cores)
+    make bench BENCH_ARGS=--quick               # batch 1, 2 rounds, memory at the shapes size only
     python benchmarks/run.py --models deqdet_r50 adamixer_r50 --sizes 800x1216 --only memory --train-batch 2
     python benchmarks/run.py --device cuda
 
@@ -481,7 +481,7 @@ def main(argv=None) -> None:
             res["train"] = phase(f"{name} train", train, models, hw, args.train_batch, repeat, args.device)
         if "memory" in args.only and (first or not args.quick):
             res["memory"] = phase(f"{name} memory", memory, names, hw, args.train_batch, args.device, args.threads,
-                                  1 if args.quick else 2)
+                                  1 if args.quick else min(repeat, 2))
     os.makedirs(RESULTS, exist_ok=True)
     base = os.path.join(RESULTS, tag)
     with open(base + ".json", "w") as f:

@@ -8,13 +8,16 @@ process (A, B, A, B, ...), so machine load hits both alike.
 Cases (paper sizes: 800x1333 input, 256 channels, 100 queries, DEQDet's 64 points x 4 groups):
 
 * ``sample_3d``: the 3D sampling, one ``grid_sample`` per level on NCHW maps (before) vs one weighted
-  gather per level on channels-last maps (after); forward, and forward + backward.
+  gather per level on channels-last maps (after); forward without grad, and forward + backward (the
+  gather's backward is the slower one, so ``sample_3d`` gathers only when no gradient is needed).
 * ``refinement_step``: one DEQDet refinement stage (no grad) on the channel mapper's maps as NCHW
   (before) or channels-last (after, what the mapper now returns).
 * ``deqdet_inference``: the whole DEQDet R50 (20 + 1 steps, batch 1), its channel mapper's output
   made NCHW again by a forward hook (before) or left channels-last (after).
 * ``dyhead_block``: one DyHead block on an 800x1333 FPN pyramid, torchvision's deformable conv vs the
   gather-based ``DCN_IMPL: sampling``.
+* ``dyhead_channels_last``: the same block with the gather-based DCN on NCHW maps, each DCN copying its
+  input to channels-last and its output back (before), vs channels-last in and out (after).
 
 Writes ``benchmarks/results/speedups.json`` and ``speedups.md`` (the largest output difference of each
 pair is recorded next to the times).
@@ -54,6 +57,7 @@ def _diff(a, b) -> float:
 
 
 def case_sample_3d(repeat):
+    from deqdet.modeling.query.sampling import _sample_levels_gather, _sample_levels_grid, level_weights
     from deqdet.modeling.query.sampling import sample_3d, sampling_points
 
     nchw = _pyramid()
@@ -69,10 +73,11 @@ def case_sample_3d(repeat):
     leaves = [points.clone().requires_grad_(), *(f.clone().requires_grad_() for f in nchw)]
     leaves_cl = [points.clone().requires_grad_(), *(f.clone().requires_grad_() for f in last)]
 
-    def fwd_bwd(p, *feats):
-        sample_3d(p, list(feats), STRIDES, 4).square().sum().backward()
+    def fwd_bwd(fn, p, *feats):
+        fn(p, list(feats), STRIDES, 4, level_weights(p[..., 2], STRIDES)).square().sum().backward()
 
-    t = interleaved({"before": lambda: fwd_bwd(*leaves), "after": lambda: fwd_bwd(*leaves_cl)}, repeat, "cpu")
+    t = interleaved({"before": lambda: fwd_bwd(_sample_levels_grid, *leaves),
+                     "after": lambda: fwd_bwd(_sample_levels_gather, *leaves_cl)}, repeat, "cpu")
     out["sample_3d forward + backward"] = {k: summary(v) for k, v in t.items()}
     return out
 
@@ -131,8 +136,32 @@ def case_dyhead_block(repeat):
         **{k: summary(v) for k, v in t.items()}, "max_abs_diff": diff}}
 
 
+def case_dyhead_channels_last(repeat):
+    from deqdet.modeling.dyhead.dyconv import DyConv
+
+    torch.manual_seed(0)
+    block = DyConv(256, 256, dcn_impl="sampling").eval()
+    with torch.no_grad():
+        block.offset.weight.normal_(std=0.01)
+    pyramid = dict(zip(["p3", "p4", "p5", "p6", "p7"], _pyramid(strides=(8, 16, 32, 64, 128))))
+    nchw = {"on": False}
+    for m in block.DyConv:  # before: every DCN returned an NCHW copy
+        m.conv.register_forward_hook(lambda mod, a, out: out.contiguous() if nchw["on"] else out)
+
+    def run(before):
+        nchw["on"], block.channels_last = before, not before
+        return block(pyramid)
+
+    with torch.no_grad():
+        diff = max(_diff(a, b) for a, b in zip(run(True).values(), run(False).values()))
+        t = interleaved({"before": lambda: run(True), "after": lambda: run(False)}, repeat, "cpu")
+    return {"DyHead block, 800x1333 pyramid, sampling DCN (NCHW copies -> channels-last)": {
+        **{k: summary(v) for k, v in t.items()}, "max_abs_diff": diff}}
+
+
 CASES = {"sample_3d": case_sample_3d, "refinement_step": case_refinement_step,
-         "deqdet_inference": case_deqdet_inference, "dyhead_block": case_dyhead_block}
+         "deqdet_inference": case_deqdet_inference, "dyhead_block": case_dyhead_block,
+         "dyhead_channels_last": case_dyhead_channels_last}
 
 
 def main(argv=None):
