@@ -70,7 +70,7 @@ def instrument_deqdet(model):
     from deqdet.modeling.deq import stash
     from deqdet.modeling.query import criterion, matcher, stage
 
-    label_module(model.backbone, "backbone")
+    label_module(model.backbone, "backbone (R50)")
     label_module(model.neck, "neck (channel mapper)")
     label_module(model.decoder.init_stage, "init stage")
     calls = collections.Counter()
@@ -84,7 +84,7 @@ def instrument_deqdet(model):
     for s in (model.decoder.init_stage, model.decoder.refine_stage):
         label_stage_parts(s)
     label_method(stage, "sample_3d", "stage: 3D sampling (grid_sample)")
-    label_method(matcher.HungarianMatcher, "__call__", "matcher")
+    label_method(matcher.HungarianMatcher, "__call__", "Hungarian matcher")
     label_method(criterion.SetCriterion, "single", "losses (incl. matcher)")
     label_method(stash.GradientStash, "backward", "segment backward (gradient stash)")
     return calls

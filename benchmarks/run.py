@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -274,7 +273,6 @@ def memory_child(name: str, hw, batch: int, device: str, steps: int) -> dict:
             if device.startswith("cuda"):
                 result["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                 result["cuda_step_rise_mib"] = round((torch.cuda.max_memory_allocated() - before_cuda) / 2**20, 1)
-    result["process_maxrss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
 
 
