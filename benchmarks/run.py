@@ -463,31 +463,39 @@ def main(argv=None) -> None:
         record["load"][key] = (before, load())
         return result
 
+    def save():  # after every phase, so that an interrupted run leaves what it measured
+        os.makedirs(RESULTS, exist_ok=True)
+        base = os.path.join(RESULTS, tag)
+        with open(base + ".json", "w") as f:
+            json.dump(record, f, indent=1)
+        with open(base + ".md", "w") as f:
+            f.write(markdown(record))
+        chart(record, base + ".png")
+        return base
+
     for i, hw in enumerate(sizes):
         name = size_name(hw)
-        first = i == 0  # --quick: FLOPs and memory at the first size only; interleaved training: always
+        first = i == 0  # FLOPs and memory: every size (--quick: the first); interleaved training: the first
         res = record["sizes"][name] = {"hw": list(hw)}
         print(f"{name}:", flush=True)
         if "flops" in args.only and (first or not args.quick):
             res["flops"] = phase(f"{name} flops", flops, models, hw, args.device)
+            save()
         if "latency" in args.only:
             batches = [1] if args.quick else args.batches
             res["latency"] = phase(f"{name} latency", latency, models, hw, batches, repeat, args.device)
+            save()
         if "step" in args.only and "deqdet_r50" in models:
             res["step"] = phase(f"{name} step", refinement_step, models["deqdet_r50"], hw, repeat, args.device)
+            save()
         if "train" in args.only and first and not args.quick:  # later sizes: the memory process times it
             res["train"] = phase(f"{name} train", train, models, hw, args.train_batch, repeat, args.device)
+            save()
         if "memory" in args.only and (first or not args.quick):
             res["memory"] = phase(f"{name} memory", memory, names, hw, args.train_batch, args.device, args.threads,
                                   1 if args.quick else min(repeat, 2))
-    os.makedirs(RESULTS, exist_ok=True)
-    base = os.path.join(RESULTS, tag)
-    with open(base + ".json", "w") as f:
-        json.dump(record, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(record))
-    chart(record, base + ".png")
-    print(f"wrote {base}.json, .md, .png", flush=True)
+            save()
+    print(f"wrote {save()}.json, .md, .png", flush=True)
 
 
 if __name__ == "__main__":
