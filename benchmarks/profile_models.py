@@ -120,30 +120,44 @@ def breakdown(prof, total_us: float) -> list:
             kind = name.split(" #")[0] + ", all calls"
             sums[kind] += evt.cpu_time_total
             counts[kind] += 1
-    return [(k, counts[k], sums[k] / 1e3, 100 * sums[k] / total_us) for k in sums if not k.startswith("Profiler")]
+    return [
+        (k, counts[k], sums[k] / 1e3, 100 * sums[k] / total_us) for k in sums if not k.startswith("Profiler")
+    ]
 
 
 def write(what, prof, wall_s, loads):
     total_us = wall_s * 1e6
     rows = breakdown(prof, total_us)
-    stepwise = sorted([r for r in rows if "#" in r[0]], key=lambda r: (r[0].split(" #")[0], int(r[0].split("#")[1])))
+    stepwise = sorted(
+        [r for r in rows if "#" in r[0]], key=lambda r: (r[0].split(" #")[0], int(r[0].split("#")[1]))
+    )
     parts = sorted([r for r in rows if "#" not in r[0]], key=lambda r: -r[2])
     m = machine()
-    lines = [f"# Profile: {what}", "",
-             f"Command: `python benchmarks/profile_models.py {' '.join(sys.argv[1:])}`  ",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads; torch {m['torch']}; "
-             f"1-minute load average {loads[0]} before, {loads[1]} after  ",
-             f"Profiled wall time of the measured call: {wall_s:.3f} s (profiler overhead included). "
-             "Times are inclusive (a part contains its sub-parts: stage parts are inside the steps).", "",
-             "| part | calls | ms | % of the call |", "|---|---:|---:|---:|"]
+    lines = [
+        f"# Profile: {what}",
+        "",
+        f"Command: `python benchmarks/profile_models.py {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads; torch {m['torch']}; "
+        f"1-minute load average {loads[0]} before, {loads[1]} after  ",
+        f"Profiled wall time of the measured call: {wall_s:.3f} s (profiler overhead included). "
+        "Times are inclusive (a part contains its sub-parts: stage parts are inside the steps).",
+        "",
+        "| part | calls | ms | % of the call |",
+        "|---|---:|---:|---:|",
+    ]
     lines += [f"| {p} | {c} | {ms:.1f} | {pct:.1f} |" for p, c, ms, pct in parts]
     if stepwise:
-        lines += ["", "<details><summary>each refinement step</summary>", "",
-                  "| step | ms |", "|---|---:|"]
+        lines += ["", "<details><summary>each refinement step</summary>", "", "| step | ms |", "|---|---:|"]
         lines += [f"| {p} | {ms:.1f} |" for p, _, ms, _ in stepwise]
         lines += ["", "</details>"]
-    lines += ["", "Operators with the most self CPU time:", "", "```",
-              prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40), "```"]
+    lines += [
+        "",
+        "Operators with the most self CPU time:",
+        "",
+        "```",
+        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40),
+        "```",
+    ]
     path = os.path.join(ROOT, "benchmarks", "results", f"profile_{what.replace('-', '_')}.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -151,7 +165,9 @@ def write(what, prof, wall_s, loads):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("what", choices=["deqdet-inference", "deqdet-train", "dyhead"])
     parser.add_argument("--size", type=parse_size, default=None, help="HxW (default: see above)")
     parser.add_argument("--batch", type=int, default=None)

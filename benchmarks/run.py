@@ -44,7 +44,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "projects", "DEQDet")]
 
 import torch  # noqa: E402
 
-# name -> (config file (relative to the repository, or "zoo:" + a Detectron2 model-zoo config), overrides, label)
+# name -> (config: a path in the repository or "zoo:" + a Detectron2 model-zoo config, overrides, label)
 MODELS = {
     "deqdet_r50": ("configs/deqdet_r50_1x.yaml", [], "DEQDet R50, 20 + 1 steps"),
     "deqdet_r50_tol": ("configs/deqdet_r50_1x.yaml", ["MODEL.DEQDET.TOL", "0.3"], "DEQDet R50, TOL 0.3"),
@@ -106,7 +106,11 @@ def images(batch: int, hw, device: str, with_targets: bool = False, seed: int = 
     h, w = hw
     out = []
     for _ in range(batch):
-        x = {"image": torch.randint(0, 256, (3, h, w), generator=g).float().to(device), "height": h, "width": w}
+        x = {
+            "image": torch.randint(0, 256, (3, h, w), generator=g).float().to(device),
+            "height": h,
+            "width": w,
+        }
         if with_targets:
             inst = Instances((h, w))
             xy = torch.rand(8, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
@@ -143,8 +147,12 @@ def interleaved(fns: dict, rounds: int, device: str) -> dict:
 
 
 def summary(seconds) -> dict:
-    return {"median_s": round(statistics.median(seconds), 4), "min_s": round(min(seconds), 4),
-            "max_s": round(max(seconds), 4), "all_s": [round(s, 4) for s in seconds]}
+    return {
+        "median_s": round(statistics.median(seconds), 4),
+        "min_s": round(min(seconds), 4),
+        "max_s": round(max(seconds), 4),
+        "all_s": [round(s, 4) for s in seconds],
+    }
 
 
 # ------------------------------------------------------------------------------------------- phases
@@ -182,8 +190,11 @@ def latency(models: dict, hw, batches, repeat: int, device: str) -> dict:
         with torch.no_grad():
             times = interleaved({k: (lambda m=m: m(inputs)) for k, m in models.items()}, repeat, device)
         out[f"batch{batch}"] = {k: summary(v) for k, v in times.items()}
-        print(f"  latency batch {batch}: " + ", ".join(f"{k} {v['median_s']:.3f}s" for k, v in
-                                                       out[f"batch{batch}"].items()), flush=True)
+        print(
+            f"  latency batch {batch}: "
+            + ", ".join(f"{k} {v['median_s']:.3f}s" for k, v in out[f"batch{batch}"].items()),
+            flush=True,
+        )
     return out
 
 
@@ -194,9 +205,11 @@ def refinement_step(model, hw, repeat: int, device: str) -> dict:
         features = model.neck(model.backbone(batch.tensor))
         content, xyzr = model.queries(batch.image_sizes)
         content, xyzr = model.decoder.init_stage(content, xyzr, features)[:2]
-        fns = {"backbone": lambda: model.backbone(batch.tensor),
-               "neck": lambda: model.neck(model.backbone(batch.tensor)),
-               "refinement_step": lambda: model.decoder.refine_stage(content, xyzr, features)}
+        fns = {
+            "backbone": lambda: model.backbone(batch.tensor),
+            "neck": lambda: model.neck(model.backbone(batch.tensor)),
+            "refinement_step": lambda: model.decoder.refine_stage(content, xyzr, features),
+        }
         times = interleaved(fns, repeat, device)
     out = {k: summary(v) for k, v in times.items()}
     out["neck"] = summary([n - b for n, b in zip(times["neck"], times["backbone"])])  # neck alone, roughly
@@ -265,22 +278,41 @@ def memory_child(name: str, hw, batch: int, device: str, steps: int) -> dict:
             sync(device)
             seconds = time.perf_counter() - start
             model.zero_grad(set_to_none=True)
-            result = {"step_s": round(seconds, 3), "saved_for_backward_mib": round(meter.peak / 2**20, 1),
-                      "rss_before_step_mib": round(rss_before / 1024, 1)}
+            result = {
+                "step_s": round(seconds, 3),
+                "saved_for_backward_mib": round(meter.peak / 2**20, 1),
+                "rss_before_step_mib": round(rss_before / 1024, 1),
+            }
             if hwm_reset:
                 result["rss_step_peak_mib"] = round(_rss_kib("VmHWM") / 1024, 1)
                 result["rss_step_rise_mib"] = round((_rss_kib("VmHWM") - rss_before) / 1024, 1)
             if device.startswith("cuda"):
                 result["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-                result["cuda_step_rise_mib"] = round((torch.cuda.max_memory_allocated() - before_cuda) / 2**20, 1)
+                result["cuda_step_rise_mib"] = round(
+                    (torch.cuda.max_memory_allocated() - before_cuda) / 2**20, 1
+                )
     return result
 
 
 def memory(names, hw, batch: int, device: str, threads: int, steps: int) -> dict:
     out = {}
     for name in names:
-        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--sizes", f"{hw[0]}x{hw[1]}",
-               "--train-batch", str(batch), "--device", device, "--threads", str(threads), "--repeat", str(steps)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--memory-child",
+            name,
+            "--sizes",
+            f"{hw[0]}x{hw[1]}",
+            "--train-batch",
+            str(batch),
+            "--device",
+            device,
+            "--threads",
+            str(threads),
+            "--repeat",
+            str(steps),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             out[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -303,9 +335,16 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "detectron2": detectron2.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "detectron2": detectron2.__version__,
+    }
 
 
 def _ratio(a, b):
@@ -327,8 +366,13 @@ def targets(record: dict) -> list:
             rows.append((f"{size}: ATSS + 6 DyHead / ATSS 4-conv latency <= 1.3", r, r <= 1.3))
         step = res.get("step")
         if step:
-            rows.append((f"{size}: one refinement step ({step['queries']} queries) / R50 backbone <= 0.05",
-                         step["step_over_backbone"], step["step_over_backbone"] <= 0.05))
+            rows.append(
+                (
+                    f"{size}: one refinement step ({step['queries']} queries) / R50 backbone <= 0.05",
+                    step["step_over_backbone"],
+                    step["step_over_backbone"] <= 0.05,
+                )
+            )
         mem = res.get("memory", {})
         for key in ("saved_for_backward_mib", "rss_step_rise_mib", "cuda_step_rise_mib"):
             r = _ratio(mem.get("deqdet_r50", {}).get(key), mem.get("adamixer_r50", {}).get(key))
@@ -339,32 +383,48 @@ def targets(record: dict) -> list:
 
 def markdown(record: dict) -> str:
     m = record["machine"]
-    lines = [f"# Benchmark: {record['tag']}", "",
-             f"Command: `{record['command']}`  ",
-             f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), GPU: {m['gpu']}; device "
-             f"`{record['device']}`  ",
-             f"Versions: python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, "
-             f"detectron2 {m['detectron2']}  ",
-             f"1-minute load average per phase (before -> after): "
-             + "; ".join(f"{k} {v[0]} -> {v[1]}" for k, v in record["load"].items()) + "  ",
-             f"Random weights; latency = median (min-max) over {record['repeat']} interleaved rounds after a "
-             "warm-up round; training step and memory with "
-             f"{record['train_batch']} images of 8 random boxes.", ""]
+    lines = [
+        f"# Benchmark: {record['tag']}",
+        "",
+        f"Command: `{record['command']}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), GPU: {m['gpu']}; device "
+        f"`{record['device']}`  ",
+        f"Versions: python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, "
+        f"detectron2 {m['detectron2']}  ",
+        f"1-minute load average per phase (before -> after): "
+        + "; ".join(f"{k} {v[0]} -> {v[1]}" for k, v in record["load"].items())
+        + "  ",
+        f"Random weights; latency = median (min-max) over {record['repeat']} interleaved rounds after a "
+        "warm-up round; training step and memory with "
+        f"{record['train_batch']} images of 8 random boxes.",
+        "",
+    ]
     if record.get("skipped"):
         lines += [f"Not measured: {record['skipped']}", ""]
     for size, res in record["sizes"].items():
         lat = res.get("latency", {})
         ref = lat.get("batch1", {}).get(REFERENCE, {}).get("median_s")
         lines += [f"## {size} ({res['hw'][0]}x{res['hw'][1]})", ""]
-        head = ["model", "params (M)", "GFLOPs"] + [f"latency {b} (s)" for b in lat] + \
-               ["b1 / Faster R-CNN", "train step (s)", "saved for backward (MiB)", "RSS rise in step (MiB)",
-                "peak RSS (MiB)"]
+        head = (
+            ["model", "params (M)", "GFLOPs"]
+            + [f"latency {b} (s)" for b in lat]
+            + [
+                "b1 / Faster R-CNN",
+                "train step (s)",
+                "saved for backward (MiB)",
+                "RSS rise in step (MiB)",
+                "peak RSS (MiB)",
+            ]
+        )
         if record["device"].startswith("cuda"):
             head.append("CUDA max allocated (MiB)")
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name in record["models"]:
-            row = [MODELS[name][2], f"{record['params_m'].get(name, '')}",
-                   f"{res.get('flops', {}).get(name, {}).get('gflops', '')}"]
+            row = [
+                MODELS[name][2],
+                f"{record['params_m'].get(name, '')}",
+                f"{res.get('flops', {}).get(name, {}).get('gflops', '')}",
+            ]
             for b in lat.values():
                 s = b.get(name)
                 row.append(f"{s['median_s']:.3f} ({s['min_s']:.3f}-{s['max_s']:.3f})" if s else "")
@@ -380,14 +440,20 @@ def markdown(record: dict) -> str:
             lines.append("| " + " | ".join(row) + " |")
         step = res.get("step")
         if step:
-            lines += ["", f"DEQDet refinement step ({step['queries']} queries, batch 1): "
-                      f"{step['refinement_step']['median_s']:.4f} s; R50 backbone {step['backbone']['median_s']:.3f} s "
-                      f"(ratio {step['step_over_backbone']}); channel mapper about {step['neck']['median_s']:.3f} s."]
+            lines += [
+                "",
+                f"DEQDet refinement step ({step['queries']} queries, batch 1): "
+                f"{step['refinement_step']['median_s']:.4f} s; R50 backbone {step['backbone']['median_s']:.3f} s "
+                f"(ratio {step['step_over_backbone']}); channel mapper about {step['neck']['median_s']:.3f} s.",
+            ]
         if any("step_s" in v for v in res.get("memory", {}).values()) and not res.get("train"):
             lines += ["", "\\* training step timed in the model's own memory process (not interleaved)."]
         unsupported = sorted({op for v in res.get("flops", {}).values() for op in v["unsupported_ops"]})
         if unsupported:
-            lines += ["", "Operators fvcore does not count (so GFLOPs are lower bounds): " + ", ".join(unsupported)]
+            lines += [
+                "",
+                "Operators fvcore does not count (so GFLOPs are lower bounds): " + ", ".join(unsupported),
+            ]
         lines.append("")
     rows = targets(record)
     if rows:
@@ -410,7 +476,10 @@ def chart(record: dict, path: str) -> None:
         lat = record["sizes"][size]["latency"]["batch1"]
         names = [n for n in record["models"] if n in lat]
         med = [lat[n]["median_s"] for n in names]
-        err = [[lat[n]["median_s"] - lat[n]["min_s"] for n in names], [lat[n]["max_s"] - lat[n]["median_s"] for n in names]]
+        err = [
+            [lat[n]["median_s"] - lat[n]["min_s"] for n in names],
+            [lat[n]["max_s"] - lat[n]["median_s"] for n in names],
+        ]
         ax.barh([MODELS[n][2] for n in names], med, xerr=err, color="tab:blue")
         ax.invert_yaxis()
         ax.set_xlabel("inference latency, batch 1 (s)")
@@ -422,19 +491,29 @@ def chart(record: dict, path: str) -> None:
 
 # --------------------------------------------------------------------------------------------- main
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--sizes", nargs="+", type=parse_size, default=None,
-                        help=f"HxW or {list(SIZES)} (default: all; --quick: shapes, then 800x1333 at batch 1)")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=parse_size,
+        default=None,
+        help=f"HxW or {list(SIZES)} (default: all; --quick: shapes, then 800x1333 at batch 1)",
+    )
     parser.add_argument("--repeat", type=int, default=None, help="measured rounds (default 3, --quick 2)")
     parser.add_argument("--batches", type=int, nargs="+", default=(1, 4), help="inference batch sizes")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--only", nargs="+", choices=PHASES, default=list(PHASES))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--quick", action="store_true",
-                        help="batch 1 only, 2 rounds; FLOPs and memory (one training step, its time in the "
-                             "table) at the first size only; no interleaved training rounds")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch 1 only, 2 rounds; FLOPs and memory (one training step, its time in the "
+        "table) at the first size only; no interleaved training rounds",
+    )
     parser.add_argument("--tag", default=None, help="result file name (default bench / bench_quick)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -442,20 +521,39 @@ def main(argv=None) -> None:
     sizes = args.sizes or [SIZES["shapes"], SIZES["800x1333"]]
     if args.memory_child:
         sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-        print(json.dumps(memory_child(args.memory_child, sizes[0], args.train_batch, args.device, args.repeat or 2)))
+        print(
+            json.dumps(
+                memory_child(args.memory_child, sizes[0], args.train_batch, args.device, args.repeat or 2)
+            )
+        )
         return
     repeat = args.repeat or (2 if args.quick else 3)
     tag = args.tag or ("bench_quick" if args.quick else "bench")
     names = [n for n in args.models if available(n)]
     skipped = [n for n in args.models if n not in names]
-    record = {"tag": tag, "command": " ".join(["python", os.path.relpath(os.path.abspath(__file__), ROOT),
-                                               *(argv if argv is not None else sys.argv[1:])]),
-              "device": args.device, "repeat": repeat, "train_batch": args.train_batch, "models": names,
-              "skipped": ", ".join(f"{n} (no {MODELS[n][0]})" for n in skipped), "machine": machine(),
-              "load": {}, "sizes": {}}
+    record = {
+        "tag": tag,
+        "command": " ".join(
+            [
+                "python",
+                os.path.relpath(os.path.abspath(__file__), ROOT),
+                *(argv if argv is not None else sys.argv[1:]),
+            ]
+        ),
+        "device": args.device,
+        "repeat": repeat,
+        "train_batch": args.train_batch,
+        "models": names,
+        "skipped": ", ".join(f"{n} (no {MODELS[n][0]})" for n in skipped),
+        "machine": machine(),
+        "load": {},
+        "sizes": {},
+    }
     print(f"models: {names}; skipped: {skipped or 'none'}", flush=True)
     models = {n: build(n, args.device)[0] for n in names}
-    record["params_m"] = {n: round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for n, m in models.items()}
+    record["params_m"] = {
+        n: round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for n, m in models.items()
+    }
 
     def phase(key, fn, *a):
         before = load()
@@ -486,14 +584,24 @@ def main(argv=None) -> None:
             res["latency"] = phase(f"{name} latency", latency, models, hw, batches, repeat, args.device)
             save()
         if "step" in args.only and "deqdet_r50" in models:
-            res["step"] = phase(f"{name} step", refinement_step, models["deqdet_r50"], hw, repeat, args.device)
+            res["step"] = phase(
+                f"{name} step", refinement_step, models["deqdet_r50"], hw, repeat, args.device
+            )
             save()
         if "train" in args.only and first and not args.quick:  # later sizes: the memory process times it
             res["train"] = phase(f"{name} train", train, models, hw, args.train_batch, repeat, args.device)
             save()
         if "memory" in args.only and (first or not args.quick):
-            res["memory"] = phase(f"{name} memory", memory, names, hw, args.train_batch, args.device, args.threads,
-                                  1 if args.quick else min(repeat, 2))
+            res["memory"] = phase(
+                f"{name} memory",
+                memory,
+                names,
+                hw,
+                args.train_batch,
+                args.device,
+                args.threads,
+                1 if args.quick else min(repeat, 2),
+            )
             save()
     print(f"wrote {save()}.json, .md, .png", flush=True)
 

@@ -49,7 +49,9 @@ def _pyramid(channels=256, hw=(800, 1333), strides=STRIDES, seed=0):
 def _queries(n=100, hw=(800, 1333), seed=1):
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(1, n, 2, generator=g) * torch.tensor([hw[1], hw[0]], dtype=torch.float32)
-    return torch.cat([xy, torch.rand(1, n, 1, generator=g) * 4 + 5, torch.randn(1, n, 1, generator=g) * 0.5], -1)
+    return torch.cat(
+        [xy, torch.rand(1, n, 1, generator=g) * 4 + 5, torch.randn(1, n, 1, generator=g) * 0.5], -1
+    )
 
 
 def _diff(a, b) -> float:
@@ -67,8 +69,14 @@ def case_sample_3d(repeat):
     out = {}
     with torch.no_grad():
         diff = _diff(sample_3d(points, nchw, STRIDES, 4), sample_3d(points, last, STRIDES, 4))
-        t = interleaved({"before": lambda: sample_3d(points, nchw, STRIDES, 4),
-                         "after": lambda: sample_3d(points, last, STRIDES, 4)}, repeat, "cpu")
+        t = interleaved(
+            {
+                "before": lambda: sample_3d(points, nchw, STRIDES, 4),
+                "after": lambda: sample_3d(points, last, STRIDES, 4),
+            },
+            repeat,
+            "cpu",
+        )
     out["sample_3d forward"] = {**{k: summary(v) for k, v in t.items()}, "max_abs_diff": diff}
     leaves = [points.clone().requires_grad_(), *(f.clone().requires_grad_() for f in nchw)]
     leaves_cl = [points.clone().requires_grad_(), *(f.clone().requires_grad_() for f in last)]
@@ -76,8 +84,14 @@ def case_sample_3d(repeat):
     def fwd_bwd(fn, p, *feats):
         fn(p, list(feats), STRIDES, 4, level_weights(p[..., 2], STRIDES)).square().sum().backward()
 
-    t = interleaved({"before": lambda: fwd_bwd(_sample_levels_grid, *leaves),
-                     "after": lambda: fwd_bwd(_sample_levels_gather, *leaves_cl)}, repeat, "cpu")
+    t = interleaved(
+        {
+            "before": lambda: fwd_bwd(_sample_levels_grid, *leaves),
+            "after": lambda: fwd_bwd(_sample_levels_gather, *leaves_cl),
+        },
+        repeat,
+        "cpu",
+    )
     out["sample_3d forward + backward"] = {k: summary(v) for k, v in t.items()}
     return out
 
@@ -93,8 +107,11 @@ def case_refinement_step(repeat):
         last = [f.contiguous(memory_format=torch.channels_last) for f in nchw]
         content, xyzr = torch.randn(1, 100, 256), _queries()
         diff = _diff(stage(content, xyzr, nchw)[0], stage(content, xyzr, last)[0])
-        t = interleaved({"before": lambda: stage(content, xyzr, nchw), "after": lambda: stage(content, xyzr, last)},
-                        repeat, "cpu")
+        t = interleaved(
+            {"before": lambda: stage(content, xyzr, nchw), "after": lambda: stage(content, xyzr, last)},
+            repeat,
+            "cpu",
+        )
     return {"refinement step (100 queries)": {**{k: summary(v) for k, v in t.items()}, "max_abs_diff": diff}}
 
 
@@ -111,8 +128,12 @@ def case_deqdet_inference(repeat):
     with torch.no_grad():
         diff = _diff(run(True), run(False))
         t = interleaved({"before": lambda: run(True), "after": lambda: run(False)}, repeat, "cpu")
-    return {"DEQDet R50 inference, 800x1333, 20 + 1 steps": {**{k: summary(v) for k, v in t.items()},
-                                                             "max_abs_diff": diff}}
+    return {
+        "DEQDet R50 inference, 800x1333, 20 + 1 steps": {
+            **{k: summary(v) for k, v in t.items()},
+            "max_abs_diff": diff,
+        }
+    }
 
 
 def case_dyhead_block(repeat):
@@ -131,9 +152,15 @@ def case_dyhead_block(repeat):
 
     with torch.no_grad():
         diff = max(_diff(a, b) for a, b in zip(run("torchvision").values(), run("sampling").values()))
-        t = interleaved({"before": lambda: run("torchvision"), "after": lambda: run("sampling")}, repeat, "cpu")
-    return {"DyHead block, 800x1333 pyramid (torchvision DCN -> sampling DCN)": {
-        **{k: summary(v) for k, v in t.items()}, "max_abs_diff": diff}}
+        t = interleaved(
+            {"before": lambda: run("torchvision"), "after": lambda: run("sampling")}, repeat, "cpu"
+        )
+    return {
+        "DyHead block, 800x1333 pyramid (torchvision DCN -> sampling DCN)": {
+            **{k: summary(v) for k, v in t.items()},
+            "max_abs_diff": diff,
+        }
+    }
 
 
 def case_dyhead_channels_last(repeat):
@@ -155,17 +182,27 @@ def case_dyhead_channels_last(repeat):
     with torch.no_grad():
         diff = max(_diff(a, b) for a, b in zip(run(True).values(), run(False).values()))
         t = interleaved({"before": lambda: run(True), "after": lambda: run(False)}, repeat, "cpu")
-    return {"DyHead block, 800x1333 pyramid, sampling DCN (NCHW copies -> channels-last)": {
-        **{k: summary(v) for k, v in t.items()}, "max_abs_diff": diff}}
+    return {
+        "DyHead block, 800x1333 pyramid, sampling DCN (NCHW copies -> channels-last)": {
+            **{k: summary(v) for k, v in t.items()},
+            "max_abs_diff": diff,
+        }
+    }
 
 
-CASES = {"sample_3d": case_sample_3d, "refinement_step": case_refinement_step,
-         "deqdet_inference": case_deqdet_inference, "dyhead_block": case_dyhead_block,
-         "dyhead_channels_last": case_dyhead_channels_last}
+CASES = {
+    "sample_3d": case_sample_3d,
+    "refinement_step": case_refinement_step,
+    "deqdet_inference": case_deqdet_inference,
+    "dyhead_block": case_dyhead_block,
+    "dyhead_channels_last": case_dyhead_channels_last,
+}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -186,17 +223,23 @@ def main(argv=None):
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     m = record["machine"]
-    lines = ["# Speed-ups: before / after, interleaved in one process", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}. Median (min-max) seconds over the "
-             "rounds after a warm-up round; 1-minute load average before -> after each case.", "",
-             "| change | before (s) | after (s) | speed-up | max abs output diff | threads | load | command |",
-             "|---|---|---|---:|---:|---:|---|---|"]
+    lines = [
+        "# Speed-ups: before / after, interleaved in one process",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}. Median (min-max) seconds over the "
+        "rounds after a warm-up round; 1-minute load average before -> after each case.",
+        "",
+        "| change | before (s) | after (s) | speed-up | max abs output diff | threads | load | command |",
+        "|---|---|---|---:|---:|---:|---|---|",
+    ]
     for row, v in record["rows"].items():
         b, a = v["before"], v["after"]
-        lines.append(f"| {row} | {b['median_s']:.4f} ({b['min_s']:.4f}-{b['max_s']:.4f}) | {a['median_s']:.4f} "
-                     f"({a['min_s']:.4f}-{a['max_s']:.4f}) | {b['median_s'] / a['median_s']:.2f}x | "
-                     f"{v.get('max_abs_diff', '')} | {v['threads']} | {v['load_1min'][0]} -> {v['load_1min'][1]} | "
-                     f"`{v['command']}` |")
+        lines.append(
+            f"| {row} | {b['median_s']:.4f} ({b['min_s']:.4f}-{b['max_s']:.4f}) | {a['median_s']:.4f} "
+            f"({a['min_s']:.4f}-{a['max_s']:.4f}) | {b['median_s'] / a['median_s']:.2f}x | "
+            f"{v.get('max_abs_diff', '')} | {v['threads']} | {v['load_1min'][0]} -> {v['load_1min'][1]} | "
+            f"`{v['command']}` |"
+        )
     with open(os.path.join(ROOT, "benchmarks", "results", "speedups.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -3,7 +3,12 @@
 import torch
 
 from deqdet.modeling.query.sampling import (
-    _sample_levels_gather, _sample_levels_grid, level_weights, sample_3d, sampling_points)
+    _sample_levels_gather,
+    _sample_levels_grid,
+    level_weights,
+    sample_3d,
+    sampling_points,
+)
 
 
 def _pyramid(batch=2, channels=8, sizes=((13, 17), (7, 9), (4, 5)), dtype=torch.float64):
@@ -14,9 +19,14 @@ def _pyramid(batch=2, channels=8, sizes=((13, 17), (7, 9), (4, 5)), dtype=torch.
 def _points(batch=2, queries=5, groups=2, per_group=6, dtype=torch.float64):
     g = torch.Generator().manual_seed(1)
     # centres over the 68 x 52 px image and beyond it (zero padding), sizes from 2 to 64 px
-    xyzr = torch.cat([torch.rand(batch, queries, 2, generator=g, dtype=dtype) * 90 - 10,
-                      torch.rand(batch, queries, 1, generator=g, dtype=dtype) * 5 + 1,
-                      torch.randn(batch, queries, 1, generator=g, dtype=dtype) * 0.5], dim=-1)
+    xyzr = torch.cat(
+        [
+            torch.rand(batch, queries, 2, generator=g, dtype=dtype) * 90 - 10,
+            torch.rand(batch, queries, 1, generator=g, dtype=dtype) * 5 + 1,
+            torch.randn(batch, queries, 1, generator=g, dtype=dtype) * 0.5,
+        ],
+        dim=-1,
+    )
     offsets = torch.randn(batch, queries, groups * per_group, 3, generator=g, dtype=dtype)
     return sampling_points(offsets, xyzr).requires_grad_()
 
@@ -27,12 +37,16 @@ def test_sample_3d_gather_equals_grid_sample_values_and_gradients():
     channels_last = [f.contiguous(memory_format=torch.channels_last) for f in features]
     assert all(f.is_contiguous(memory_format=torch.channels_last) for f in channels_last)
     reference = _sample_levels_grid(points, features, strides, groups, level_weights(points[..., 2], strides))
-    fast = _sample_levels_gather(points, channels_last, strides, groups, level_weights(points[..., 2], strides))
+    fast = _sample_levels_gather(
+        points, channels_last, strides, groups, level_weights(points[..., 2], strides)
+    )
     with torch.no_grad():
         torch.testing.assert_close(sample_3d(points, channels_last, strides, groups), reference)
     assert fast.shape == reference.shape == (2, 5, groups, 6, 4)
     torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-10)
-    assert reference.abs().sum() > 0 and (reference == 0).any()  # some points read the maps, some fall outside
+    assert (
+        reference.abs().sum() > 0 and (reference == 0).any()
+    )  # some points read the maps, some fall outside
     upstream = torch.randn_like(reference)
     grads_ref = torch.autograd.grad((reference * upstream).sum(), [points, *features])
     grads_fast = torch.autograd.grad((fast * upstream).sum(), [points, *features])
@@ -72,8 +86,10 @@ def test_dyhead_block_channels_last_gather_path_equals_torchvision_block():
             m.bn.bias.normal_()
     g = torch.Generator().manual_seed(3)
     shapes = [(7, 9), (4, 5), (2, 3)]
-    feats = {f"p{i}": torch.randn(2, 16, h, w, generator=g, dtype=torch.float64).requires_grad_()
-             for i, (h, w) in enumerate(shapes)}
+    feats = {
+        f"p{i}": torch.randn(2, 16, h, w, generator=g, dtype=torch.float64).requires_grad_()
+        for i, (h, w) in enumerate(shapes)
+    }
     for mode in ("aligned", "official"):
         block.coarse_offsets = mode
         outs = {}
@@ -82,10 +98,14 @@ def test_dyhead_block_channels_last_gather_path_equals_torchvision_block():
             for m in block.DyConv:
                 m.conv.impl = impl
             out = block(feats)
-            loss = sum((v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype).view_as(v)).sum() for v in out.values())
+            loss = sum(
+                (v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype).view_as(v)).sum() for v in out.values()
+            )
             outs[impl] = (out, torch.autograd.grad(loss, [*feats.values(), *block.parameters()]))
         assert all(v.is_contiguous(memory_format=torch.channels_last) for v in outs["sampling"][0].values())
         for k in feats:
-            torch.testing.assert_close(outs["sampling"][0][k], outs["torchvision"][0][k], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(
+                outs["sampling"][0][k], outs["torchvision"][0][k], rtol=1e-9, atol=1e-9
+            )
         for a, b in zip(outs["sampling"][1], outs["torchvision"][1]):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)

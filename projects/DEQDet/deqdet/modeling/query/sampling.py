@@ -68,7 +68,7 @@ def _sample_levels_gather(points, features, strides, num_groups, weights) -> tor
     for level, (feature, stride) in enumerate(zip(features, strides)):
         channels, height, width = feature.shape[1:]
         table = feature.permute(0, 2, 3, 1).view(-1, channels // num_groups)
-        # Pixel (i, j) is centred at ((j + 0.5) * stride, (i + 0.5) * stride) (grid_sample, align_corners False).
+        # Pixel (i, j) is centred at ((j + 0.5) * stride, (i + 0.5) * stride), as for grid_sample.
         u, v = points[..., 0] / stride - 0.5, points[..., 1] / stride - 0.5
         x0, y0 = u.floor(), v.floor()
         fx, fy = u - x0, v - y0
