@@ -443,8 +443,9 @@ def markdown(record: dict) -> str:
             lines += [
                 "",
                 f"DEQDet refinement step ({step['queries']} queries, batch 1): "
-                f"{step['refinement_step']['median_s']:.4f} s; R50 backbone {step['backbone']['median_s']:.3f} s "
-                f"(ratio {step['step_over_backbone']}); channel mapper about {step['neck']['median_s']:.3f} s.",
+                f"{step['refinement_step']['median_s']:.4f} s; R50 backbone "
+                f"{step['backbone']['median_s']:.3f} s (ratio {step['step_over_backbone']}); "
+                f"channel mapper about {step['neck']['median_s']:.3f} s.",
             ]
         if any("step_s" in v for v in res.get("memory", {}).values()) and not res.get("train"):
             lines += ["", "\\* training step timed in the model's own memory process (not interleaved)."]
