@@ -3,23 +3,25 @@ PY := .venv/bin/python
 DEMO_CONFIG ?= configs/shapes/demo.yaml
 DEMO_OUTPUT ?= output/demo
 
-.PHONY: setup demo test data bench clean
+.PHONY: help setup demo test data bench clean
 
-setup:
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## /  make \1\t/' | expand -t 16
+
+setup:  ## create .venv (pinned requirements, detectron2, deqdet editable); skipped when up to date
 	@python3 tools/setup_env.py
 
-data: setup
+data: setup  ## generate the embedded `shapes` dataset into the cache
 	$(PY) -m deqdet.data.prepare shapes_train shapes_val
 
-demo: setup
+demo: setup  ## train + evaluate the demo detector on `shapes`, draw its predictions
 	$(PY) tools/demo.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
 
-test: setup
+test: setup  ## run the test suite
 	$(PY) -m pytest -q tests
 
-# Speed and memory side by side (benchmarks/run.py; BENCH_ARGS=--quick: under 10 minutes on 2 cores).
-bench: setup
+bench: setup  ## speed and memory side by side (benchmarks/run.py; BENCH_ARGS=--quick for the short run)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
-clean:
+clean:  ## remove output/
 	rm -rf output

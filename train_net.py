@@ -4,6 +4,8 @@
     python train_net.py --config-file configs/shapes/demo.yaml
     python train_net.py --config-file X.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file X.yaml --num-gpus 8      # PyTorch DDP, as in Detectron2
+    python train_net.py --config-file X.yaml DATASETS.COCO_FILES "('mine=ann.json:images',)" \
+        DATASETS.TRAIN "('mine',)"                             # your COCO-format data: docs/own_data.md
 """
 
 import sys
@@ -13,6 +15,7 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 
 import deqdet  # noqa: F401  (registers datasets and models)
+from deqdet.checkpoint.loading import readable_checkpoint_errors
 from deqdet.engine import Trainer, setup
 from deqdet.errors import UserInputError, one_line
 
@@ -21,7 +24,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        with readable_checkpoint_errors(checkpointer, cfg.MODEL.WEIGHTS, resume=args.resume):
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             from detectron2.evaluation import verify_results

@@ -3,7 +3,7 @@
 
     python benchmarks/cpu_speed_options.py --threads 2 --repeat 5
 
-One forward + backward of configs/shapes/demo.yaml's model on a synthetic batch (8 images of
+One forward + backward of configs/shapes/retinanet_demo.yaml's model on a synthetic batch (8 images of
 224x304, 4 boxes each), each variant timed ``--repeat`` times interleaved with the others (so load
 changes hit all alike); the median is reported. Writes benchmarks/results/cpu_speed_options.json.
 """
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    demo = os.path.join(ROOT, "configs", "shapes", "demo.yaml")
+    demo = os.path.join(ROOT, "configs", "shapes", "retinanet_demo.yaml")
     # the demo's anchors and everything else stay; only the two options vary
     base = ["MODEL.DEVICE", "cpu", "MODEL.CHANNELS_LAST", "False", "MODEL.RESNETS.STEM_TYPE", "basic"]
     models = {name: Trainer.build_model(build_config(demo, base + opts)).train() for name, opts in VARIANTS.items()}

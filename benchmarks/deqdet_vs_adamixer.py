@@ -289,7 +289,7 @@ def _last_prediction_loss(variant: str):
 
 
 def report(args) -> None:
-    lines = ["# DEQDet vs AdaMixer on `shapes` (2-core CPU, this sandbox)", ""]
+    lines = ["# DEQDet vs AdaMixer on `shapes` (2-core CPU)", ""]
     train_res = _load("train.json") or {}
     if train_res:
         lines += ["## Training (same backbone, queries, dims, batch, iterations; `@mini`: the fit-speed probe; "

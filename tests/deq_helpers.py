@@ -28,6 +28,15 @@ def tiny_model(*opts, seed: int = 0):
     return build_model(tiny_cfg(*opts))
 
 
+def jiggled(model, seed=1):
+    """Move every parameter a little so the zero-initialised box deltas and offsets take part."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
 def synthetic_batch(num_images: int = 2, seed: int = 0, size=(96, 128)):
     """Random images with 1-3 random boxes each, in Detectron2's mapped-dict format."""
     g = torch.Generator().manual_seed(seed)

@@ -19,7 +19,7 @@ def _model(name):
 def test_demo_backbone_loads_into_the_query_detector(tmp_path, capsys):
     from tools.extract_backbone import main
 
-    retinanet = _model("demo.yaml")
+    retinanet = _model("retinanet_demo.yaml")
     with torch.no_grad():  # make every tensor distinguishable from a fresh initialisation
         for i, p in enumerate(retinanet.backbone.bottom_up.state_dict().values()):
             p.fill_(i + 0.5)

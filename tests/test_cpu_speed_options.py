@@ -12,7 +12,7 @@ from detectron2.utils.events import EventStorage
 from deqdet.engine import Trainer, build_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "shapes", "demo.yaml")
+DEMO = os.path.join(ROOT, "configs", "shapes", "retinanet_demo.yaml")
 
 
 @pytest.mark.parametrize("stem", ["basic", "patch"])

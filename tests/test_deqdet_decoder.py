@@ -8,19 +8,10 @@ import os
 import pytest
 import torch
 
-from deq_helpers import NO_RAP, ROOT, synthetic_batch, tiny_model
+from deq_helpers import NO_RAP, ROOT, jiggled, synthetic_batch, tiny_model
 from deqdet.engine import build_config
 from deqdet.modeling.deq.perturb import RefinementPerturbation, encode_jittered_xyxy
 from deqdet.modeling.query.boxes import xyxy_to_xyzr
-
-
-def _jiggled(model, seed=1):
-    """Move every parameter a little so the zero-initialised box deltas and offsets take part."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
 
 
 def _grads(model):
@@ -36,7 +27,7 @@ def _assert_close(actual, expected, name, rel=1e-4):
 @pytest.fixture(scope="module")
 def stash_and_plain():
     """The same weights twice: memory-lean (GRAD_STASH) and all-in-graph, RAP off."""
-    stash = _jiggled(tiny_model(*NO_RAP))
+    stash = jiggled(tiny_model(*NO_RAP))
     plain = tiny_model(*NO_RAP, "MODEL.DEQDET.GRAD_STASH", "False")
     plain.load_state_dict(stash.state_dict())
     return stash, plain
@@ -84,7 +75,7 @@ def test_stash_follows_the_trainers_loss_scale(stash_and_plain):
 
 
 def test_rap_off_is_deterministic_and_rap_on_is_not():
-    model = _jiggled(tiny_model(*NO_RAP))
+    model = jiggled(tiny_model(*NO_RAP))
     batch = synthetic_batch()
     a, b = model(batch), model(batch)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -99,12 +90,12 @@ def test_rap_formulas():
     xyzr = xyxy_to_xyzr(torch.tensor([[[10.0, 20.0, 50.0, 60.0]]]).expand(2, 5, 4))
     rap = RefinementPerturbation(1.0, 0.1, 0.0, 0.0)
     torch.manual_seed(7)
-    out_c, out_b = rap(content, xyzr)
+    out_c, out_b, iof_boxes = rap(content, xyzr)
     torch.manual_seed(7)
     torch.rand(())
     eps = torch.randn_like(content)
     torch.testing.assert_close(out_c, 0.9 * content + 0.1 * content.norm(dim=-1, keepdim=True) * eps)
-    assert torch.equal(out_b, xyzr)
+    assert torch.equal(out_b, xyzr) and iof_boxes is None
     # Flipped or empty boxes after jitter are re-encoded with |w|, |h| >= 1 pixel.
     flipped = encode_jittered_xyxy(torch.tensor([[30.0, 40.0, 10.0, 40.0]]))  # w = |10 - 30|, h = 0 -> 1
     torch.testing.assert_close(flipped, torch.tensor([[20.0, 40.0, 0.5 * math.log2(20.0), -math.log2(20.0)]]))
@@ -211,7 +202,7 @@ def test_deqdet_configs(config, queries, crop):
     else:
         assert (d.REFINEMENT_STEPS, tuple(d.SUPERVISION_POSITIONS), d.MAX_ITERS) == (20, (1, 3, 6, 9, 12, 20), 20)
         assert (q.IN_POINTS, q.OUT_POINTS, cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY) == (64, 128, 2.5e-5, 0.01)
-        assert (cfg.SOLVER.HEAD_LR_MULTIPLIER, cfg.SOLVER.HEAD_WEIGHT_DECAY_MULTIPLIER) == (4.0, 10.0)
+        assert [tuple(rule) for rule in cfg.SOLVER.PARAM_GROUP_RULES] == [(r"^decoder\.", 4.0, 10.0)]
 
 
 def test_solvers_on_a_linear_contraction():

@@ -166,6 +166,18 @@ def test_block_modes_agree_where_offsets_are_zero():
         assert torch.allclose(aligned[k], official[k], atol=1e-6)
 
 
+def test_zero_init_offset_starts_each_dcn_as_a_half_masked_plain_conv():
+    torch.manual_seed(0)
+    block = DyConv(16, 16, zero_init_offset=True)
+    assert block.offset.weight.abs().sum() == 0 and block.offset.bias.abs().sum() == 0
+    assert DyConv(16, 16).offset.weight.abs().sum() > 0  # the official port's (PyTorch default) init
+    x = _pyramid()["p0"]
+    offset_mask = block.offset(x)
+    term = block.DyConv[1].conv(x, offset_mask[:, :18], offset_mask[:, 18:].sigmoid())
+    conv = block.DyConv[1].conv
+    torch.testing.assert_close(term, F.conv2d(x, conv.weight * 0.5, conv.bias, padding=1), atol=1e-5, rtol=1e-4)
+
+
 def test_dyhead_box_head_applies_task_attention_to_pooled_features():
     from detectron2.config import get_cfg
     from detectron2.layers import ShapeSpec

@@ -67,12 +67,13 @@ def test_detr_mapper_crops_then_resizes(tmp_path):
     assert len(aspects) > 1  # crops of 100-150 px per side change the aspect ratio
 
 
-def test_backbone_and_head_multipliers():
+def test_param_group_rules_first_match_wins():
+    """A backbone rule, then a catch-all rule ("" matches every name) for the rest."""
     cfg = build_config(
         os.path.join(ROOT, "configs", "shapes", "adamixer_r18.yaml"),
         ["MODEL.DEVICE", "cpu", "MODEL.QUERY.NUM_STAGES", "1", "SOLVER.BASE_LR", "0.01", "SOLVER.WEIGHT_DECAY", "0.1",
-         "SOLVER.WEIGHT_DECAY_NORM", "0.1", "SOLVER.HEAD_LR_MULTIPLIER", "4.0", "SOLVER.HEAD_WEIGHT_DECAY_MULTIPLIER", "10.0",
-         "SOLVER.BACKBONE_LR_MULTIPLIER", "0.5"],
+         "SOLVER.WEIGHT_DECAY_NORM", "0.1",
+         "SOLVER.PARAM_GROUP_RULES", "[('^backbone[.]', 0.5, 1.0), ('', 4.0, 10.0)]"],
     )
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)

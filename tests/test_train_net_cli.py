@@ -9,7 +9,7 @@ import pytest
 import train_net
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "shapes", "demo.yaml")
+CONFIG = os.path.join(ROOT, "configs", "shapes", "retinanet_demo.yaml")
 TINY = [
     "DATASETS.TRAIN", "('shapes_mini_train',)", "DATASETS.TEST", "('shapes_mini_val',)",
     "SOLVER.IMS_PER_BATCH", "4", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",

@@ -9,6 +9,7 @@ that its forward never uses are listed on stdout as dropped.
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -25,6 +26,9 @@ def main(argv=None) -> int:
     parser.add_argument("output")
     args = parser.parse_args(argv)
     try:
+        out_dir = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(out_dir):
+            raise UserInputError(f"{args.output}: output folder {out_dir} does not exist")
         state_dict = read_state_dict(args.input)
         try:
             conversion = convert_official(state_dict, args.source)

@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""The main job (``make demo``): train the demo detector on ``shapes_train``, evaluate it on
-``shapes_val`` with ``COCOEvaluator``, print the AP table and draw predictions into a PNG.
+"""The main job (``make demo``): train the demo detector on ``shapes_train``, evaluate it on ``shapes_val``
+with ``COCOEvaluator`` and print the AP table, draw predictions into a PNG.
+
+For the combined detector (``DenseQueryDetector``, the default demo) it also evaluates the dense head's
+own detections from the same checkpoint, prints the DEQ decoder's mean refinement steps per image, and
+draws the refinement of a few validation images.
 
     python tools/demo.py --config-file configs/shapes/demo.yaml OUTPUT_DIR output/demo
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
 import sys
 import time
@@ -16,17 +20,36 @@ import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor, default_argument_parser
+from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
 import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.data import SPLITS, ensure_shapes
 from deqdet.engine import Trainer, setup
 from deqdet.errors import UserInputError, one_line
+from deqdet.visualization import render_refinement
+
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default="configs/shapes/demo.yaml", metavar="FILE")
+    parser.add_argument("--vis-images", type=int, default=8, help="validation images to draw")
+    parser.add_argument("--vis-threshold", type=float, default=0.3, help="score threshold for drawing")
+    parser.add_argument("--refine-images", type=int, default=3,
+                        help="validation images whose DEQ refinement is drawn (refinement_grid.png, ...)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
+    return parser.parse_args(argv)
+
+
+def ap_line(dataset_name: str, bbox: dict) -> str:
+    return f"{dataset_name} bbox: " + ", ".join(f"{k} {bbox[k]:.1f}" for k in AP_KEYS)
 
 
 def draw_predictions(cfg, dataset_name: str, out_path: str, num_images: int, score_thresh: float) -> str:
-    """Run ``DefaultPredictor`` on the first ``num_images`` of ``dataset_name``; save a grid PNG."""
+    """Run ``DefaultPredictor`` (which takes BGR images) on the first ``num_images`` of ``dataset_name``;
+    save a grid PNG."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
@@ -35,11 +58,10 @@ def draw_predictions(cfg, dataset_name: str, out_path: str, num_images: int, sco
     metadata = MetadataCatalog.get(dataset_name)
     tiles = []
     for record in DatasetCatalog.get(dataset_name)[:num_images]:
-        image = read_image(record["file_name"], format="RGB")
-        instances = predictor(image if cfg.INPUT.FORMAT == "RGB" else image[:, :, ::-1])["instances"].to("cpu")
+        image = read_image(record["file_name"], format="BGR")
+        instances = predictor(image)["instances"].to("cpu")
         instances = instances[instances.scores >= score_thresh]
-        vis = Visualizer(image, metadata, scale=2.0).draw_instance_predictions(instances)
-        tiles.append(vis.get_image())
+        tiles.append(Visualizer(image[:, :, ::-1], metadata, scale=2.0).draw_instance_predictions(instances).get_image())
     height = max(t.shape[0] for t in tiles)
     width = max(t.shape[1] for t in tiles)
     tiles = [np.pad(t, ((0, height - t.shape[0]), (0, width - t.shape[1]), (0, 0))) for t in tiles]
@@ -50,11 +72,8 @@ def draw_predictions(cfg, dataset_name: str, out_path: str, num_images: int, sco
     return out_path
 
 
-def main() -> None:
-    parser = default_argument_parser()
-    parser.add_argument("--vis-images", type=int, default=8, help="validation images to draw")
-    parser.add_argument("--vis-threshold", type=float, default=0.3, help="score threshold for drawing")
-    args = parser.parse_args()
+def main(argv=None) -> None:
+    args = parse_args(argv)
     start = time.perf_counter()
     try:
         cfg = setup(args)
@@ -67,16 +86,32 @@ def main() -> None:
     except UserInputError as e:
         sys.exit(f"error: {one_line(e)}")
     train_eval_s = time.perf_counter() - start
-    png = draw_predictions(
-        cfg, cfg.DATASETS.TEST[0], os.path.join(cfg.OUTPUT_DIR, "predictions.png"), args.vis_images, args.vis_threshold
-    )
+    dataset = cfg.DATASETS.TEST[0]
+    results = trainer._last_eval_results  # the final evaluation (EvalHook)
+    lines = [ap_line(dataset, results["bbox"])]
+    model = trainer.model
+    if hasattr(model, "inference_source"):  # the combined detector: its dense head from the same weights
+        source, model.inference_source = model.inference_source, "dense"
+        dense = Trainer.test(cfg, model)
+        model.inference_source = source
+        lines.append("dense head (ATSS) " + ap_line(dataset, dense["bbox"]))
+    if "deq" in results:  # DEQStatisticsEvaluator, over the same evaluation
+        deq = results["deq"]
+        lines.append(f"DEQ refinement steps per image (TOL {cfg.MODEL.DEQDET.TOL}, at most "
+                     f"{cfg.MODEL.DEQDET.MAX_ITERS} + 1): mean {deq['mean_steps']:.2f}, median {deq['steps_p50']:.0f}, "
+                     f"max {deq['max_steps']:.0f}; mean final residual {deq.get('mean_final_residual', float('nan')):.3f}")
+    outputs = [draw_predictions(
+        cfg, dataset, os.path.join(cfg.OUTPUT_DIR, "predictions.png"), args.vis_images, args.vis_threshold
+    )]
+    if hasattr(getattr(model, "decoder", None), "trace") and args.refine_images > 0:
+        records = DatasetCatalog.get(dataset)[: args.refine_images]
+        images = [read_image(r["file_name"], format=cfg.INPUT.FORMAT) for r in records]
+        drawn = render_refinement(cfg, model, images, os.path.join(cfg.OUTPUT_DIR, "refinement"),
+                                  MetadataCatalog.get(dataset), names=[os.path.basename(r["file_name"]) for r in records])
+        outputs += [drawn["grid"], drawn["curves"], drawn["gif"]]
     print("\n=== deqdet demo ===")
-    # the final evaluation's numbers, as the trainer's EvalHook logged them
-    with open(os.path.join(cfg.OUTPUT_DIR, "metrics.json")) as f:
-        final = [m for m in map(json.loads, f) if "bbox/AP" in m][-1]
-    print(f"{cfg.DATASETS.TEST[0]} bbox: " + ", ".join(
-        f"{k[5:]} {final[k]:.1f}" for k in ("bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/APs", "bbox/APm", "bbox/APl")))
-    print(f"predictions drawn on {cfg.DATASETS.TEST[0]}: {os.path.abspath(png)}")
+    print("\n".join(lines))
+    print("pictures: " + ", ".join(os.path.abspath(p) for p in outputs))
     print(f"wall time (set-up of data, training, evaluation, drawing): {time.perf_counter() - start:.0f} s "
           f"(training + evaluation {train_eval_s:.0f} s)")
 

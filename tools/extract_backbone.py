@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the backbone of a trained detector as a checkpoint another detector can start from.
 
-    python tools/extract_backbone.py output/demo/model_final.pth output/shapes_backbone.pth
+    python tools/extract_backbone.py output/retinanet_demo/model_final.pth output/shapes_backbone.pth
     python train_net.py --config-file configs/shapes/adamixer_r18.yaml MODEL.WEIGHTS output/shapes_backbone.pth
 
 By default it takes the bottom-up ResNet of an FPN detector (``backbone.bottom_up.*``, e.g. the

@@ -19,13 +19,26 @@ def add_deqdet_config(cfg: CN) -> CN:
     # Train (and evaluate inside the trainer) with the 4-D parameters in channels-last memory format:
     # convolutions that follow run channels-last too (the demo's training step: 13% faster on the CPU).
     cfg.MODEL.CHANNELS_LAST = False
+    # torch.set_float32_matmul_precision, set when the trainer builds the model: "highest" (full fp32),
+    # "high" (TF32 matmuls on GPUs that have them; the official DEQDet sets it) or "medium". No effect on CPU.
+    cfg.MODEL.FLOAT32_MATMUL_PRECISION = "highest"
 
     # Optimizer built by deqdet.solver.build_optimizer: "SGD" (Detectron2's) or "AdamW".
     cfg.SOLVER.OPTIMIZER = "SGD"
     # AdamW betas (ignored by SGD).
     cfg.SOLVER.BETAS = (0.9, 0.999)
+    # Learning-rate / weight-decay multipliers by parameter name (deqdet.solver): a list of
+    # (regex, lr_mult, decay_mult); a parameter takes the first rule whose regex re.search-es its name in
+    # model.named_parameters() (e.g. "decoder.refine_stage.fc_cls.weight"), no rule: 1, 1. They multiply
+    # the lr / decay of Detectron2's default groups (BIAS_LR_FACTOR, WEIGHT_DECAY_NORM, ...). Like
+    # mmdetection's paramwise_cfg custom_keys. DEQDet: [["^decoder\\.", 4.0, 10.0]].
+    cfg.SOLVER.PARAM_GROUP_RULES = []
+
+    # COCO-format datasets to register before DATASETS.TRAIN / TEST are used, each
+    # "NAME=JSON_FILE[:IMAGE_ROOT]" (IMAGE_ROOT defaults to the JSON file's folder); see docs/own_data.md.
+    cfg.DATASETS.COCO_FILES = ()
     add_basic_resnet_config(cfg)  # MODEL.RESNETS.STEM_TYPE (the narrow ResNets)
-    add_query_config(cfg)  # MODEL.QUERY, INPUT.DETR_CROP, SOLVER.*_MULTIPLIER (query-based detector)
+    add_query_config(cfg)  # MODEL.QUERY, INPUT.DETR_CROP (query-based detector)
     add_dyhead_config(cfg)  # MODEL.DYHEAD, MODEL.ATSS
     add_deqdet_decoder_config(cfg)  # MODEL.DEQDET (the equilibrium decoder)
     add_dense_query_config(cfg)  # MODEL.DENSE_QUERY (the combined dense head + query decoder)
@@ -49,5 +62,8 @@ def add_dense_query_config(cfg: CN) -> None:
     # score (class probability x centerness) of the box that initialised it, so that refinement starts
     # from the dense head's ranking and learns a residual (PRIOR_EPS for the whole-image queries).
     d.CLASS_PRIOR = False
+    # Multiplier of the gradient the decoder's losses send into the shared pyramid (1: all of it, 0: the
+    # decoder reads detached features and only the dense head trains the backbone, FPN and DyHead blocks).
+    d.DECODER_FEATURE_GRAD = 1.0
     # Detections returned at inference: "decoder" (the query decoder's) or "dense" (the ATSS head's).
     d.INFERENCE_SOURCE = "decoder"

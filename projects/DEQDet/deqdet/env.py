@@ -35,7 +35,8 @@ def collect_env() -> str:
     from .evaluation import coco_eval_backend
 
     lines = [
-        f"python: {sys.version.split()[0]} ({platform.platform()})",
+        f"deqdet: {os.path.dirname(os.path.abspath(__file__))}",
+        f"python: {sys.version.split()[0]} ({platform.platform()}) at {sys.executable}",
         f"torch: {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})",
         f"torchvision: {torchvision.__version__}",
         f"detectron2: {detectron2.__version__} at {os.path.dirname(detectron2.__file__)}",

@@ -6,14 +6,20 @@ is slow. :func:`install_fast_coco_eval` puts ``faster_coco_eval.COCOeval_faster`
 ``faster-coco-eval``, a C++ port of the same algorithm) in its place, so every
 ``COCOEvaluator`` in the process, built by this project or by the user, evaluates fast.
 Nothing changes when detectron2's own fast COCOeval is built or ``faster-coco-eval`` is missing.
+
+:class:`CheckedCOCOEvaluator` evaluates against the ground truth that training uses.
 """
 
 from __future__ import annotations
 
-from detectron2.evaluation import coco_evaluation
+import logging
+
+from detectron2.evaluation import COCOEvaluator, coco_evaluation
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["install_fast_coco_eval", "coco_eval_backend"]
+from .data.checks import clean_box
+
+__all__ = ["CheckedCOCOEvaluator", "clean_ground_truth", "install_fast_coco_eval", "coco_eval_backend"]
 
 
 def _faster_coco_eval(coco_gt, coco_dt, iou_type):
@@ -47,3 +53,41 @@ def coco_eval_backend() -> str:
 
         return f"faster-coco-eval {faster_coco_eval.__version__}"
     return "detectron2 COCOeval_opt (compiled)"
+
+
+def clean_ground_truth(coco_api) -> tuple[int, int]:
+    """Drop the boxes of a pycocotools ``COCO`` that training drops and clip those partly outside
+    their image, as :func:`deqdet.data.checks.clean_box` does for training; returns
+    ``(dropped, clipped)``."""
+    kept, dropped, clipped = [], 0, 0
+    for ann in coco_api.dataset.get("annotations", []):
+        image = coco_api.imgs[ann["image_id"]]
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        box, _ = clean_box([x, y, x + w, y + h], image["width"], image["height"])
+        if box is None:
+            dropped += 1
+            continue
+        if box != [x, y, x + w, y + h]:
+            clipped += 1
+            ann = {**ann, "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]}
+        kept.append(ann)
+    if dropped or clipped:
+        coco_api.dataset["annotations"] = kept
+        coco_api.createIndex()
+    return dropped, clipped
+
+
+class CheckedCOCOEvaluator(COCOEvaluator):
+    """Detectron2's ``COCOEvaluator`` over the ground truth training sees: boxes that are not
+    finite, of zero size or outside their image are dropped (an object the detector is never
+    taught would otherwise count as missed, and a zero-size box can never be matched), boxes
+    partly outside are clipped (predictions are clipped to the image too)."""
+
+    def __init__(self, dataset_name: str, *args, **kwargs):
+        super().__init__(dataset_name, *args, **kwargs)
+        dropped, clipped = clean_ground_truth(self._coco_api)
+        if dropped or clipped:
+            logging.getLogger("deqdet").info(
+                f"evaluation of {dataset_name!r}: {dropped} ground-truth boxes dropped, "
+                f"{clipped} clipped, as in training"
+            )

@@ -5,18 +5,28 @@ and also ``full_model``: one gradient-norm clip over all parameters together
 (``torch.nn.utils.clip_grad_norm_``), as mmdetection's ``grad_clip`` in the official
 AdaMixer / DEQDet recipes.
 
-``SOLVER.{BACKBONE,HEAD}_{LR,WEIGHT_DECAY}_MULTIPLIER`` scale the learning rate and weight decay of
-the parameters of ``model.backbone`` and of all other parameters (DEQDet: head lr x4, decay x10).
+``SOLVER.PARAM_GROUP_RULES`` multiplies the learning rate and weight decay of the parameters whose
+names match a pattern (:func:`rule_multipliers`), as mmdetection's ``paramwise_cfg`` ``custom_keys``:
+DEQDet's recipe gives its decoder stages lr x4 and decay x10. ``WEIGHT_DECAY_NORM`` also applies to
+the project's norms (:mod:`deqdet.modeling.norm`), which Detectron2's parameter groups do not know.
 """
 
 import itertools
+import re
+from typing import Dict, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.solver import build_optimizer as build_d2_optimizer
-from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.solver.build import (
+    get_default_optimizer_params,
+    maybe_add_gradient_clipping,
+    reduce_param_groups,
+)
 
-__all__ = ["build_optimizer"]
+from .errors import UserInputError
+from .modeling.norm import PROJECT_NORMS
+
+__all__ = ["build_optimizer", "rule_multipliers"]
 
 
 def _with_full_model_clipping(optimizer_cls: type, max_norm: float) -> type:
@@ -32,38 +42,80 @@ def _with_full_model_clipping(optimizer_cls: type, max_norm: float) -> type:
     return FullModelGradientClipping
 
 
-def split_backbone_and_head(groups: list, model: torch.nn.Module, cfg: CfgNode) -> list:
-    """Split each parameter group into its backbone and head parameters, scaling their ``lr`` and
-    ``weight_decay`` by the ``SOLVER.*_MULTIPLIER`` keys. A model without ``backbone`` is all head."""
+def _compile_rules(rules: Sequence) -> list:
+    """``SOLVER.PARAM_GROUP_RULES`` -> ``[(compiled regex, lr_mult, decay_mult)]``, checked."""
+    compiled = []
+    for rule in rules:
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 3 and isinstance(rule[0], str)
+                and all(isinstance(m, (int, float)) and m >= 0 for m in rule[1:])):
+            raise UserInputError(f"SOLVER.PARAM_GROUP_RULES: each rule must be [regex, lr_mult, decay_mult] "
+                                 f"with multipliers >= 0, got {rule!r}")
+        try:
+            compiled.append((re.compile(rule[0]), float(rule[1]), float(rule[2])))
+        except re.error as e:
+            raise UserInputError(f"SOLVER.PARAM_GROUP_RULES: bad regex {rule[0]!r}: {e}") from e
+    return compiled
+
+
+def rule_multipliers(model: torch.nn.Module, rules: Sequence) -> Dict[int, Tuple[float, float]]:
+    """``id(parameter) -> (lr_mult, decay_mult)`` of the first rule whose regex ``re.search``-es the
+    parameter's name in ``model.named_parameters()``; parameters no rule matches are left out (1, 1).
+
+    Raises:
+        UserInputError: a malformed rule, or a rule that matches no parameter (a misspelt name).
+    """
+    compiled = _compile_rules(rules)
+    multipliers, used = {}, set()
+    for name, param in model.named_parameters():
+        for index, (regex, lr_mult, decay_mult) in enumerate(compiled):
+            if regex.search(name):
+                multipliers[id(param)] = (lr_mult, decay_mult)
+                used.add(index)
+                break
+    unused = [rules[i][0] for i in range(len(rules)) if i not in used]
+    if unused:
+        raise UserInputError(f"SOLVER.PARAM_GROUP_RULES: {unused} match no parameter name of the model")
+    return multipliers
+
+
+def _project_norm_decay(model: torch.nn.Module, cfg: CfgNode) -> Dict[int, float]:
+    """``id(parameter) -> WEIGHT_DECAY_NORM`` for the parameters of the project's norms (the bias
+    keeps ``WEIGHT_DECAY_BIAS`` when set, as in Detectron2's groups)."""
     s = cfg.SOLVER
-    backbone = getattr(model, "backbone", None)
-    backbone_ids = {id(p) for p in backbone.parameters()} if isinstance(backbone, torch.nn.Module) else set()
-    factors = {
-        True: (s.BACKBONE_LR_MULTIPLIER, s.BACKBONE_WEIGHT_DECAY_MULTIPLIER),
-        False: (s.HEAD_LR_MULTIPLIER, s.HEAD_WEIGHT_DECAY_MULTIPLIER),
+    if s.WEIGHT_DECAY_NORM is None:
+        return {}
+    norm_types = tuple(PROJECT_NORMS.values())
+    return {
+        id(param): s.WEIGHT_DECAY_NORM
+        for module in model.modules() if isinstance(module, norm_types)
+        for name, param in module.named_parameters(recurse=False)
+        if not (name == "bias" and s.WEIGHT_DECAY_BIAS is not None)
     }
+
+
+def split_param_groups(groups: list, model: torch.nn.Module, cfg: CfgNode) -> list:
+    """Split Detectron2's parameter groups by the ``SOLVER.PARAM_GROUP_RULES`` multipliers (and the
+    project norms' decay), scaling each part's ``lr`` and ``weight_decay``."""
+    multipliers = rule_multipliers(model, cfg.SOLVER.PARAM_GROUP_RULES)
+    norm_decay = _project_norm_decay(model, cfg)
     split = []
     for group in groups:
-        for in_backbone, (lr_factor, wd_factor) in factors.items():
-            params = [p for p in group["params"] if (id(p) in backbone_ids) == in_backbone]
-            if params:
-                split.append(
-                    {**group, "params": params, "lr": group["lr"] * lr_factor,
-                     "weight_decay": group["weight_decay"] * wd_factor}
-                )
-    return split
+        parts = {}
+        for p in group["params"]:
+            key = (*multipliers.get(id(p), (1.0, 1.0)), norm_decay.get(id(p), group["weight_decay"]))
+            parts.setdefault(key, []).append(p)
+        for (lr_mult, decay_mult, decay), params in parts.items():
+            split.append({**group, "params": params, "lr": group["lr"] * lr_mult,
+                          "weight_decay": decay * decay_mult})
+    return reduce_param_groups(split)
 
 
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Detectron2's SGD, or AdamW over Detectron2's parameter groups (norm / bias rules) split into
-    backbone and head, with ``SOLVER.CLIP_GRADIENTS`` applied."""
+    """SGD (as Detectron2's) or AdamW over Detectron2's parameter groups (norm / bias rules) split by
+    ``SOLVER.PARAM_GROUP_RULES``, with ``SOLVER.CLIP_GRADIENTS`` applied."""
     name = cfg.SOLVER.OPTIMIZER
     clip = cfg.SOLVER.CLIP_GRADIENTS
     full_model_clip = clip.ENABLED and clip.CLIP_TYPE == "full_model"
-    multipliers = (cfg.SOLVER.BACKBONE_LR_MULTIPLIER, cfg.SOLVER.BACKBONE_WEIGHT_DECAY_MULTIPLIER,
-                   cfg.SOLVER.HEAD_LR_MULTIPLIER, cfg.SOLVER.HEAD_WEIGHT_DECAY_MULTIPLIER)
-    if name == "SGD" and not full_model_clip and multipliers == (1.0, 1.0, 1.0, 1.0):
-        return build_d2_optimizer(cfg, model)
     params = get_default_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
@@ -72,7 +124,7 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
     )
-    params = split_backbone_and_head(params, model, cfg)
+    params = split_param_groups(params, model, cfg)
     if name == "SGD":
         optimizer_cls = torch.optim.SGD
         kwargs = {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}

@@ -8,6 +8,7 @@ detector: ``backbone.*``), which is this dataset's analogue of an ImageNet-pretr
 
 from __future__ import annotations
 
+import pickle
 from typing import Dict
 
 import torch
@@ -26,8 +27,10 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError) as e:
-        raise UserInputError(f"{path}: cannot read checkpoint ({e})") from None
+    except EOFError:
+        raise UserInputError(f"{path}: cannot read checkpoint (the file is empty or truncated)") from None
+    except (OSError, RuntimeError, pickle.UnpicklingError, ValueError) as e:
+        raise UserInputError(f"{path}: cannot read checkpoint ({' '.join(str(e).split())})") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if key in obj and isinstance(obj[key], dict):

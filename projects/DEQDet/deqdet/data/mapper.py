@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import List
 
 from detectron2.data import DatasetMapper
@@ -15,18 +16,33 @@ __all__ = ["CheckedDatasetMapper", "build_train_mapper", "detr_augmentations"]
 
 
 class CheckedDatasetMapper(DatasetMapper):
-    """Detectron2's ``DatasetMapper`` whose image errors name the file at fault."""
+    """Detectron2's ``DatasetMapper`` for images that passed the up-front checks
+    (:mod:`deqdet.data.loading`) but still fail when decoded (a truncated pixel stream, a file
+    changed since): in evaluation a one-line error naming the file; in training the image is
+    skipped, with a warning naming it (Detectron2's ``MapDataset`` then draws another image)."""
 
-    def __call__(self, dataset_dict: dict) -> dict:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped = 0  # images skipped by this mapper (in this loader process)
+
+    def __call__(self, dataset_dict: dict) -> dict | None:
         file_name = dataset_dict.get("file_name", "<no file_name>")
         try:
             return super().__call__(dataset_dict)
-        except FileNotFoundError as e:
-            raise UserInputError(f"image not found: {file_name}") from e
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserInputError(f"cannot read image {file_name}: {e}") from e
-        except SizeMismatchError as e:
-            raise UserInputError(f"image {file_name} does not match its annotation: {e}") from e
+        except (UnidentifiedImageError, OSError, SizeMismatchError) as e:
+            if isinstance(e, FileNotFoundError):
+                problem = f"image not found: {file_name}"
+            elif isinstance(e, SizeMismatchError):
+                problem = f"image {file_name} does not match its annotation: {e}"
+            else:
+                problem = f"cannot read image {file_name}: {e}"
+            if not self.is_train:
+                raise UserInputError(problem) from e
+        self.skipped += 1
+        logging.getLogger("deqdet").warning(
+            f"skipped in training: {problem} ({self.skipped} skipped by this loader)"
+        )
+        return None
 
 
 def detr_augmentations(cfg) -> List[T.Augmentation]:

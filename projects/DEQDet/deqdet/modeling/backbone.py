@@ -1,4 +1,8 @@
-"""ResNet-18/34 of any width, for the CPU-sized ``shapes`` recipes.
+"""ResNet builders: Detectron2's ResNet with the project's norms, and ResNet-18/34 of any width.
+
+``build_resnet_backbone_project_norm`` is Detectron2's ``build_resnet_backbone`` with
+``MODEL.RESNETS.NORM`` also accepting the project's norm names (:mod:`.norm`: ``"FrozenStatsBN"``, the
+official AdaMixer / DEQDet backbone norm); the builders below accept them too.
 
 Detectron2's ``build_resnet_backbone`` builds ResNet-18/34 (``BasicBlock``) only at the ImageNet
 width (``RES2_OUT_CHANNELS == 64``). These builders take the width from
@@ -15,13 +19,16 @@ import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
-from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet, build_resnet_backbone
+
+from .norm import PROJECT_NORMS, resolve_norm
 
 __all__ = [
     "PatchStem",
     "add_basic_resnet_config",
     "build_basic_resnet_backbone",
     "build_basic_resnet_fpn_backbone",
+    "build_resnet_backbone_project_norm",
     "build_retinanet_basic_resnet_fpn_backbone",
     "fpn_from_config",
 ]
@@ -49,6 +56,21 @@ _STEMS = {"basic": BasicStem, "patch": PatchStem}
 
 
 @BACKBONE_REGISTRY.register()
+def build_resnet_backbone_project_norm(cfg, input_shape: ShapeSpec) -> ResNet:
+    """Detectron2's ``build_resnet_backbone``; ``MODEL.RESNETS.NORM`` may name a project norm: the
+    ResNet is built with ``BN`` and nothing frozen, its BatchNorm layers are converted, then the stages
+    up to ``MODEL.BACKBONE.FREEZE_AT`` are frozen (parameters only: the norm keeps its statistics)."""
+    norm = cfg.MODEL.RESNETS.NORM
+    if norm not in PROJECT_NORMS:
+        return build_resnet_backbone(cfg, input_shape)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.RESNETS.NORM = "BN"
+    freeze_at, cfg.MODEL.BACKBONE.FREEZE_AT = cfg.MODEL.BACKBONE.FREEZE_AT, 0
+    return PROJECT_NORMS[norm].convert(build_resnet_backbone(cfg, input_shape)).freeze(freeze_at)
+
+
+@BACKBONE_REGISTRY.register()
 def build_basic_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     """ResNet-18/34 with ``BasicBlock`` stages of widths ``RES2_OUT_CHANNELS * (1, 2, 4, 8)``."""
     r = cfg.MODEL.RESNETS
@@ -56,7 +78,8 @@ def build_basic_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
         raise ValueError(f"build_basic_resnet_backbone: MODEL.RESNETS.DEPTH must be 18 or 34, got {r.DEPTH}")
     if r.STEM_TYPE not in _STEMS:
         raise ValueError(f"MODEL.RESNETS.STEM_TYPE must be one of {sorted(_STEMS)}, got {r.STEM_TYPE!r}")
-    stem = _STEMS[r.STEM_TYPE](input_shape.channels, r.STEM_OUT_CHANNELS, r.NORM)
+    norm = resolve_norm(r.NORM)
+    stem = _STEMS[r.STEM_TYPE](input_shape.channels, r.STEM_OUT_CHANNELS, norm)
     stages = []
     in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
     for idx, num_blocks in enumerate(_BLOCKS_PER_STAGE[r.DEPTH]):
@@ -68,7 +91,7 @@ def build_basic_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
                 stride_per_block=[first_stride] + [1] * (num_blocks - 1),
                 in_channels=in_channels,
                 out_channels=out_channels,
-                norm=r.NORM,
+                norm=norm,
             )
         )
         in_channels, out_channels = out_channels, out_channels * 2

@@ -38,6 +38,13 @@ INFERENCE_SOURCES = ("decoder", "dense")
 PRIOR_EPS = 1e-4
 
 
+def _scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` unchanged; the gradient flowing back through it multiplied by ``scale``."""
+    if scale == 1.0:
+        return x
+    return x.detach() if scale == 0.0 else x * scale + x.detach() * (1.0 - scale)
+
+
 def _with_prior(prediction: Dict[str, torch.Tensor], prior: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A decoder prediction with the (B, N, K) prior logits added to its ``logits`` (unchanged if None)."""
     return prediction if prior is None else {**prediction, "logits": prediction["logits"] + prior}
@@ -65,6 +72,7 @@ class DenseQueryDetector(ATSS):
         proposal_nms_thresh: float = 0.7,
         proposal_topk_per_level: int = 1000,
         class_prior: bool = False,
+        decoder_feature_grad: float = 1.0,
         inference_source: str = "decoder",
         **atss_kwargs,
     ):
@@ -84,6 +92,9 @@ class DenseQueryDetector(ATSS):
         self.proposal_nms_thresh = proposal_nms_thresh
         self.proposal_topk_per_level = proposal_topk_per_level
         self.class_prior = class_prior
+        if decoder_feature_grad < 0:
+            raise ValueError(f"MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD must be >= 0, got {decoder_feature_grad}")
+        self.decoder_feature_grad = decoder_feature_grad
         self.inference_source = inference_source
 
     @classmethod
@@ -115,6 +126,7 @@ class DenseQueryDetector(ATSS):
             proposal_nms_thresh=dq.PROPOSAL_NMS_THRESH,
             proposal_topk_per_level=dq.PROPOSAL_TOPK_PER_LEVEL,
             class_prior=dq.CLASS_PRIOR,
+            decoder_feature_grad=dq.DECODER_FEATURE_GRAD,
             inference_source=dq.INFERENCE_SOURCE,
         )
         return ret
@@ -148,12 +160,13 @@ class DenseQueryDetector(ATSS):
 
     def initial_queries(
         self, batched_inputs: List[dict]
-    ) -> Tuple[ImageList, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    ) -> Tuple[ImageList, torch.Tensor, torch.Tensor, List[torch.Tensor], Optional[torch.Tensor]]:
         """Everything the decoder receives: (images, content (B, N, D), xyzr (B, N, 4), decoder features
-        L x (B, C, H_l, W_l)), as the forward computes them (for tools that drive the decoder)."""
+        L x (B, C, H_l, W_l)), and the class prior (B, N, K) added to its logits or None, as the forward
+        computes them (for tools that drive the decoder, e.g. the refinement visualisation)."""
         images, features, predictions = self._dense_forward(batched_inputs)
-        content, xyzr, _ = self._queries(images, [features[f] for f in self.head_in_features], predictions)
-        return images, content, xyzr, [features[f] for f in self.query_in_features]
+        content, xyzr, prior = self._queries(images, [features[f] for f in self.head_in_features], predictions)
+        return images, content, xyzr, [features[f] for f in self.query_in_features], prior
 
     def _dense_forward(self, batched_inputs: List[dict]):
         images = self.preprocess_image(batched_inputs)
@@ -185,7 +198,7 @@ class DenseQueryDetector(ATSS):
         """Detectron2's model interface (see ``QueryDetector.forward``)."""
         images, features, predictions = self._dense_forward(batched_inputs)
         dense_features = [features[f] for f in self.head_in_features]
-        query_features = [features[f] for f in self.query_in_features]
+        query_features = [_scale_gradient(features[f], self.decoder_feature_grad) for f in self.query_in_features]
         if self.training:
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
             dense = self.forward_training(images, dense_features, predictions, gt_instances)

@@ -4,7 +4,7 @@ AdaMixer and DEQDet differ only in the decoder (``MODEL.QUERY.DECODER``) and the
 (``MODEL.QUERY.NECK_STYLE``).
 """
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -103,12 +103,21 @@ class QueryDetector(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
 
-    def forward(self, batched_inputs: List[dict]):
-        """Detectron2's model interface: a list of mapped dicts with ``image`` (C, H, W) and, in
-        training, ``instances`` holding ``gt_boxes`` and ``gt_classes``."""
+    def initial_queries(
+        self, batched_inputs: List[dict]
+    ) -> Tuple[ImageList, torch.Tensor, torch.Tensor, List[torch.Tensor], None]:
+        """Everything the decoder receives: (images, content (B, N, D), xyzr (B, N, 4), features
+        L x (B, C, H_l, W_l)), and the prior added to its class logits (none here; see
+        ``DenseQueryDetector``). Used by :meth:`forward` and by the refinement visualisation."""
         images = self.preprocess_image(batched_inputs)
         features = self.neck(self.backbone(images.tensor))
         content, xyzr = self.queries(images.image_sizes)
+        return images, content, xyzr, features, None
+
+    def forward(self, batched_inputs: List[dict]):
+        """Detectron2's model interface: a list of mapped dicts with ``image`` (C, H, W) and, in
+        training, ``instances`` holding ``gt_boxes`` and ``gt_classes``."""
+        images, content, xyzr, features, _ = self.initial_queries(batched_inputs)
         if self.training:
             targets = [query_targets(x["instances"].to(self.device), size)
                        for x, size in zip(batched_inputs, images.image_sizes)]

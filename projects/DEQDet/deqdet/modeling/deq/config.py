@@ -22,11 +22,15 @@ def add_deqdet_decoder_config(cfg: CN) -> None:
     d.EXTRA_INIT_SUPERVISIONS = 2
     # Refinement-aware perturbation before each no-grad step: with PERTURB_CONTENT_PROB the content q
     # becomes (1 - I) q + I ||q|| eps (I = PERTURB_CONTENT_INTENSITY); with PERTURB_POSITION_PROB the
-    # boxes (xyxy pixels) move by PERTURB_POSITION_INTENSITY * eps and are re-encoded. eps ~ N(0, 1).
+    # box corners (xyxy pixels) move by PERTURB_POSITION_INTENSITY * eps and are re-encoded. eps ~ N(0, 1).
     d.PERTURB_CONTENT_PROB = 0.2
     d.PERTURB_CONTENT_INTENSITY = 0.1
     d.PERTURB_POSITION_PROB = 0.2
     d.PERTURB_POSITION_INTENSITY = 25.0
+    # What the step after a box jitter sees (the corners may cross): "official" (MCG-NJU/DEQDet) encodes
+    # |w|, |h| and computes the IoF attention bias from the raw corners (a crossed box overlaps nothing);
+    # "clamped" encodes |w|, |h| of at least 1 px and computes the bias from that box.
+    d.PERTURB_POSITION_MODE = "official"
     # Memory-lean training: backpropagate every supervised segment inside the forward through detached
     # features and stash the gradients (activation memory grows with RAG, not with the number of
     # positions). False: every segment stays in one graph until the trainer's backward (same gradients).

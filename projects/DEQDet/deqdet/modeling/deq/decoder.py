@@ -13,10 +13,12 @@ Training (:meth:`DEQDecoder.losses`, the official recipe; all of it under ``MODE
             loss += L(f^RAG(z))                       #   RAG applications of f WITH gradient
                                                       #   (RAG = 0: L(f(z_in)), the one-step gradient)
 
-With ``GRAD_STASH`` each segment ``L(f^RAG(z))`` is backpropagated at once through detached features
-(:mod:`.stash`). Inference (:meth:`DEQDecoder.forward`): the init stage, then :func:`.solver.solve`
-for at most ``MAX_ITERS`` iterations (per image, until the relative residual is below ``TOL``), then
-one more application of ``f`` whose prediction is the output (``TOL = 0``: the official 20 + 1 steps).
+RAP may hand the step the jittered box corners for its IoF attention bias (``PERTURB_POSITION_MODE``
+"official", :class:`.perturb.RefinementPerturbation`). With ``GRAD_STASH`` each segment
+``L(f^RAG(z))`` is backpropagated at once through detached features (:mod:`.stash`).
+Inference (:meth:`DEQDecoder.forward`): the init stage, then :func:`.solver.solve` for at most
+``MAX_ITERS`` iterations (per image, until the relative residual is below ``TOL``), then one more
+application of ``f`` whose prediction is the output (``TOL = 0``: the official 20 + 1 steps).
 """
 
 import logging
@@ -29,7 +31,7 @@ from torch import nn
 from ..query.decoder import QUERY_DECODER_REGISTRY, stage_kwargs_from_config
 from ..query.stage import AdaMixerStage
 from .perturb import RefinementPerturbation
-from .solver import SOLVERS, solve
+from .solver import SOLVERS, relative_residual, solve
 from .stash import GradientStash, ObservedLossScale
 
 __all__ = ["DEQDecoder", "StateCodec"]
@@ -135,7 +137,7 @@ class DEQDecoder(nn.Module):
             "extra_init_supervisions": d.EXTRA_INIT_SUPERVISIONS,
             "perturbation": RefinementPerturbation(
                 d.PERTURB_CONTENT_PROB, d.PERTURB_CONTENT_INTENSITY, d.PERTURB_POSITION_PROB,
-                d.PERTURB_POSITION_INTENSITY,
+                d.PERTURB_POSITION_INTENSITY, d.PERTURB_POSITION_MODE,
             ),
             "grad_stash": d.GRAD_STASH,
             "tol": d.TOL,
@@ -178,11 +180,11 @@ class DEQDecoder(nn.Module):
         carrier = None
         for i in range(1, self.refinement_steps + 1):
             with torch.no_grad():
-                perturbed = self.perturbation(*state)
-                state = self.refine_stage(*perturbed, feats)[:2]
+                content, xyzr, iof_boxes = self.perturbation(*state)
+                state = self.refine_stage(content, xyzr, feats, iof_boxes=iof_boxes)[:2]
             if i not in self.supervision_positions:
                 continue
-            segment = self.refine_stage(*perturbed, feats) if self.rag == 0 else state
+            segment = state if self.rag else self.refine_stage(content, xyzr, feats, iof_boxes=iof_boxes)
             for _ in range(self.rag):
                 segment = self.refine_stage(*segment[:2], feats)
             segment_losses = _renamed(loss_fn([_prediction(*segment[2:])]), [f"iter{i}"])
@@ -195,6 +197,42 @@ class DEQDecoder(nn.Module):
             losses[carrier] = stash.attach(losses[carrier])
         return losses
 
+    def _codec(self, content: torch.Tensor, features: List[torch.Tensor]) -> StateCodec:
+        stride = self.init_stage.strides[0]
+        padded_hw = (features[0].shape[-2] * stride, features[0].shape[-1] * stride)
+        return StateCodec(content.shape[1], content.shape[2], padded_hw, content)
+
+    @torch.no_grad()
+    def trace(
+        self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor], num_steps: int
+    ) -> List[Dict[str, torch.Tensor]]:
+        """The prediction after the init stage and after each of ``num_steps`` plain applications of
+        the refinement stage (no RAP, no solver, no early stop), to watch the refinement.
+
+        Args:
+            content (B, N, D), xyzr (B, N, 4): the initial queries; features: L x (B, C, H_l, W_l).
+
+        Returns:
+            ``num_steps + 1`` dicts; entry ``i`` is the state after ``i`` applications of f (0: the
+            init stage): ``{"logits": (B, N, K), "boxes": (B, N, 4) xyxy, "residual": (B,)}``, the
+            residual being the step's relative residual ``||z_i - z_{i-1}|| / ||z_{i-1}||`` in the
+            solver's state space (:class:`StateCodec`; NaN for entry 0).
+        """
+        if num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+        content, xyzr, logits, boxes = self.init_stage(content, xyzr, features)
+        codec = self._codec(content, features)
+        no_residual = logits.new_full((len(logits),), float("nan"))
+        states = [{"logits": logits, "boxes": boxes, "residual": no_residual}]
+        z = codec.flatten(content, xyzr)
+        for _ in range(num_steps):
+            content, xyzr, logits, boxes = self.refine_stage(content, xyzr, features)
+            z_next = codec.flatten(content, xyzr)
+            residual = relative_residual(z_next, z)
+            states.append({"logits": logits, "boxes": boxes, "residual": residual})
+            z = z_next
+        return states
+
     def forward(
         self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor]
     ) -> List[Dict[str, torch.Tensor]]:
@@ -202,9 +240,7 @@ class DEQDecoder(nn.Module):
         ``[{"logits": (B, N, K), "boxes": (B, N, 4) xyxy, "residuals": (B, MAX_ITERS) (NaN after the
         image stopped), "steps": (B,) applications of f including the output one}]``."""
         content, xyzr, init_logits, init_boxes = self.init_stage(content, xyzr, features)
-        stride = self.init_stage.strides[0]
-        padded_hw = (features[0].shape[-2] * stride, features[0].shape[-1] * stride)
-        codec = StateCodec(content.shape[1], content.shape[2], padded_hw, content)
+        codec = self._codec(content, features)
 
         def step(z: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             feats = features if len(index) == len(content) else [f[index] for f in features]

@@ -14,11 +14,16 @@ from typing import Callable
 
 import torch
 
-__all__ = ["SOLVERS", "SolverResult", "solve"]
+__all__ = ["SOLVERS", "SolverResult", "relative_residual", "solve"]
 
 logger = logging.getLogger(__name__)
 
 SOLVERS = ("fixed_point", "anderson")
+
+
+def relative_residual(fz: torch.Tensor, z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """(B, d) states ``z`` and ``f(z)`` -> (B,) ``||f(z) - z|| / ||z||`` (the stopping criterion)."""
+    return (fz - z).norm(dim=1) / z.norm(dim=1).clamp(min=eps)
 
 
 @dataclass
@@ -101,7 +106,7 @@ def solve(
             logger.warning(f"DEQ iteration {k + 1}: non-finite state for images {bad}; they keep their last "
                            "finite state")
             active[index[~finite]] = False
-        residual = (fz - current).norm(dim=1) / current.norm(dim=1).clamp(min=eps)
+        residual = relative_residual(fz, current, eps)
         residuals[index[finite], k] = residual[finite]
         fz = torch.where(finite[:, None], fz, current)
         nxt = fz if history is None else history.step(index, current, fz)

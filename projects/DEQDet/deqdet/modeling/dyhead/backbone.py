@@ -9,10 +9,9 @@ from typing import Dict
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
-from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from torch import Tensor, nn
 
-from ..backbone import build_basic_resnet_backbone, fpn_from_config
+from ..backbone import build_basic_resnet_backbone, build_resnet_backbone_project_norm, fpn_from_config
 from .dyconv import DyConv
 
 __all__ = [
@@ -68,6 +67,7 @@ def _wrap(cfg, bottom_up: Backbone, top_block) -> DyHead:
         coarse_offsets=d.COARSE_OFFSETS,
         dcn_impl=d.DCN_IMPL,
         task_attention=d.TASK_ATTENTION,
+        zero_init_offset=d.ZERO_INIT_OFFSET,
     )
 
 
@@ -78,13 +78,13 @@ def _p6p7(cfg) -> LastLevelP6P7:
 @BACKBONE_REGISTRY.register()
 def build_retinanet_resnet_fpn_dyhead_backbone(cfg, input_shape: ShapeSpec) -> DyHead:
     """ResNet (Detectron2's) + FPN P3-P7 (P6 from P5) + DyHead: one-stage detectors."""
-    return _wrap(cfg, build_resnet_backbone(cfg, input_shape), _p6p7(cfg))
+    return _wrap(cfg, build_resnet_backbone_project_norm(cfg, input_shape), _p6p7(cfg))
 
 
 @BACKBONE_REGISTRY.register()
 def build_resnet_fpn_dyhead_backbone(cfg, input_shape: ShapeSpec) -> DyHead:
     """ResNet (Detectron2's) + FPN P2-P6 (P6 by max-pooling) + DyHead: Faster R-CNN."""
-    return _wrap(cfg, build_resnet_backbone(cfg, input_shape), LastLevelMaxPool())
+    return _wrap(cfg, build_resnet_backbone_project_norm(cfg, input_shape), LastLevelMaxPool())
 
 
 @BACKBONE_REGISTRY.register()

@@ -24,6 +24,10 @@ def add_dyhead_config(cfg: CN) -> CN:
     cfg.MODEL.DYHEAD.TASK_ATTENTION = True
     # Task-aware attention layers in "DyHeadBoxHead" (each a DyReLU on the pooled RoI features).
     cfg.MODEL.DYHEAD.ROI_NUM_ATTENTION = 2
+    # Initialise the conv that predicts the DCN offsets and masks to zero (mmdetection's DyHead default:
+    # every block starts as a regular 3x3 conv) instead of PyTorch's default (microsoft/DynamicHead). For
+    # training from scratch: random initial offsets scramble the small maps of a CPU-sized model.
+    cfg.MODEL.DYHEAD.ZERO_INIT_OFFSET = False
 
     cfg.MODEL.ATSS = CN()
     # Candidates per level (times anchors per location) closest to a box centre.

@@ -97,7 +97,8 @@ class DyConv(nn.Module):
     :func:`coarse_level_offsets` for its offsets). Each term t is weighted by the scale-aware gate
     ``hsigmoid(relu(conv1x1(avgpool(t))))`` in [0.5, 1], the weighted terms are averaged, and the
     task-aware :class:`DyReLU` is applied (unless ``task_attention`` is False: the paper's
-    two-stage form moves it into the box head).
+    two-stage form moves it into the box head). The offset conv is initialised as PyTorch's default
+    (as microsoft/DynamicHead) or, with ``zero_init_offset``, to zero (as mmdetection).
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class DyConv(nn.Module):
         coarse_offsets: str = "aligned",
         dcn_impl: str = "sampling",
         task_attention: bool = True,
+        zero_init_offset: bool = False,
     ):
         super().__init__()
         if coarse_offsets not in COARSE_OFFSET_MODES:
@@ -130,6 +132,9 @@ class DyConv(nn.Module):
         self.h_sigmoid = HSigmoid()
         self.relu = DyReLU(out_channels) if task_attention else nn.Identity()
         self.offset = nn.Conv2d(in_channels, 27, kernel_size=3, padding=1)
+        if zero_init_offset:  # regular 3x3 sampling and masks 0.5 at the start (mmdetection's DyHead default)
+            nn.init.zeros_(self.offset.weight)
+            nn.init.zeros_(self.offset.bias)
 
     def scale_gate(self, term: Tensor) -> Tensor:
         """Scale-aware attention of one term: (N, C, H, W) -> (N, 1, 1, 1) in [0.5, 1]."""

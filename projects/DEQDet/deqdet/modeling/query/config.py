@@ -6,7 +6,7 @@ __all__ = ["add_query_config"]
 
 
 def add_query_config(cfg: CN) -> None:
-    """Add ``MODEL.QUERY``, the DETR-style augmentation and the optimizer's lr / decay split."""
+    """Add ``MODEL.QUERY`` and the DETR-style augmentation."""
     cfg.MODEL.QUERY = q = CN()
     # Decoder from QUERY_DECODER_REGISTRY ("AdaMixerDecoder"; DEQDet adds its own).
     q.DECODER = "AdaMixerDecoder"
@@ -55,10 +55,3 @@ def add_query_config(cfg: CN) -> None:
     cfg.INPUT.DETR_CROP.PROB = 0.5
     cfg.INPUT.DETR_CROP.RESIZE_SIZES = (400, 500, 600)
     cfg.INPUT.DETR_CROP.CROP_SIZE = (384, 600)
-
-    # Learning-rate and weight-decay multipliers of the backbone's parameters and of all others
-    # ("head": neck, queries, decoder). DEQDet's recipe: HEAD_LR_MULTIPLIER 4, HEAD_WEIGHT_DECAY_MULTIPLIER 10.
-    cfg.SOLVER.BACKBONE_LR_MULTIPLIER = 1.0
-    cfg.SOLVER.BACKBONE_WEIGHT_DECAY_MULTIPLIER = 1.0
-    cfg.SOLVER.HEAD_LR_MULTIPLIER = 1.0
-    cfg.SOLVER.HEAD_WEIGHT_DECAY_MULTIPLIER = 1.0

@@ -15,12 +15,12 @@ __all__ = ["SetCriterion"]
 class SetCriterion:
     """Losses of any list of predictions ``[{"logits": (B, N, K), "boxes": (B, N, 4)}, ...]``.
 
-    Each prediction is matched on its own. With ``num_boxes`` the number of ground-truth boxes
-    in the batch averaged over workers (at least 1)::
+    Each prediction is matched on its own. With ``num_matched`` the official normaliser (the number
+    of matched queries, see :meth:`num_matched`)::
 
-        loss_cls  = w_cls  * sum(focal(logits, one-hot of matched labels)) / num_boxes   # all queries
-        loss_l1   = w_l1   * sum(|boxes / whwh - gt / whwh|) / num_boxes                 # matched
-        loss_giou = w_giou * sum(1 - GIoU(boxes, gt)) / num_boxes                       # matched
+        loss_cls  = w_cls  * sum(focal(logits, one-hot of matched labels)) / num_matched   # all queries
+        loss_l1   = w_l1   * sum(|boxes / whwh - gt / whwh|) / num_matched                 # matched
+        loss_giou = w_giou * sum(1 - GIoU(boxes, gt)) / num_matched                       # matched
 
     Images without objects contribute only negatives to ``loss_cls``. Keys are ``s{i}_loss_*``.
     """
@@ -32,15 +32,19 @@ class SetCriterion:
         self.alpha, self.gamma = alpha, gamma
 
     @staticmethod
-    def num_boxes(targets: List[dict], device) -> float:
-        """Ground-truth boxes per worker, averaged over workers, at least 1."""
-        count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    def num_matched(targets: List[dict], num_queries: int, device) -> float:
+        """Matched queries per worker, ``sum over images of min(#gt, num_queries)`` (one-to-one
+        matching), averaged over workers, as the official ``reduce_mean(num_pos)``. A batch without
+        objects on every worker gives 1 (the official ``avg_factor + float32 eps`` would divide the
+        negatives' focal loss by about 1.2e-7)."""
+        count = torch.tensor(float(sum(min(len(t["labels"]), num_queries) for t in targets)), device=device)
         if comm.get_world_size() > 1:
             torch.distributed.all_reduce(count)
             count = count / comm.get_world_size()
-        return max(count.item(), 1.0)
+        value = count.item()
+        return value if value > 0 else 1.0
 
-    def single(self, logits, boxes, targets: List[dict], num_boxes: float) -> Dict[str, torch.Tensor]:
+    def single(self, logits, boxes, targets: List[dict], num_matched: float) -> Dict[str, torch.Tensor]:
         """Losses of one prediction: logits (B, N, K), boxes (B, N, 4)."""
         matches = self.matcher.match_batch(logits.detach(), boxes.detach(), targets)
         batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(matches)])
@@ -56,17 +60,18 @@ class SetCriterion:
         loss_l1 = (matched / whwh - gt_boxes / whwh).abs().sum()
         loss_giou = generalized_box_iou_loss(matched, gt_boxes, reduction="sum")
         return {
-            "loss_cls": self.class_weight * loss_cls / num_boxes,
-            "loss_l1": self.l1_weight * loss_l1 / num_boxes,
-            "loss_giou": self.giou_weight * loss_giou / num_boxes,
+            "loss_cls": self.class_weight * loss_cls / num_matched,
+            "loss_l1": self.l1_weight * loss_l1 / num_matched,
+            "loss_giou": self.giou_weight * loss_giou / num_matched,
         }
 
     def __call__(self, predictions: List[Dict[str, torch.Tensor]], targets: List[dict]) -> Dict[str, torch.Tensor]:
         """predictions: supervised outputs in order; targets: per image ``{"labels" (M,) int64,
         "boxes" (M, 4) xyxy pixels, "whwh" (4,) image size}``."""
-        num_boxes = self.num_boxes(targets, predictions[0]["logits"].device)
+        logits = predictions[0]["logits"]
+        num_matched = self.num_matched(targets, logits.shape[1], logits.device)
         losses = {}
         for i, pred in enumerate(predictions):
-            for name, value in self.single(pred["logits"], pred["boxes"], targets, num_boxes).items():
+            for name, value in self.single(pred["logits"], pred["boxes"], targets, num_matched).items():
                 losses[f"s{i}_{name}"] = value
         return losses

@@ -47,7 +47,8 @@ class AdaptiveMixing(nn.Module):
         """sampled (B, N, G, P_in, Cg), content (B, N, D) -> (B, N, D) updated content."""
         channel_mix, point_mix = self.mixing_matrices(content)
         h = sampled @ channel_mix
-        h = F.relu(F.layer_norm(h, h.shape[-2:]))
+        # normalised shapes from the module's sizes, not from h.shape: ONNX export needs them constant
+        h = F.relu(F.layer_norm(h, (self.in_points, self.group_channels)))
         h = point_mix @ h
-        h = F.relu(F.layer_norm(h, h.shape[-2:]))
+        h = F.relu(F.layer_norm(h, (self.out_points, self.group_channels)))
         return content + self.out_proj(h.flatten(2))

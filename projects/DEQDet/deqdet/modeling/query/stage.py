@@ -1,7 +1,7 @@
 """One AdaMixer decoder stage, a standalone module without hidden state."""
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -88,10 +88,13 @@ class AdaMixerStage(nn.Module):
         bias[..., 2] = -1.0
         nn.init.zeros_(self.mixing.parameter_generator.weight)
 
-    def self_attention(self, content: torch.Tensor, xyzr: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) content, (B, N, 4) xyzr -> (B, N, D); the position embedding stays in the output."""
+    def self_attention(self, content: torch.Tensor, xyzr: torch.Tensor,
+                       iof_boxes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, N, D) content, (B, N, 4) xyzr -> (B, N, D); the position embedding stays in the output.
+        The IoF bias comes from ``iof_boxes`` (B, N, 4) xyxy when given, else from the decoded xyzr."""
         with torch.no_grad():
-            log_iof = torch.log(pairwise_iof(xyzr_to_xyxy(xyzr)) + 1e-7)  # (B, N, N)
+            corners = xyzr_to_xyxy(xyzr) if iof_boxes is None else iof_boxes
+            log_iof = torch.log(pairwise_iof(corners) + 1e-7)  # (B, N, N)
             pe = xyzr_position_embedding(xyzr, content.shape[-1])
         bias = (log_iof[:, None] * self.iof_tau[None, :, None, None]).flatten(0, 1)  # (B * heads, N, N)
         query = content + pe
@@ -106,20 +109,23 @@ class AdaMixerStage(nn.Module):
         return self.mixing_norm(self.mixing(sampled, content))
 
     def forward(
-        self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor]
+        self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor],
+        iof_boxes: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Args:
             content: (B, N, D) query content.
             xyzr: (B, N, 4) query boxes (detached here).
             features: L maps (B, C, H_l, W_l) at ``strides``.
+            iof_boxes: (B, N, 4) xyxy corners for the IoF attention bias in place of the decoded xyzr
+                (DEQDet's official box jitter, whose corners may cross); None: the decoded xyzr.
 
         Returns:
             content (B, N, D), refined xyzr (B, N, 4), class logits (B, N, K), boxes (B, N, 4) xyxy
             in input-image pixels (the refined xyzr decoded).
         """
         xyzr = xyzr.detach()
-        content = self.self_attention(content, xyzr)
+        content = self.self_attention(content, xyzr, iof_boxes)
         content = self.sample_and_mix(content, xyzr, features)
         content = self.ffn_norm(content + self.ffn(content))
         logits = self.fc_cls(self.cls_fcs(content))

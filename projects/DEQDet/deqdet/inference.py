@@ -1,0 +1,60 @@
+"""What the inference tools (``tools/predict.py``, ``visualize_refinement.py``, ``export.py``) share:
+expanding ``--input`` into image files and building a model with its weights, with one-line errors."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import List, Sequence
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from .errors import UserInputError
+
+__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "check_weights", "build_inference_model"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def expand_inputs(patterns: Sequence[str]) -> List[str]:
+    """Files as given, globs expanded (sorted), folders -> their image files (sorted, by extension).
+
+    Raises:
+        UserInputError: a pattern that names no file, names the pattern.
+    """
+    paths: List[str] = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = sorted(
+                os.path.join(pattern, f) for f in os.listdir(pattern) if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
+        elif os.path.isfile(pattern):
+            found = [pattern]
+        else:
+            found = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+        if not found:
+            raise UserInputError(f"--input {pattern}: no such file, folder with images, or matching glob")
+        paths.extend(found)
+    return paths
+
+
+def check_weights(path: str) -> None:
+    """Fail early, naming ``MODEL.WEIGHTS``, when it names a local file that does not exist; warn
+    when it is empty (the model keeps its random initialisation)."""
+    if not path:
+        logger.warning("MODEL.WEIGHTS is empty: the model keeps its random initialisation")
+    elif "://" not in path and not os.path.isfile(path):
+        raise UserInputError(f"MODEL.WEIGHTS: checkpoint file not found: {path}")
+
+
+def build_inference_model(cfg) -> torch.nn.Module:
+    """``build_model(cfg)`` in eval mode with ``MODEL.WEIGHTS`` loaded (:func:`check_weights`)."""
+    check_weights(cfg.MODEL.WEIGHTS)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return model.eval()

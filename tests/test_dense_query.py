@@ -1,0 +1,241 @@
+"""DenseQueryDetector: the ATSS dense head and the query decoder on one pyramid."""
+
+import os
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.utils.events import EventStorage
+
+from deqdet.engine import build_config
+from deqdet.modeling.dense_query import DenseQueryDetector
+from deqdet.modeling.query.boxes import xyzr_to_xyxy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "shapes", "dyhead_deqdet_r18.yaml")
+SMALL = ["MODEL.DEVICE", "cpu", "MODEL.DEQDET.MAX_ITERS", "3", "MODEL.QUERY.NUM_QUERIES", "8"]
+
+
+def _model(*opts, seed=0):
+    torch.manual_seed(seed)
+    return build_model(build_config(CONFIG, SMALL + list(opts)))
+
+
+def _inputs(with_objects=True, sizes=((96, 128), (80, 112))):
+    g = torch.Generator().manual_seed(1)
+    batch = []
+    for h, w in sizes:
+        inst = Instances((h, w))
+        boxes = [[10.0, 12.0, 50.0, 60.0], [60.0, 20.0, 100.0, 70.0]] if with_objects else []
+        inst.gt_boxes = Boxes(torch.tensor(boxes).reshape(-1, 4))
+        inst.gt_classes = torch.tensor([1, 4][: len(boxes)], dtype=torch.long)
+        batch.append({"image": torch.randint(0, 255, (3, h, w), generator=g).float(), "instances": inst,
+                      "height": h, "width": w})
+    return batch
+
+
+def test_builds_from_config_with_shared_pyramid():
+    model = _model()
+    assert isinstance(model, DenseQueryDetector)
+    strides = {s.stride for name, s in model.backbone.output_shape().items() if name in ("p3", "p4", "p5")}
+    assert tuple(model.decoder.refine_stage.strides) == tuple(sorted(strides)) == (8, 16, 32)
+    names = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert names == {"backbone", "head", "queries", "decoder"}
+    assert len(model.backbone.dyhead_tower) == 1
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["MODEL.QUERY.FEAT_CHANNELS", "32"], "MODEL.QUERY.FEAT_CHANNELS"),
+    (["MODEL.QUERY.IN_FEATURES", "['p9']"], "MODEL.QUERY.IN_FEATURES"),
+    (["MODEL.QUERY.NUM_CLASSES", "5"], "MODEL.ATSS.NUM_CLASSES"),
+    (["MODEL.DENSE_QUERY.QUERY_INIT", "anchors"], "MODEL.DENSE_QUERY.QUERY_INIT"),
+    (["MODEL.DENSE_QUERY.INFERENCE_SOURCE", "both"], "MODEL.DENSE_QUERY.INFERENCE_SOURCE"),
+])
+def test_bad_config_names_the_key(bad, message):
+    with pytest.raises(ValueError, match=message):
+        _model(*bad)
+
+
+def test_training_losses_have_both_heads_and_fall():
+    model = _model("MODEL.DENSE_QUERY.CLASS_PRIOR", "True")
+    model.train()
+    batch = _inputs()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    totals = []
+    with EventStorage(0):
+        for _ in range(8):
+            losses = model(batch)
+            assert all(torch.isfinite(v) for v in losses.values())
+            total = sum(losses.values())
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+            totals.append(total.item())
+    assert {"dense_loss_cls", "dense_loss_box_reg", "dense_loss_ctr", "init_loss_cls", "iter2_loss_giou"} <= set(losses)
+    assert totals[-1] < 0.8 * totals[0], totals
+    # every part of the model got a gradient: the decoder's losses reach the shared pyramid too
+    for part in (model.backbone, model.head, model.queries, model.decoder):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_dense_loss_weight_scales_only_the_dense_losses():
+    batch = _inputs()
+    out = {}
+    for weight in ("1.0", "0.5"):
+        model = _model("MODEL.DENSE_QUERY.DENSE_LOSS_WEIGHT", weight, "MODEL.DEQDET.PERTURB_CONTENT_PROB", "0.0",
+                       "MODEL.DEQDET.PERTURB_POSITION_PROB", "0.0")
+        model.train()
+        with EventStorage(0):
+            out[weight] = {k: v.item() for k, v in model(batch).items()}
+    for k, v in out["1.0"].items():
+        assert out["0.5"][k] == pytest.approx(v * (0.5 if k.startswith("dense_") else 1.0), rel=1e-5)
+
+
+def test_image_without_objects_trains():
+    model = _model()
+    model.train()
+    with EventStorage(0):
+        losses = model(_inputs(with_objects=False))
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.head.cls_logits.weight.grad.abs().sum() > 0
+
+
+def test_dense_topk_queries_start_at_distinct_dense_boxes():
+    model = _model("MODEL.DENSE_QUERY.PROPOSAL_NMS_THRESH", "0.5").eval()
+    batch = _inputs(with_objects=False)
+    with torch.no_grad():
+        images, features, predictions = model._dense_forward(batch)
+        dense_features = [features[f] for f in model.head_in_features]
+        proposals = model.dense_proposals(images, dense_features, predictions)
+        _, _, xyzr, _, _ = model.initial_queries(batch)
+    for i, (p, (h, w)) in enumerate(zip(proposals, images.image_sizes)):
+        n = len(p)
+        assert 0 < n <= 8
+        assert (p.scores[:-1] >= p.scores[1:]).all()  # best first
+        iou = pairwise_iou(p.pred_boxes, p.pred_boxes).fill_diagonal_(0)
+        assert (iou <= 0.5 + 1e-6).all()  # distinct
+        torch.testing.assert_close(p.scores, p.class_scores.amax(1))
+        boxes = xyzr_to_xyxy(xyzr[i])
+        expected = p.pred_boxes.tensor.clone()
+        expected[:, 2:] = torch.maximum(expected[:, 2:], expected[:, :2] + 1)
+        torch.testing.assert_close(boxes[:n], expected, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(boxes[n:], torch.tensor([[0.0, 0.0, w, h]]).expand(8 - n, 4), atol=1e-3, rtol=0)
+
+
+def test_whole_image_queries_are_the_papers():
+    model = _model("MODEL.DENSE_QUERY.QUERY_INIT", "whole_image").eval()
+    batch = _inputs()
+    with torch.no_grad():
+        images, content, xyzr, features, prior = model.initial_queries(batch)
+    for boxes, (h, w) in zip(xyzr_to_xyxy(xyzr), images.image_sizes):
+        torch.testing.assert_close(boxes, torch.tensor([[0.0, 0.0, w, h]]).expand(8, 4), atol=1e-3, rtol=0)
+    assert content.shape == (2, 8, 64) and len(features) == 3 and prior is None
+
+
+def test_both_inference_sources_from_one_checkpoint():
+    model = _model().eval()
+    batch = _inputs()
+    with torch.no_grad():
+        decoder_out = model(batch)
+        model.inference_source = "dense"
+        dense_out = model(batch)
+    for out, (h, w) in zip(decoder_out, [(96, 128), (80, 112)]):
+        inst = out["instances"]
+        assert len(inst) == 50  # top-k over (query, class) pairs: 8 queries x 8 classes >= 50
+        boxes = inst.pred_boxes.tensor
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        assert out["steps"].item() >= 1 and out["residuals"].shape == (3,)
+    for out in dense_out:
+        assert "steps" not in out and isinstance(out["instances"], Instances)
+
+
+def test_dense_source_is_exactly_atss():
+    """The dense head is ATSS unchanged: same weights, same detections as the ATSS meta-architecture."""
+    model = _model().eval()
+    model.inference_source = "dense"
+    atss_cfg = build_config(CONFIG, SMALL + ["MODEL.META_ARCHITECTURE", "ATSS"])
+    atss = build_model(atss_cfg).eval()
+    missing, unexpected = atss.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.split(".")[0] in ("queries", "decoder") for k in unexpected)
+    batch = _inputs()
+    with torch.no_grad():
+        ours, theirs = model(batch), atss(batch)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a["instances"].pred_boxes.tensor, b["instances"].pred_boxes.tensor)
+        torch.testing.assert_close(a["instances"].scores, b["instances"].scores)
+
+
+def test_class_prior_adds_the_dense_log_odds():
+    model = _model("MODEL.DENSE_QUERY.CLASS_PRIOR", "True").eval()
+    batch = _inputs()
+    with torch.no_grad():
+        images, features, predictions = model._dense_forward(batch)
+        content, xyzr, prior = model._queries(images, [features[f] for f in model.head_in_features], predictions)
+        proposals = model.dense_proposals(images, [features[f] for f in model.head_in_features], predictions)
+    for i, p in enumerate(proposals):
+        torch.testing.assert_close(prior[i, : len(p)].sigmoid(), p.class_scores.clamp(1e-4, 1 - 1e-4))
+        assert torch.allclose(prior[i, len(p):].sigmoid(), torch.tensor(1e-4))
+    plain = _model("MODEL.DENSE_QUERY.CLASS_PRIOR", "False").eval()
+    _, _, plain_xyzr, _, no_prior = plain.initial_queries(batch)
+    torch.testing.assert_close(plain_xyzr, xyzr)  # the prior changes scores, not boxes
+    assert no_prior is None
+    torch.testing.assert_close(model.initial_queries(batch)[4], prior)  # what tools see is what forward adds
+
+
+@pytest.mark.parametrize("decoder", ["AdaMixerDecoder", "DEQDecoder"])
+def test_either_query_decoder(decoder):
+    model = _model("MODEL.QUERY.DECODER", decoder, "MODEL.QUERY.NUM_STAGES", "2")
+    model.train()
+    with EventStorage(0):
+        losses = model(_inputs())
+    prefix = "s1_" if decoder == "AdaMixerDecoder" else "iter2_"
+    assert any(k.startswith(prefix) for k in losses)
+    sum(losses.values()).backward()
+
+
+def test_papers_configs_keep_their_meta_architectures():
+    expected = {"deqdet_r50_1x.yaml": "QueryDetector", "adamixer_r50_1x.yaml": "QueryDetector",
+                "dyhead_r50_atss_fpn_1x.yaml": "ATSS", "dyhead_r50_retina_fpn_1x.yaml": "RetinaNet"}
+    for name, arch in expected.items():
+        cfg = build_config(os.path.join(ROOT, "configs", name))
+        assert cfg.MODEL.META_ARCHITECTURE == arch, name
+
+
+def test_coco_config_trains_a_step_and_infers():
+    torch.manual_seed(0)
+    cfg = build_config(os.path.join(ROOT, "configs", "deqdet_dyhead_r50_1x.yaml"), [
+        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.DEQDET.REFINEMENT_STEPS", "2",
+        "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 2)", "MODEL.DEQDET.MAX_ITERS", "2"])
+    model = build_model(cfg)
+    assert isinstance(model, DenseQueryDetector) and len(model.backbone.dyhead_tower) == 6
+    assert model.decoder.refine_stage.strides == (8, 16, 32, 64) and model.queries.content.num_embeddings == 100
+    model.train()
+    with EventStorage(0):
+        losses = model(_inputs())
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, no_grad[:5]  # every trainable parameter takes part in the loss
+    model.eval()
+    with torch.no_grad():
+        out = model([{k: v for k, v in x.items() if k != "instances"} for x in _inputs()])
+    assert len(out[0]["instances"]) == 100 and out[0]["steps"].item() == 3
+
+
+def test_decoder_feature_grad_scales_what_the_decoder_sends_into_the_pyramid():
+    no_rap = ["MODEL.DEQDET.PERTURB_CONTENT_PROB", "0.0", "MODEL.DEQDET.PERTURB_POSITION_PROB", "0.0"]
+    grads, values = {}, {}
+    for scale in ("1.0", "0.25", "0.0"):
+        model = _model("MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", scale, *no_rap)
+        model.train()
+        with EventStorage(0):
+            losses = model(_inputs())
+        sum(v for k, v in losses.items() if not k.startswith("dense_")).backward()  # the decoder's losses only
+        values[scale] = {k: v.item() for k, v in losses.items()}
+        grads[scale] = model.backbone.backbone.bottom_up.stem.conv1.weight.grad
+    assert values["0.25"] == pytest.approx(values["1.0"]) and values["0.0"] == pytest.approx(values["1.0"])
+    assert grads["1.0"].abs().sum() > 0 and grads["0.0"] is None
+    torch.testing.assert_close(grads["0.25"], 0.25 * grads["1.0"], atol=1e-7, rtol=1e-3)

@@ -1,0 +1,226 @@
+"""tools/predict.py, tools/export.py, tools/convert_official.py errors, `make help`, the environment
+report: each with a good and a bad input."""
+
+import os
+import subprocess
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deq_helpers import ROOT, SHAPES_CONFIG, TINY
+from deqdet.env import collect_env
+
+DEQ_OPTS = [*TINY, "MODEL.DEQDET.MAX_ITERS", "2"]
+ATSS_CONFIG = os.path.join(ROOT, "configs", "shapes", "atss_dyhead_r18.yaml")
+DENSE_QUERY_CONFIG = os.path.join(ROOT, "configs", "shapes", "dyhead_deqdet_r18.yaml")
+DENSE_QUERY_OPTS = (
+    "MODEL.DEVICE cpu MODEL.RESNETS.STEM_OUT_CHANNELS 16 MODEL.RESNETS.RES2_OUT_CHANNELS 16 "
+    "MODEL.FPN.OUT_CHANNELS 32 MODEL.DYHEAD.CHANNELS 32 MODEL.QUERY.FEAT_CHANNELS 32 MODEL.QUERY.CONTENT_DIM 32 "
+    "MODEL.QUERY.FFN_DIM 64 MODEL.QUERY.NUM_QUERIES 10 MODEL.QUERY.IN_POINTS 4 MODEL.QUERY.OUT_POINTS 8 "
+    "MODEL.QUERY.NUM_HEADS 2 MODEL.DEQDET.MAX_ITERS 2"
+).split()
+ATSS_OPTS = (
+    "MODEL.DEVICE cpu MODEL.RESNETS.STEM_OUT_CHANNELS 16 MODEL.RESNETS.RES2_OUT_CHANNELS 16 "
+    "MODEL.FPN.OUT_CHANNELS 32 MODEL.DYHEAD.CHANNELS 32 MODEL.ATSS.INFERENCE_TH 0.0"
+).split()
+
+
+@pytest.fixture()
+def images(tmp_path):
+    """A folder with an RGBA PNG, a grayscale JPEG and a file that is not an image."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (70, 90, 4), dtype=np.uint8), "RGBA").save(folder / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (80, 60), dtype=np.uint8), "L").save(folder / "gray.jpg")
+    (folder / "broken.png").write_bytes(b"\x89PNG but not really")
+    return folder
+
+
+def test_predict_draws_every_readable_image_and_names_the_broken_one(images, tmp_path, capsys):
+    from tools.predict import main
+
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "--config-file",
+                SHAPES_CONFIG,
+                "--input",
+                str(images),
+                "--output",
+                str(out),
+                "--confidence-threshold",
+                "0.0",
+                "--opts",
+                *DEQ_OPTS,
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert sorted(os.listdir(out)) == ["gray.png", "rgba.png"]
+    assert cv2.imread(str(out / "gray.png")).shape[:2] == (80, 60)  # drawn at the input's size
+    assert "broken.png" in captured.err and "1 of 3 inputs could not be read" in captured.err
+    assert "gray.jpg: 50 detections" in captured.out  # threshold 0: all TEST.DETECTIONS_PER_IMAGE (50)
+
+
+def test_predict_single_file_output_and_bad_inputs(images, tmp_path, capsys):
+    from tools.predict import main
+
+    target = tmp_path / "one" / "drawn.png"
+    assert (
+        main(
+            [
+                "--config-file",
+                SHAPES_CONFIG,
+                "--input",
+                str(images / "rgba.png"),
+                "--output",
+                str(target),
+                "--opts",
+                *DEQ_OPTS,
+            ]
+        )
+        == 0
+    )
+    assert target.is_file()
+    assert (
+        main(["--config-file", SHAPES_CONFIG, "--input", str(tmp_path / "nope*.jpg"), "--opts", *DEQ_OPTS])
+        == 2
+    )
+    assert "nope*.jpg" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "--config-file",
+                SHAPES_CONFIG,
+                "--input",
+                str(images / "rgba.png"),
+                "--opts",
+                *DEQ_OPTS,
+                "MODEL.WEIGHTS",
+                str(tmp_path / "missing.pth"),
+            ]
+        )
+        == 2
+    )
+    assert "missing.pth" in capsys.readouterr().err
+
+
+def test_predict_video(tmp_path, capsys):
+    from tools.predict import main
+
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5, (64, 48))
+    for i in range(3):
+        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+    writer.release()
+    out = tmp_path / "drawn.mp4"
+    assert (
+        main(
+            [
+                "--config-file",
+                SHAPES_CONFIG,
+                "--video-input",
+                str(video),
+                "--output",
+                str(out),
+                "--opts",
+                *DEQ_OPTS,
+            ]
+        )
+        == 0
+    )
+    drawn = cv2.VideoCapture(str(out))
+    assert int(drawn.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    (tmp_path / "text.mp4").write_text("not a video")
+    assert (
+        main(
+            ["--config-file", SHAPES_CONFIG, "--video-input", str(tmp_path / "text.mp4"), "--opts", *DEQ_OPTS]
+        )
+        == 2
+    )
+    assert "text.mp4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config, opts",
+    [(SHAPES_CONFIG, DEQ_OPTS), (ATSS_CONFIG, ATSS_OPTS), (DENSE_QUERY_CONFIG, DENSE_QUERY_OPTS)],
+    ids=["deqdet", "atss_dyhead", "dense_query_deq"],
+)
+def test_exported_torchscript_equals_eager(config, opts, tmp_path):
+    from tools.export import adapter_for, check_torchscript, export_config, export_torchscript, sample_input
+
+    from deqdet.inference import build_inference_model
+
+    torch.manual_seed(0)
+    cfg = export_config(config, opts)
+    model = build_inference_model(cfg)
+    image, other = sample_input(cfg, None, (96, 128)), sample_input(cfg, None, (96, 128), seed=1)
+    path = str(tmp_path / "m.ts")
+    export_torchscript(model, image, path)
+    eager = adapter_for(model, other)
+    outputs = eager(*eager.flattened_inputs)
+    assert outputs[0].shape[0] > 0  # there are detections to compare
+    assert check_torchscript(model, path, [image, other]) == [0.0, 0.0]
+
+
+def test_export_cli_bad_input(tmp_path, capsys):
+    from tools.export import main
+
+    assert (
+        main(
+            [
+                "--config-file",
+                SHAPES_CONFIG,
+                "--output",
+                str(tmp_path / "m"),
+                "--input",
+                str(tmp_path / "missing.jpg"),
+                "--opts",
+                *DEQ_OPTS,
+            ]
+        )
+        == 2
+    )
+    assert "missing.jpg" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "empty"), (b"plain text, no pickle", "cannot read checkpoint")],
+    ids=["empty", "not_a_checkpoint"],
+)
+def test_convert_official_unreadable_input_is_one_line(tmp_path, capsys, content, message):
+    from tools.convert_official import main
+
+    src = tmp_path / "in.pth"
+    src.write_bytes(content)
+    assert main(["--source", "deqdet", str(src), str(tmp_path / "out.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(src) in err and message in err
+
+
+def test_convert_official_missing_output_folder_fails_before_reading(tmp_path, capsys):
+    from tools.convert_official import main
+
+    missing = tmp_path / "no" / "such" / "folder"
+    # the input does not exist either: the output folder is checked first, before any work
+    assert main(["--source", "dyhead", str(tmp_path / "in.pth"), str(missing / "out.pth")]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_make_help_lists_the_targets():
+    out = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for target in ("demo", "test", "setup", "help"):
+        assert f"make {target} " in out
+
+
+def test_environment_report_names_where_deqdet_is_imported_from():
+    import deqdet
+
+    assert f"deqdet: {os.path.dirname(os.path.abspath(deqdet.__file__))}" in collect_env()

@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Run a trained detector on your own images or a video and draw its detections.
+
+    .venv/bin/python tools/predict.py --config-file configs/shapes/demo.yaml \\
+        --input photos/ "more/*.jpg" one.png --output output/predictions \\
+        --opts MODEL.WEIGHTS output/demo/model_final.pth
+    .venv/bin/python tools/predict.py --config-file X.yaml --video-input clip.mp4 --output out.mp4 \\
+        --opts MODEL.WEIGHTS model.pth
+
+The interface of Detectron2's ``demo/demo.py``. Images are read with Detectron2's ``read_image``
+(EXIF orientation, grayscale and RGBA handled) and fed to ``DefaultPredictor`` (which resizes them as
+at test time and converts them to ``INPUT.FORMAT``); detections with a score of at least
+``--confidence-threshold`` are drawn with ``Visualizer``. ``--output``: a folder (one PNG per input,
+named after it) or, for a single input, a file name. Without ``--output`` the detections are only
+listed. An input that cannot be read is reported in one line and skipped. Runs on ``MODEL.DEVICE``
+(CUDA when available, else CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import cv2
+import tqdm
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.visualizer import Visualizer
+
+import deqdet  # noqa: F401  (registers datasets and models)
+from deqdet.engine import build_config
+from deqdet.errors import UserInputError, one_line
+from deqdet.inference import check_weights, expand_inputs
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
+    parser.add_argument("--input", nargs="+", help="images: files, globs (quoted) or folders")
+    parser.add_argument("--video-input", help="a video file")
+    parser.add_argument(
+        "--output", help="folder for the drawn images (or a file name for one input / the video)"
+    )
+    parser.add_argument(
+        "--confidence-threshold", type=float, default=0.5, help="minimum score of drawn detections"
+    )
+    parser.add_argument(
+        "--opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        help="config overrides: KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth MODEL.DEVICE cpu",
+    )
+    return parser
+
+
+def output_path(output: str, input_path: str, num_inputs: int) -> str:
+    """A folder (existing, ending with a separator, or several inputs) gets ``<input name>.png``."""
+    if num_inputs > 1 or os.path.isdir(output) or output.endswith(os.sep):
+        os.makedirs(output, exist_ok=True)
+        return os.path.join(output, os.path.splitext(os.path.basename(input_path))[0] + ".png")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    return output
+
+
+class Predictor:
+    """``DefaultPredictor`` + thresholding + ``Visualizer`` drawing on RGB images."""
+
+    def __init__(self, cfg, threshold: float):
+        self.predictor = DefaultPredictor(cfg)
+        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+        self.threshold = threshold
+
+    def __call__(self, image_bgr):
+        """uint8 H x W x 3 BGR -> (the kept ``Instances`` on CPU, the drawn RGB image)."""
+        instances = self.predictor(image_bgr)["instances"].to("cpu")
+        instances = instances[instances.scores >= self.threshold]
+        drawn = Visualizer(image_bgr[:, :, ::-1], self.metadata).draw_instance_predictions(instances)
+        return instances, drawn.get_image()
+
+    def describe(self, instances) -> str:
+        names = self.metadata.get("thing_classes", None)
+        parts = [
+            f"{names[c] if names else c} {s:.2f}"
+            for c, s in zip(instances.pred_classes.tolist(), instances.scores.tolist())
+        ]
+        return f"{len(instances)} detections" + (": " + ", ".join(parts[:5]) if parts else "")
+
+
+def predict_images(predictor: Predictor, paths, output) -> int:
+    """Returns the number of inputs that could not be read."""
+    failures = 0
+    for path in tqdm.tqdm(paths, desc="images", unit="img", disable=len(paths) < 2):
+        try:
+            image = read_image(path, format="BGR")
+        except Exception as e:  # PIL / OS errors: any reason the file is not a readable image
+            tqdm.tqdm.write(
+                f"error: cannot read image {path}: {' '.join(str(e).split())}", file=sys.stderr
+            )
+            failures += 1
+            continue
+        instances, drawn = predictor(image)
+        message = f"{path}: {predictor.describe(instances)}"
+        if output:
+            target = output_path(output, path, len(paths))
+            cv2.imwrite(target, drawn[:, :, ::-1])
+            message += f" -> {target}"
+        tqdm.tqdm.write(message)
+    return failures
+
+
+def predict_video(predictor: Predictor, path: str, output) -> None:
+    video = cv2.VideoCapture(path)
+    if not video.isOpened() or int(video.get(cv2.CAP_PROP_FRAME_COUNT)) <= 0:
+        raise UserInputError(f"--video-input {path}: cannot read video")
+    fps = video.get(cv2.CAP_PROP_FPS) or 25.0
+    count = int(video.get(cv2.CAP_PROP_FRAME_COUNT))
+    writer = None
+    if output:
+        target = (
+            output
+            if os.path.splitext(output)[1]
+            else os.path.join(output, os.path.splitext(os.path.basename(path))[0] + ".mp4")
+        )
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    for _ in tqdm.trange(count, desc="frames", unit="frame"):
+        ok, frame = video.read()
+        if not ok:
+            break
+        _, drawn = predictor(frame)
+        if output:
+            if writer is None:
+                writer = cv2.VideoWriter(
+                    target, cv2.VideoWriter_fourcc(*"mp4v"), fps, (drawn.shape[1], drawn.shape[0])
+                )
+            writer.write(drawn[:, :, ::-1])
+    video.release()
+    if writer is not None:
+        writer.release()
+        print(f"wrote {target}")
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    if bool(args.input) == bool(args.video_input):
+        print("error: give either --input or --video-input", file=sys.stderr)
+        return 2
+    try:
+        cfg = build_config(args.config_file, args.opts)
+        paths = expand_inputs(args.input) if args.input else None
+        check_weights(cfg.MODEL.WEIGHTS)
+        predictor = Predictor(cfg, args.confidence_threshold)
+        if paths is None:
+            predict_video(predictor, args.video_input, args.output)
+            return 0
+        failures = predict_images(predictor, paths, args.output)
+    except UserInputError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    if failures:
+        print(f"{failures} of {len(paths)} inputs could not be read", file=sys.stderr)
+    return 1 if failures == len(paths) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Watch a DEQ decoder refine its boxes: a PNG grid (rows: images; columns: the init stage and
+refinement steps 1, 2, 4, ...), the residual and top-score curves per step, and an animated GIF.
+
+    .venv/bin/python tools/visualize_refinement.py --config-file configs/shapes/deqdet_r18.yaml \\
+        --input img1.png img2.png --output output/refinement/shapes \\
+        --opts MODEL.WEIGHTS output/deqdet_r18/model_final.pth
+
+writes ``output/refinement/shapes_grid.png``, ``..._curves.png`` and ``shapes.gif``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+
+import deqdet  # noqa: F401  (registers datasets and models)
+from deqdet.engine import build_config
+from deqdet.errors import UserInputError, one_line
+from deqdet.inference import build_inference_model, expand_inputs
+from deqdet.visualization import render_refinement
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="config of a DEQ-decoder model")
+    parser.add_argument("--input", nargs="+", required=True, help="images: files, globs or folders (a few)")
+    parser.add_argument("--output", required=True, help="path prefix of the PNGs and the GIF")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="grid columns, 0 = init stage (default: 0 1 2 4 ... MAX_ITERS+1)",
+    )
+    parser.add_argument("--num-boxes", type=int, default=10, help="top detections drawn per image and step")
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ..."
+    )
+    return parser
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    try:
+        cfg = build_config(args.config_file, args.opts)
+        paths = expand_inputs(args.input)
+        images = []
+        for path in paths:
+            try:
+                images.append(read_image(path, format=cfg.INPUT.FORMAT))
+            except Exception as e:  # PIL / OS errors: any reason the file is not a readable image
+                print(f"error: cannot read image {path}: {e}", file=sys.stderr)
+        if not images:
+            raise UserInputError(f"no readable image among --input {' '.join(args.input)}")
+        model = build_inference_model(cfg)
+        metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
+        written = render_refinement(
+            cfg, model, images, args.output, metadata, steps=args.steps, num_boxes=args.num_boxes
+        )
+    except (UserInputError, ValueError) as e:
+        print(f"error: {one_line(e) if isinstance(e, UserInputError) else e}", file=sys.stderr)
+        return 2
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
