@@ -20,5 +20,8 @@ demo: setup  ## train + evaluate the demo detector on `shapes`, draw its predict
 test: setup  ## run the test suite
 	$(PY) -m pytest -q tests
 
+bench: setup  ## speed and memory side by side (benchmarks/run.py; BENCH_ARGS=--quick for the short run)
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
 clean:  ## remove output/
 	rm -rf output

@@ -78,8 +78,9 @@ def test_channel_mappers(style, kernel):
     assert [c.kernel_size for c in neck.convs] == [(kernel, kernel)] * 2 and neck.strides == [4, 8]
     outs = neck({"res2": torch.randn(2, 8, 16, 16) - 3, "res3": torch.randn(2, 16, 8, 8)})
     assert [tuple(o.shape) for o in outs] == [(2, 32, 16, 16), (2, 32, 8, 8)]
+    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs)  # what sample_3d gathers from
     # one shared GroupNorm: per level and group, zero mean (the affine starts as identity)
-    torch.testing.assert_close(outs[0].view(2, 8, -1).mean(-1), torch.zeros(2, 8), atol=1e-4, rtol=0)
+    torch.testing.assert_close(outs[0].reshape(2, 8, -1).mean(-1), torch.zeros(2, 8), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="NECK_STYLE"):
         ChannelMapper(shapes, ["res2"], 32, "FPN")
 

@@ -89,7 +89,8 @@ def modulated_deform_conv3x3(
         stride: 1 or 2.
         impl: one of :data:`DCN_IMPLS`.
     Returns:
-        (N, O, Ho, Wo).
+        (N, O, Ho, Wo); channels-last with ``impl="sampling"``, which reads a channels-last ``x``
+        without copying it.
     """
     if impl == "torchvision":
         return deform_conv2d(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
@@ -101,12 +102,13 @@ def modulated_deform_conv3x3(
     if (ho, wo) != expected:
         raise ValueError(f"deformable conv: offsets of size {(ho, wo)} for an output of size {expected}")
     index, bag_weight = _bilinear_bags(offset, mask, x.shape[-2:], stride)
-    table = x.permute(0, 2, 3, 1).contiguous().view(-1, c)  # (N H W, C) channels-last rows
+    table = x.permute(0, 2, 3, 1).reshape(-1, c)  # (N H W, C) channels-last rows (a view for channels-last x)
     columns = F.embedding_bag(index, table, per_sample_weights=bag_weight, mode="sum")  # (N 3Ho 3Wo, C)
     # The sampled taps as a channels-last (N, C, 3 Ho, 3 Wo) image: a 3x3 conv of stride 3 applies the
     # kernel to each output's taps (oneDNN's convolution is faster here than the equivalent matmul).
+    # Its output stays channels-last, ready to be the next deformable conv's table.
     patches = columns.view(n, 3 * ho, 3 * wo, c).permute(0, 3, 1, 2)
-    return F.conv2d(patches, weight, bias, stride=3).contiguous()
+    return F.conv2d(patches, weight, bias, stride=3)
 
 
 def coarse_level_offsets(

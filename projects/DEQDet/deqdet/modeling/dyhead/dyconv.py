@@ -120,6 +120,8 @@ class DyConv(nn.Module):
             raise ValueError(f"DyHead: the block mixes levels and input, so in ({in_channels}) must equal out "
                              f"({out_channels}) channels; set MODEL.DYHEAD.CHANNELS = MODEL.FPN.OUT_CHANNELS")
         self.coarse_offsets = coarse_offsets
+        # The gather-based DCN reads channels-last maps in place (and returns them): convert once here.
+        self.channels_last = dcn_impl == "sampling"
         # [0]: stride 1 on the coarser level, [1]: the level itself, [2]: stride 2 on the finer level.
         self.DyConv = nn.ModuleList(
             [DeformConvGN(in_channels, out_channels, stride, dcn_impl) for stride in (1, 1, 2)]
@@ -139,9 +141,12 @@ class DyConv(nn.Module):
         return self.h_sigmoid(self.AttnConv(term))
 
     def forward(self, features: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """{name: (N, C, H_l, W_l)} finest first -> same names and shapes."""
+        """{name: (N, C, H_l, W_l)} finest first -> same names and shapes (channels-last with the
+        ``sampling`` DCN)."""
         names: List[str] = list(features)
         levels = [features[k] for k in names]
+        if self.channels_last:  # a no-op for the previous block's outputs
+            levels = [f.contiguous(memory_format=torch.channels_last) for f in levels]
         out = {}
         for i, feature in enumerate(levels):
             offset_mask = self.offset(feature)
@@ -154,6 +159,6 @@ class DyConv(nn.Module):
                 c_offset, c_mask = coarse_level_offsets(offset, mask, coarse.shape[-2:], self.coarse_offsets)
                 term = self.DyConv[0](coarse, c_offset, c_mask)
                 terms.append(F.interpolate(term, size=feature.shape[-2:], mode="bilinear", align_corners=True))
-            mean = torch.stack([t * self.scale_gate(t) for t in terms]).mean(dim=0)
+            mean = sum(t * self.scale_gate(t) for t in terms) / len(terms)  # keeps the memory format
             out[names[i]] = self.relu(mean)
         return out

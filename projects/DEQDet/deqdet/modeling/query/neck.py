@@ -15,7 +15,10 @@ NECK_STYLES = {"AdaMixer": (1, False), "DEQDet": (3, True)}
 
 
 class ChannelMapper(nn.Module):
-    """Per level a conv to ``out_channels`` (optionally ReLU), then ONE shared ``GroupNorm``."""
+    """Per level a conv to ``out_channels`` (optionally ReLU), then ONE shared ``GroupNorm``.
+
+    The maps are returned channels-last (the same values): the decoder's 3D sampling then gathers
+    each point's channel vectors in place (:func:`~deqdet.modeling.query.sampling.sample_3d`)."""
 
     def __init__(
         self, input_shapes: Dict[str, ShapeSpec], in_features: List[str], out_channels: int, style: str,
@@ -40,9 +43,11 @@ class ChannelMapper(nn.Module):
             nn.init.zeros_(conv.bias)
 
     def forward(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
-        """Backbone outputs by name -> list of (B, out_channels, H_l, W_l) in ``in_features`` order."""
+        """Backbone outputs by name -> list of (B, out_channels, H_l, W_l), channels-last, in
+        ``in_features`` order."""
         outs = []
         for name, conv in zip(self.in_features, self.convs):
             out = conv(features[name])
-            outs.append(self.norm(F.relu(out) if self.relu else out))
+            out = self.norm(F.relu(out) if self.relu else out)
+            outs.append(out.contiguous(memory_format=torch.channels_last))
         return outs
