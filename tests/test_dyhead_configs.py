@@ -66,3 +66,15 @@ def test_config_builds_trains_a_step_and_infers(config):
         assert inst.image_size == (x["height"], x["width"])
         assert len(inst) <= cfg.TEST.DETECTIONS_PER_IMAGE
         assert inst.pred_classes.numel() == 0 or int(inst.pred_classes.max()) < num_classes
+
+
+def test_configs_load_without_python_tags():
+    """Anchor sizes are written out: no ``!!python/...`` tag (yaml.unsafe_load warns on every start)."""
+    import glob
+
+    for path in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True):
+        assert "!!python" not in open(path).read(), path
+    ratios = build_config(os.path.join(ROOT, "configs", "dyhead_r50_retina_fpn_1x.yaml")).MODEL.ANCHOR_GENERATOR.SIZES
+    for octave in ratios:
+        assert octave[1] / octave[0] == pytest.approx(2 ** (1 / 3), rel=1e-12)
+        assert octave[2] / octave[0] == pytest.approx(2 ** (2 / 3), rel=1e-12)
