@@ -39,8 +39,18 @@ def _last_checkpoint(folder):
         return f.read().strip()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs use the one thread the killed subprocesses use: float sums in another thread
+    count come out in another order, and after a few AdamW steps the weights would differ."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(tmp_path_factory, one_thread):
     """Uninterrupted 6-iteration runs, by name."""
     runs = {}
     for name, argv in (("deq", DEQ), ("atss_dyhead", ATSS_DYHEAD), ("dense_query", DENSE_QUERY)):
