@@ -121,9 +121,9 @@ def check_onnx(path: str, adapter: TracingAdapter) -> str:
         import onnxruntime
     except ImportError:
         return "not run (onnxruntime is not installed)"
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    feeds = {i.name: x.cpu().numpy() for i, x in zip(session.get_inputs(), adapter.flattened_inputs)}
-    got = tuple(torch.from_numpy(x) for x in session.run(None, feeds))
+    runtime = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feeds = {i.name: x.cpu().numpy() for i, x in zip(runtime.get_inputs(), adapter.flattened_inputs)}
+    got = tuple(torch.from_numpy(x) for x in runtime.run(None, feeds))
     return f"onnxruntime max |difference| {max_difference(got, adapter(*adapter.flattened_inputs)):.3g}"
 
 
