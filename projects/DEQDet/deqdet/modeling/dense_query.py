@@ -21,12 +21,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, detector_postprocess
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
 from torchvision.ops import nms
 
 from .dyhead.atss import ATSS
-from .meta_arch import query_targets, set_criterion_from_config, topk_detections
+from .meta_arch import postprocess_outputs, query_targets, set_criterion_from_config, topk_detections
 from .query import InitialQueries, SetCriterion, build_query_decoder
 from .query.boxes import xyxy_to_xyzr
 
@@ -222,8 +222,4 @@ class DenseQueryDetector(ATSS):
             results = topk_detections(last["logits"], last["boxes"], images.image_sizes,
                                       self.max_detections_per_image)
             extras = {k: v for k, v in last.items() if k not in ("logits", "boxes")}
-        return [
-            {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1])),
-             **{k: v[i] for k, v in extras.items()}}
-            for i, (r, x, size) in enumerate(zip(results, batched_inputs, images.image_sizes))
-        ]
+        return postprocess_outputs(results, extras, batched_inputs, images.image_sizes)

@@ -14,7 +14,7 @@ from torch import nn
 
 from .query import ChannelMapper, HungarianMatcher, InitialQueries, SetCriterion, build_query_decoder
 
-__all__ = ["QueryDetector", "query_targets", "set_criterion_from_config", "topk_detections"]
+__all__ = ["QueryDetector", "postprocess_outputs", "query_targets", "set_criterion_from_config", "topk_detections"]
 
 
 def set_criterion_from_config(cfg) -> SetCriterion:
@@ -31,6 +31,17 @@ def query_targets(instances: Instances, image_size) -> Dict[str, torch.Tensor]:
     h, w = image_size
     boxes = instances.gt_boxes.tensor
     return {"labels": instances.gt_classes, "boxes": boxes, "whwh": boxes.new_tensor([w, h, w, h])}
+
+
+def postprocess_outputs(results: List[Instances], extras: Dict[str, torch.Tensor], batched_inputs: List[dict],
+                        image_sizes) -> List[dict]:
+    """Per image ``{"instances": detector_postprocess(...), **{k: extras[k][i]}}`` (extras: (B, ...)
+    per-image values such as the DEQ ``residuals`` and ``steps``)."""
+    return [
+        {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1])),
+         **{k: v[i] for k, v in extras.items()}}
+        for i, (r, x, size) in enumerate(zip(results, batched_inputs, image_sizes))
+    ]
 
 
 def topk_detections(logits: torch.Tensor, boxes: torch.Tensor, image_sizes, k: int) -> List[Instances]:
@@ -133,8 +144,4 @@ class QueryDetector(nn.Module):
         last = self.decoder(content, xyzr, features)[-1]
         results = topk_detections(last["logits"], last["boxes"], images.image_sizes, self.detections_per_image)
         extras = {k: v for k, v in last.items() if k not in ("logits", "boxes")}  # e.g. DEQ residuals, steps
-        return [
-            {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1])),
-             **{k: v[i] for k, v in extras.items()}}
-            for i, (r, x, size) in enumerate(zip(results, batched_inputs, images.image_sizes))
-        ]
+        return postprocess_outputs(results, extras, batched_inputs, images.image_sizes)
