@@ -114,17 +114,18 @@ def train(args) -> None:
 
 # -------------------------------------------------------------------------------------------- memory
 class SavedTensorMeter:
-    """Peak bytes of tensors saved for backward (parameters excluded, one count per storage)."""
+    """Peak bytes of tensors saved for backward, one count per storage; the storages of ``params``
+    (the model's parameters) are not counted. Detached leaves that share a storage with activations
+    (DEQDet's gradient stash reads the image features through them) count as that storage."""
 
-    def __init__(self):
+    def __init__(self, params=()):
         self.live, self.current, self.peak = {}, 0, 0
+        self.params = {p.untyped_storage().data_ptr() for p in params}
 
     def pack(self, t):
-        import torch
-
-        if isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad):
-            return t
         key = t.untyped_storage().data_ptr()
+        if key in self.params:
+            return t
         entry = self.live.setdefault(key, [t.untyped_storage().nbytes(), 0])
         if entry[1] == 0:
             self.current += entry[0]
@@ -185,7 +186,7 @@ def memory(args) -> None:
         model.train()
         peaks, seconds = [], []
         for batch in batches:
-            meter = SavedTensorMeter()
+            meter = SavedTensorMeter(model.parameters())
             start = time.perf_counter()
             with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
                 losses = model(batch)

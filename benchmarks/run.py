@@ -261,7 +261,7 @@ def memory_child(name: str, hw, batch: int, device: str, steps: int) -> dict:
     result = {}
     with EventStorage(0):
         for _ in range(steps):  # the last step is measured; earlier ones warm up the allocator and oneDNN
-            meter = SavedTensorMeter()
+            meter = SavedTensorMeter(model.parameters())
             try:  # reset the resident high-water mark (Linux: "5" clears VmHWM)
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")

@@ -41,8 +41,9 @@ def test_stashed_gradients_equal_the_all_in_graph_gradients(stash_and_plain):
     assert any(k.startswith("iter6_") for k in losses_s) and any(k.startswith("init^2_") for k in losses_s)
     for k in losses_p:  # logged values are the true losses
         torch.testing.assert_close(losses_s[k].detach(), losses_p[k].detach(), rtol=1e-5, atol=1e-6)
-    # Only one value carries the stashed segments; the other segment values are plain numbers.
-    assert sum(v.requires_grad for k, v in losses_s.items() if k.startswith("iter")) == 1
+    # Only one value carries the stashed segments (all of them, the init stage's included); the
+    # other values are plain numbers.
+    assert sum(v.requires_grad for v in losses_s.values()) == 1
     for model, losses in ((stash, losses_s), (plain, losses_p)):
         model.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
@@ -72,6 +73,76 @@ def test_stash_follows_the_trainers_loss_scale(stash_and_plain):
         for name, g in _grads(stash).items():
             _assert_close(g / 1024.0, expected[name], name)
     stash.decoder.loss_scale.value = 1.0
+
+
+class _StageActivationMeter:
+    """Bytes saved for backward by the decoder's stage calls that are alive at once (peak), one count
+    per storage; parameters and the image features (shared by every stage) are not counted. ``unit``:
+    the bytes one stage call saves (the first call with gradient)."""
+
+    def __init__(self, model):
+        self.skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.live, self.current, self.peak, self.unit, self.in_stage, self.packed = {}, 0, 0, None, False, 0
+        model.neck.register_forward_hook(
+            lambda m, a, out: self.skip.update(f.untyped_storage().data_ptr() for f in out))
+        for stage in (model.decoder.init_stage, model.decoder.refine_stage):
+            stage.register_forward_pre_hook(self._enter)
+            stage.register_forward_hook(self._leave)
+
+    def _enter(self, module, args):
+        self.in_stage, self.packed = True, 0
+
+    def _leave(self, module, args, out):
+        self.in_stage = False
+        if self.unit is None and self.packed:
+            self.unit = self.packed
+
+    def pack(self, t):
+        key = t.untyped_storage().data_ptr()
+        if not self.in_stage or key in self.skip:
+            return t
+        entry = self.live.setdefault(key, [t.untyped_storage().nbytes(), 0])
+        if entry[1] == 0:
+            self.current += entry[0]
+            self.packed += entry[0]
+            self.peak = max(self.peak, self.current)
+        entry[1] += 1
+        return _Saved(self, key, t)
+
+    @staticmethod
+    def unpack(saved):
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+    def release(self, key):
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+
+class _Saved:
+    def __init__(self, meter, key, tensor):
+        self.meter, self.key, self.tensor = meter, key, tensor
+
+    def __del__(self):
+        self.meter.release(self.key)
+
+
+@pytest.mark.parametrize("stash, extra, stages", [
+    ("True", 2, 3.0),    # init stage + its 2 applications of f, then one RAG segment (2) at a time
+    ("True", 0, 2.0),    # one RAG segment at a time
+    ("False", 2, 9.0),   # everything in one graph: 1 + 2 + 3 positions (the tiny config's) x RAG 2
+])
+def test_stash_keeps_one_segment_of_stage_activations_alive(stash, extra, stages):
+    model = jiggled(tiny_model(*NO_RAP, "MODEL.DEQDET.GRAD_STASH", stash,
+                               "MODEL.DEQDET.EXTRA_INIT_SUPERVISIONS", str(extra)))
+    meter = _StageActivationMeter(model)
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        losses = model(synthetic_batch())
+    peak_in_stages = meter.peak / meter.unit
+    assert stages - 0.25 <= peak_in_stages <= stages + 0.25, peak_in_stages
+    sum(losses.values()).backward()
 
 
 def test_rap_off_is_deterministic_and_rap_on_is_not():

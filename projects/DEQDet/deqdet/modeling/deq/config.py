@@ -18,7 +18,7 @@ def add_deqdet_decoder_config(cfg: CN) -> None:
     d.RAG = 2
     # Supervise the init stage's prediction (False: the init stage is frozen, it gets no gradient).
     d.INIT_SUPERVISION = True
-    # Extra supervised applications of f after the init stage, in the graph of the init stage.
+    # Extra supervised applications of f after the init stage (their gradient reaches the init stage).
     d.EXTRA_INIT_SUPERVISIONS = 2
     # Refinement-aware perturbation before each no-grad step: with PERTURB_CONTENT_PROB the content q
     # becomes (1 - I) q + I ||q|| eps (I = PERTURB_CONTENT_INTENSITY); with PERTURB_POSITION_PROB the
@@ -31,9 +31,11 @@ def add_deqdet_decoder_config(cfg: CN) -> None:
     # |w|, |h| and computes the IoF attention bias from the raw corners (a crossed box overlaps nothing);
     # "clamped" encodes |w|, |h| of at least 1 px and computes the bias from that box.
     d.PERTURB_POSITION_MODE = "official"
-    # Memory-lean training: backpropagate every supervised segment inside the forward through detached
-    # features and stash the gradients (activation memory grows with RAG, not with the number of
-    # positions). False: every segment stays in one graph until the trainer's backward (same gradients).
+    # Memory-lean training: backpropagate every supervised segment (the init stage, the applications of f
+    # after it, each position's RAG steps) inside the forward through detached features and queries and
+    # stash the gradients: the decoder's activation memory is that of its largest segment, whatever the
+    # number of positions. False: every segment stays in one graph until the trainer's backward (same
+    # gradients).
     d.GRAD_STASH = True
     # --- inference ---
     # Stop iterating f for an image once the relative residual ||z_k+1 - z_k|| / ||z_k|| of its state is

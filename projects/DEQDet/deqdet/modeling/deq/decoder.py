@@ -14,8 +14,9 @@ Training (:meth:`DEQDecoder.losses`, the official recipe; all of it under ``MODE
                                                       #   (RAG = 0: L(f(z_in)), the one-step gradient)
 
 RAP may hand the step the jittered box corners for its IoF attention bias (``PERTURB_POSITION_MODE``
-"official", :class:`.perturb.RefinementPerturbation`). With ``GRAD_STASH`` each segment
-``L(f^RAG(z))`` is backpropagated at once through detached features (:mod:`.stash`).
+"official", :class:`.perturb.RefinementPerturbation`). With ``GRAD_STASH`` each segment (the
+init stage, its supervised applications of f, each ``L(f^RAG(z))``) is backpropagated at once through
+detached features and queries (:mod:`.stash`).
 Inference (:meth:`DEQDecoder.forward`): the init stage, then :func:`.solver.solve` for at most
 ``MAX_ITERS`` iterations (per image, until the relative residual is below ``TOL``), then one more
 application of ``f`` whose prediction is the output (``TOL = 0``: the official 20 + 1 steps).
@@ -146,20 +147,36 @@ class DEQDecoder(nn.Module):
             "anderson_window": d.ANDERSON_WINDOW,
         }
 
-    def _init_losses(self, content, xyzr, features, loss_fn: LossFn):
-        """Init stage (+ supervised applications of f) -> (its losses, its detached state)."""
+    def _init_losses(self, content, xyzr, features, loss_fn: LossFn, stash):
+        """Init stage (+ supervised applications of f) -> (its losses, its detached state). With a
+        ``stash`` the applications of f form one segment and the init stage, receiving their gradient
+        on its output content, another."""
         if not self.init_supervision:
             with torch.no_grad():
                 content, xyzr, _, _ = self.init_stage(content, xyzr, features)
             return {}, (content, xyzr)
         content, xyzr, logits, boxes = self.init_stage(content, xyzr, features)
         start = (content.detach(), xyzr.detach())
-        predictions, prefixes = [_prediction(logits, boxes)], ["init"]
+        losses = _renamed(loss_fn([_prediction(logits, boxes)]), ["init"])
+        predictions, prefixes = [], []
+        state = (start[0].requires_grad_(), start[1]) if stash else (content, xyzr)
         for j in range(self.extra_init_supervisions):
-            content, xyzr, logits, boxes = self.refine_stage(content, xyzr, features)
-            predictions.append(_prediction(logits, boxes))
+            state = self.refine_stage(*state[:2], features)
+            predictions.append(_prediction(*state[2:]))
             prefixes.append(f"init^{j + 1}")
-        return _renamed(loss_fn(predictions), prefixes), start
+        if predictions:
+            losses.update(_renamed(loss_fn(predictions), prefixes))
+        if stash:
+            extra = sum(v for k, v in losses.items() if k.startswith("init^"))
+            content_grad = stash.backward(extra, wrt=[start[0]])[0] if predictions else None
+            init = sum(v for k, v in losses.items() if k.startswith("init_"))
+            if content_grad is None:
+                stash.backward(init)
+            else:
+                stash.backward(init, outputs=[content], output_grads=[content_grad])
+            losses = {k: v.detach() for k, v in losses.items()}
+            start = (start[0].detach(), start[1])
+        return losses, start
 
     def losses(
         self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor], loss_fn: LossFn
@@ -171,29 +188,30 @@ class DEQDecoder(nn.Module):
             loss_fn: predictions list -> ``{"s{i}_loss_*": scalar}`` (the criterion with the targets).
 
         Returns:
-            ``init_*``, ``init^{j}_*`` and ``iter{i}_*`` losses. With ``grad_stash`` the ``iter`` values
-            are detached numbers except one, which carries all of their gradients (:mod:`.stash`).
+            ``init_*``, ``init^{j}_*`` and ``iter{i}_*`` losses. With ``grad_stash`` the values are
+            detached numbers except one, which carries all of their gradients (:mod:`.stash`).
         """
-        losses, state = self._init_losses(content, xyzr, features, loss_fn)
-        stash = GradientStash(self.refine_stage, features, self.loss_scale) if self.grad_stash else None
-        feats = stash.features if stash else features
-        carrier = None
+        stash = None
+        if self.grad_stash:
+            stash = GradientStash(self, [*features, content, xyzr], self.loss_scale)
+            *features, content, xyzr = stash.leaves
+        losses, state = self._init_losses(content, xyzr, features, loss_fn, stash)
         for i in range(1, self.refinement_steps + 1):
             with torch.no_grad():
                 content, xyzr, iof_boxes = self.perturbation(*state)
-                state = self.refine_stage(content, xyzr, feats, iof_boxes=iof_boxes)[:2]
+                state = self.refine_stage(content, xyzr, features, iof_boxes=iof_boxes)[:2]
             if i not in self.supervision_positions:
                 continue
-            segment = state if self.rag else self.refine_stage(content, xyzr, feats, iof_boxes=iof_boxes)
+            segment = state if self.rag else self.refine_stage(content, xyzr, features, iof_boxes=iof_boxes)
             for _ in range(self.rag):
-                segment = self.refine_stage(*segment[:2], feats)
+                segment = self.refine_stage(*segment[:2], features)
             segment_losses = _renamed(loss_fn([_prediction(*segment[2:])]), [f"iter{i}"])
             if stash:
                 stash.backward(sum(segment_losses.values()))
                 segment_losses = {k: v.detach() for k, v in segment_losses.items()}
-                carrier = carrier or next(iter(segment_losses))
             losses.update(segment_losses)
-        if carrier:
+        if stash:
+            carrier = next(iter(losses))
             losses[carrier] = stash.attach(losses[carrier])
         return losses
 
