@@ -48,6 +48,11 @@ import torch  # noqa: E402
 MODELS = {
     "deqdet_r50": ("configs/deqdet_r50_1x.yaml", [], "DEQDet R50, 20 + 1 steps"),
     "deqdet_r50_tol": ("configs/deqdet_r50_1x.yaml", ["MODEL.DEQDET.TOL", "0.3"], "DEQDet R50, TOL 0.3"),
+    "deqdet_r50_compiled": (
+        "configs/deqdet_r50_1x.yaml",
+        ["MODEL.DEQDET.COMPILE", "True"],
+        "DEQDet R50, 20 + 1 steps, compiled stage",
+    ),
     "adamixer_r50": ("configs/adamixer_r50_1x.yaml", [], "AdaMixer R50, 6 stages"),
     "atss_r50": ("configs/atss_r50_fpn_1x.yaml", [], "ATSS R50, 4-conv towers"),
     "atss_dyhead_r50": ("configs/dyhead_r50_atss_fpn_1x.yaml", [], "ATSS R50 + 6 DyHead blocks"),
@@ -55,6 +60,8 @@ MODELS = {
     "faster_rcnn_r50": ("zoo:COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", [], "Faster R-CNN R50-FPN"),
     "retinanet_r50": ("zoo:COCO-Detection/retinanet_R_50_FPN_1x.yaml", [], "RetinaNet R50-FPN"),
 }
+# Variants whose training is that of another entry (they differ at inference only): no train / memory rows.
+TRAINS_AS = {"deqdet_r50_tol": "deqdet_r50", "deqdet_r50_compiled": "deqdet_r50"}
 SIZES = {"800x1333": (800, 1333), "shapes": (256, 352)}
 PHASES = ("flops", "latency", "step", "train", "memory")
 REFERENCE = "faster_rcnn_r50"
@@ -127,10 +134,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+AUTOCAST = {"dtype": None}  # --autocast: the dtype the timed phases run under (None: off)
+
+
 def timed(fn, device: str) -> float:
+    dtype = AUTOCAST["dtype"]
     sync(device)
     start = time.perf_counter()
-    fn()
+    with torch.autocast(device.split(":")[0], dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        fn()
     sync(device)
     return time.perf_counter() - start
 
@@ -170,6 +182,10 @@ def flops(models: dict, hw, device: str) -> dict:
         impls = [m.impl for m in dcns]
         for m in dcns:  # fvcore counts torchvision's deform_conv2d (with the handle below), not the gathers
             m.impl = "torchvision"
+        decoder = getattr(model, "decoder", None)
+        compiled = getattr(decoder, "compile_stage", False)
+        if compiled:  # fvcore traces the plain stage (same operations)
+            decoder.compile_stage = False
         with torch.no_grad():
             analysis = FlopCountAnalysis(model, images(1, hw, device))
             analysis.set_op_handle("torchvision::deform_conv2d", _deform_conv_flops)
@@ -178,6 +194,8 @@ def flops(models: dict, hw, device: str) -> dict:
             unsupported = dict(analysis.unsupported_ops())
         for m, impl in zip(dcns, impls):
             m.impl = impl
+        if compiled:
+            decoder.compile_stage = True
         out[name] = {"gflops": round(total / 1e9, 1), "unsupported_ops": unsupported}
         print(f"  flops {name}: {out[name]['gflops']} G", flush=True)
     return out
@@ -198,8 +216,9 @@ def latency(models: dict, hw, batches, repeat: int, device: str) -> dict:
     return out
 
 
-def refinement_step(model, hw, repeat: int, device: str) -> dict:
-    """One refinement step of a DEQDet model (its queries, batch 1) vs its backbone's forward."""
+def refinement_step(model, hw, repeat: int, device: str, compiled=None) -> dict:
+    """One refinement step of a DEQDet model (its queries, batch 1) vs its backbone's forward; with
+    ``compiled`` (the same model with ``MODEL.DEQDET.COMPILE``) its compiled step too."""
     with torch.no_grad():
         batch = model.preprocess_image(images(1, hw, device))
         features = model.neck(model.backbone(batch.tensor))
@@ -210,12 +229,20 @@ def refinement_step(model, hw, repeat: int, device: str) -> dict:
             "neck": lambda: model.neck(model.backbone(batch.tensor)),
             "refinement_step": lambda: model.decoder.refine_stage(content, xyzr, features),
         }
+        if compiled is not None:
+            stage = compiled.decoder._inference_stage()
+            fns["refinement_step_compiled"] = lambda: stage(content, xyzr, features)
         times = interleaved(fns, repeat, device)
     out = {k: summary(v) for k, v in times.items()}
     out["neck"] = summary([n - b for n, b in zip(times["neck"], times["backbone"])])  # neck alone, roughly
     out["queries"] = content.shape[1]
     out["step_over_backbone"] = round(out["refinement_step"]["median_s"] / out["backbone"]["median_s"], 4)
-    print(f"  refinement step / backbone: {out['step_over_backbone']}", flush=True)
+    if compiled is not None:
+        out["compiled_step_over_backbone"] = round(
+            out["refinement_step_compiled"]["median_s"] / out["backbone"]["median_s"], 4
+        )
+    print(f"  refinement step / backbone: {out['step_over_backbone']} "
+          f"(compiled: {out.get('compiled_step_over_backbone')})", flush=True)
     return out
 
 
@@ -357,7 +384,7 @@ def targets(record: dict) -> list:
     for size, res in record["sizes"].items():
         lat = res.get("latency", {}).get("batch1", {})
         med = {k: v["median_s"] for k, v in lat.items()}
-        for name, goal in (("deqdet_r50", 1.0), ("deqdet_r50_tol", 0.8)):
+        for name, goal in (("deqdet_r50", 1.0), ("deqdet_r50_compiled", 1.0), ("deqdet_r50_tol", 0.8)):
             r = _ratio(med.get(name), med.get(REFERENCE))
             if r is not None:
                 rows.append((f"{size}: {MODELS[name][2]} / Faster R-CNN latency <= {goal}", r, r <= goal))
@@ -365,14 +392,15 @@ def targets(record: dict) -> list:
         if r is not None:
             rows.append((f"{size}: ATSS + 6 DyHead / ATSS 4-conv latency <= 1.3", r, r <= 1.3))
         step = res.get("step")
-        if step:
-            rows.append(
-                (
-                    f"{size}: one refinement step ({step['queries']} queries) / R50 backbone <= 0.05",
-                    step["step_over_backbone"],
-                    step["step_over_backbone"] <= 0.05,
+        for key, label in (("step_over_backbone", ""), ("compiled_step_over_backbone", ", compiled")):
+            if step and key in step:
+                rows.append(
+                    (
+                        f"{size}: one refinement step ({step['queries']} queries{label}) / R50 backbone <= 0.05",
+                        step[key],
+                        step[key] <= 0.05,
+                    )
                 )
-            )
         mem = res.get("memory", {})
         for key in ("saved_for_backward_mib", "rss_step_rise_mib", "cuda_step_rise_mib"):
             r = _ratio(mem.get("deqdet_r50", {}).get(key), mem.get("adamixer_r50", {}).get(key))
@@ -396,7 +424,9 @@ def markdown(record: dict) -> str:
         + "  ",
         f"Random weights; latency = median (min-max) over {record['repeat']} interleaved rounds after a "
         "warm-up round; training step and memory with "
-        f"{record['train_batch']} images of 8 random boxes.",
+        f"{record['train_batch']} images of 8 random boxes."
+        + (f" Timed phases under `torch.autocast({record['autocast']})`; memory in float32."
+           if record.get("autocast") else ""),
         "",
     ]
     if record.get("skipped"):
@@ -445,7 +475,14 @@ def markdown(record: dict) -> str:
                 f"DEQDet refinement step ({step['queries']} queries, batch 1): "
                 f"{step['refinement_step']['median_s']:.4f} s; R50 backbone "
                 f"{step['backbone']['median_s']:.3f} s (ratio {step['step_over_backbone']}); "
-                f"channel mapper about {step['neck']['median_s']:.3f} s.",
+                f"channel mapper about {step['neck']['median_s']:.3f} s."
+                + (
+                    f" Compiled step (`MODEL.DEQDET.COMPILE`): "
+                    f"{step['refinement_step_compiled']['median_s']:.4f} s "
+                    f"(ratio {step['compiled_step_over_backbone']})."
+                    if "refinement_step_compiled" in step
+                    else ""
+                ),
             ]
         if any("step_s" in v for v in res.get("memory", {}).values()) and not res.get("train"):
             lines += ["", "\\* training step timed in the model's own memory process (not interleaved)."]
@@ -510,6 +547,13 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="+", choices=PHASES, default=list(PHASES))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
+        "--autocast",
+        choices=["bfloat16", "float16"],
+        default=None,
+        help="run the timed phases (latency, step, train) of every model under torch.autocast with "
+        "this dtype (memory and FLOPs stay float32)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="batch 1 only, 2 rounds; FLOPs and memory (one training step, its time in the "
@@ -519,6 +563,7 @@ def main(argv=None) -> None:
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    AUTOCAST["dtype"] = getattr(torch, args.autocast) if args.autocast else None
     sizes = args.sizes or [SIZES["shapes"], SIZES["800x1333"]]
     if args.memory_child:
         sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -542,6 +587,7 @@ def main(argv=None) -> None:
             ]
         ),
         "device": args.device,
+        "autocast": args.autocast,
         "repeat": repeat,
         "train_batch": args.train_batch,
         "models": names,
@@ -586,17 +632,19 @@ def main(argv=None) -> None:
             save()
         if "step" in args.only and "deqdet_r50" in models:
             res["step"] = phase(
-                f"{name} step", refinement_step, models["deqdet_r50"], hw, repeat, args.device
+                f"{name} step", refinement_step, models["deqdet_r50"], hw, repeat, args.device,
+                models.get("deqdet_r50_compiled"),
             )
             save()
         if "train" in args.only and first and not args.quick:  # later sizes: the memory process times it
-            res["train"] = phase(f"{name} train", train, models, hw, args.train_batch, repeat, args.device)
+            trained = {k: m for k, m in models.items() if k not in TRAINS_AS}
+            res["train"] = phase(f"{name} train", train, trained, hw, args.train_batch, repeat, args.device)
             save()
         if "memory" in args.only and (first or not args.quick):
             res["memory"] = phase(
                 f"{name} memory",
                 memory,
-                names,
+                [n for n in names if n not in TRAINS_AS],
                 hw,
                 args.train_batch,
                 args.device,

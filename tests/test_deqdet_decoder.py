@@ -190,6 +190,32 @@ def test_tol_zero_runs_the_official_number_of_steps():
         assert torch.isfinite(r["instances"].pred_boxes.tensor).all()
 
 
+def test_compiled_stage_equals_the_plain_stage():
+    """MODEL.DEQDET.COMPILE: the inference steps through torch.compile give the plain stage's
+    detections (float rounding: fused kernels sum in another order); training keeps the plain stage."""
+    plain = jiggled(tiny_model("MODEL.DEQDET.MAX_ITERS", "3")).eval()
+    compiled = tiny_model("MODEL.DEQDET.MAX_ITERS", "3", "MODEL.DEQDET.COMPILE", "True").eval()
+    compiled.load_state_dict(plain.state_dict())
+    assert not any(".compiled" in k or "_orig_mod" in k for k in compiled.state_dict())
+    batch = synthetic_batch(2)
+    with torch.no_grad():
+        expected, actual = plain(batch), compiled(batch)
+    assert "refine" in compiled.decoder._compiled
+    for e, a in zip(expected, actual):
+        assert int(a["steps"]) == int(e["steps"]) == 4
+        e, a = e["instances"], a["instances"]
+        torch.testing.assert_close(a.scores, e.scores, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.pred_boxes.tensor, e.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
+        assert torch.equal(a.pred_classes, e.pred_classes)
+    from torch._dynamo.utils import counters
+
+    frames = dict(counters["frames"])  # a grad-mode stage call through the compiled one would compile anew
+    compiled.train()
+    losses = compiled(batch)
+    sum(losses.values()).backward()
+    assert dict(counters["frames"]) == frames and all(torch.isfinite(v) for v in losses.values())
+
+
 @pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
 def test_tolerance_stops_each_image_early(solver):
     model = tiny_model("MODEL.DEQDET.MAX_ITERS", "20", "MODEL.DEQDET.SOLVER", solver).eval()

@@ -47,3 +47,8 @@ def add_deqdet_decoder_config(cfg: CN) -> None:
     d.SOLVER = "fixed_point"
     # Anderson acceleration: number of past iterates mixed.
     d.ANDERSON_WINDOW = 5
+    # Run the inference applications of the refinement stage through torch.compile (opt-in). The first
+    # inference compiles (about a minute on a 2-core CPU; once more when the input shape first changes,
+    # then shape-generic); after that a step is about 1.5x faster on CPU (benchmarks/results/bench.md).
+    # Training and tools/export.py use the plain stage.
+    d.COMPILE = False

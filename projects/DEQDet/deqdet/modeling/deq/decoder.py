@@ -19,7 +19,8 @@ init stage, its supervised applications of f, each ``L(f^RAG(z))``) is backpropa
 detached features and queries (:mod:`.stash`).
 Inference (:meth:`DEQDecoder.forward`): the init stage, then :func:`.solver.solve` for at most
 ``MAX_ITERS`` iterations (per image, until the relative residual is below ``TOL``), then one more
-application of ``f`` whose prediction is the output (``TOL = 0``: the official 20 + 1 steps).
+application of ``f`` whose prediction is the output (``TOL = 0``: the official 20 + 1 steps); with
+``COMPILE`` these applications of ``f`` run through ``torch.compile``.
 """
 
 import logging
@@ -100,6 +101,7 @@ class DEQDecoder(nn.Module):
         max_iters: int = 20,
         solver: str = "fixed_point",
         anderson_window: int = 5,
+        compile_stage: bool = False,
     ):
         super().__init__()
         positions = sorted(set(int(p) for p in supervision_positions))
@@ -122,6 +124,8 @@ class DEQDecoder(nn.Module):
         self.perturbation = perturbation or RefinementPerturbation(0.0, 0.0, 0.0, 0.0)
         self.grad_stash = grad_stash
         self.tol, self.max_iters, self.solver, self.anderson_window = tol, max_iters, solver, anderson_window
+        self.compile_stage = compile_stage
+        self._compiled = {}  # "refine": the compiled stage, made on first use (a dict: not a submodule)
         self.loss_scale = ObservedLossScale()
         if not init_supervision:  # nothing would ever reach its parameters (refinement starts detached)
             self.init_stage.requires_grad_(False)
@@ -145,6 +149,7 @@ class DEQDecoder(nn.Module):
             "max_iters": d.MAX_ITERS,
             "solver": d.SOLVER,
             "anderson_window": d.ANDERSON_WINDOW,
+            "compile_stage": d.COMPILE,
         }
 
     def _init_losses(self, content, xyzr, features, loss_fn: LossFn, stash):
@@ -251,6 +256,15 @@ class DEQDecoder(nn.Module):
             z = z_next
         return states
 
+    def _inference_stage(self) -> Callable:
+        """The refinement stage for inference: ``torch.compile``-d with ``COMPILE`` (shape-generic after
+        the first change of shape), else the module itself."""
+        if not self.compile_stage:
+            return self.refine_stage
+        if "refine" not in self._compiled:
+            self._compiled["refine"] = torch.compile(self.refine_stage)
+        return self._compiled["refine"]
+
     def forward(
         self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor]
     ) -> List[Dict[str, torch.Tensor]]:
@@ -259,14 +273,15 @@ class DEQDecoder(nn.Module):
         image stopped), "steps": (B,) applications of f including the output one}]``."""
         content, xyzr, init_logits, init_boxes = self.init_stage(content, xyzr, features)
         codec = self._codec(content, features)
+        stage = self._inference_stage()
 
         def step(z: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             feats = features if len(index) == len(content) else [f[index] for f in features]
-            return codec.flatten(*self.refine_stage(*codec.unflatten(z), feats)[:2])
+            return codec.flatten(*stage(*codec.unflatten(z), feats)[:2])
 
         result = solve(step, codec.flatten(content, xyzr), tol=self.tol, max_iters=self.max_iters,
                        method=self.solver, anderson_window=self.anderson_window)
-        _, _, logits, boxes = self.refine_stage(*codec.unflatten(result.state), features)
+        _, _, logits, boxes = stage(*codec.unflatten(result.state), features)
         logits, boxes = _finite_prediction(logits, boxes, init_logits, init_boxes, codec.scale[:2])
         return [{"logits": logits, "boxes": boxes, "residuals": result.residuals, "steps": result.iterations + 1}]
 
