@@ -8,8 +8,9 @@
         --opts MODEL.WEIGHTS model.pth
 
 The interface of Detectron2's ``demo/demo.py``. Images are read with Detectron2's ``read_image``
-(EXIF orientation, grayscale and RGBA handled) and fed to ``DefaultPredictor`` (which resizes them as
-at test time and converts them to ``INPUT.FORMAT``); detections with a score of at least
+(EXIF orientation, grayscale and RGBA handled) and fed to :class:`deqdet.predictor.Predictor`
+(Detectron2's ``DefaultPredictor``, which resizes them as at test time and converts them to
+``INPUT.FORMAT``, under ``TEST.AUTOCAST``); detections with a score of at least
 ``--confidence-threshold`` are drawn with ``Visualizer``. ``--output``: a folder (one PNG per input,
 named after it) or, for a single input, a file name. Without ``--output`` the detections are only
 listed. An input that cannot be read is reported in one line and skipped. Runs on ``MODEL.DEVICE``
@@ -26,13 +27,13 @@ import cv2
 import tqdm
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
 import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
 from deqdet.inference import check_weights, expand_inputs
+from deqdet.predictor import Predictor as DeqdetPredictor
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -67,10 +68,11 @@ def output_path(output: str, input_path: str, num_inputs: int) -> str:
 
 
 class Predictor:
-    """``DefaultPredictor`` + thresholding + ``Visualizer`` drawing on RGB images."""
+    """:class:`deqdet.predictor.Predictor` (``DefaultPredictor`` under ``TEST.AUTOCAST``) + thresholding +
+    ``Visualizer`` drawing on RGB images."""
 
     def __init__(self, cfg, threshold: float):
-        self.predictor = DefaultPredictor(cfg)
+        self.predictor = DeqdetPredictor(cfg)
         self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
         self.threshold = threshold
 

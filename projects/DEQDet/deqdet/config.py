@@ -23,6 +23,10 @@ def add_deqdet_config(cfg: CN) -> CN:
     # "high" (TF32 matmuls on GPUs that have them; the official DEQDet sets it) or "medium". No effect on CPU.
     cfg.MODEL.FLOAT32_MATMUL_PRECISION = "highest"
 
+    # Inference (evaluation in the trainer, deqdet.predictor.Predictor, tools/predict.py) under
+    # torch.autocast with this dtype: "" (off, float32), "bfloat16" or "float16" (deqdet.autocast).
+    cfg.TEST.AUTOCAST = ""
+
     # Optimizer built by deqdet.solver.build_optimizer: "SGD" (Detectron2's) or "AdamW".
     cfg.SOLVER.OPTIMIZER = "SGD"
     # AdamW betas (ignored by SGD).

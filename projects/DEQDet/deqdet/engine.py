@@ -18,6 +18,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
+from .autocast import autocast_dtype, with_inference_autocast
 from .checkpoint.loading import readable_checkpoint_errors
 from .config import add_deqdet_config
 from .data.coco_files import register_coco_files
@@ -93,7 +94,8 @@ class FiniteLossGuard(HookBase):
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with COCO evaluation (+ DEQ refinement statistics), the project's optimizers,
+    """``DefaultTrainer`` with COCO evaluation (+ DEQ refinement statistics, under ``TEST.AUTOCAST``),
+    the project's optimizers,
     ``MODEL.CHANNELS_LAST``, ``MODEL.FLOAT32_MATMUL_PRECISION``, datasets loaded once and checked up
     front (:mod:`deqdet.data.loading`), readable data and checkpoint errors, multi-process training
     on CPUs (gloo) as on GPUs, a stop naming the loss term at a non-finite loss, and exact
@@ -144,6 +146,11 @@ class Trainer(DefaultTrainer):
         if cfg.MODEL.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)
         return model
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Detectron2's evaluation, under ``TEST.AUTOCAST``."""
+        return super().test(cfg, with_inference_autocast(model, cfg), evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -204,7 +211,8 @@ def build_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
     ``DATASETS.COCO_FILES`` registered.
 
     Raises:
-        UserInputError: the config file is missing or unreadable, or a key is unknown.
+        UserInputError: the config file is missing or unreadable, a key is unknown, or
+            ``TEST.AUTOCAST`` names no dtype.
     """
     cfg = get_cfg()
     add_deqdet_config(cfg)
@@ -224,6 +232,7 @@ def build_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
     except (KeyError, AssertionError, ValueError) as e:
         raise UserInputError(f"command-line override: {e.args[0] if e.args else e}") from e
     cfg.freeze()
+    autocast_dtype(cfg)  # an unknown TEST.AUTOCAST fails here, not after training
     register_coco_files(cfg)
     return cfg
 

@@ -1,10 +1,12 @@
-"""``Predictor``: Detectron2's ``DefaultPredictor`` that also takes grayscale and RGBA arrays."""
+"""``Predictor``: Detectron2's ``DefaultPredictor`` that also takes grayscale and RGBA arrays and
+follows ``TEST.AUTOCAST``."""
 
 from __future__ import annotations
 
 import numpy as np
 from detectron2.engine import DefaultPredictor
 
+from .autocast import with_inference_autocast
 from .errors import UserInputError
 
 __all__ = ["Predictor", "as_three_channels"]
@@ -34,7 +36,11 @@ def as_three_channels(image: np.ndarray) -> np.ndarray:
 
 class Predictor(DefaultPredictor):
     """``DefaultPredictor`` (one image in ``cfg.INPUT.FORMAT`` channel order -> ``{"instances"}``)
-    whose input goes through :func:`as_three_channels` first."""
+    whose input goes through :func:`as_three_channels` first, run under ``TEST.AUTOCAST``."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.model = with_inference_autocast(self.model, cfg)
 
     def __call__(self, original_image: np.ndarray) -> dict:
         return super().__call__(as_three_channels(original_image))
