@@ -113,48 +113,10 @@ def train(args) -> None:
 
 
 # -------------------------------------------------------------------------------------------- memory
-class SavedTensorMeter:
-    """Peak bytes of tensors saved for backward, one count per storage; the storages of ``params``
-    (the model's parameters) are not counted. Detached leaves that share a storage with activations
-    (DEQDet's gradient stash reads the image features through them) count as that storage."""
-
-    def __init__(self, params=()):
-        self.live, self.current, self.peak = {}, 0, 0
-        self.params = {p.untyped_storage().data_ptr() for p in params}
-
-    def pack(self, t):
-        key = t.untyped_storage().data_ptr()
-        if key in self.params:
-            return t
-        entry = self.live.setdefault(key, [t.untyped_storage().nbytes(), 0])
-        if entry[1] == 0:
-            self.current += entry[0]
-            self.peak = max(self.peak, self.current)
-        entry[1] += 1
-        return _Saved(self, key, t)
-
-    @staticmethod
-    def unpack(saved):
-        return saved.tensor if isinstance(saved, _Saved) else saved
-
-    def release(self, key):
-        entry = self.live[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.live[key]
-
-
-class _Saved:
-    def __init__(self, meter, key, tensor):
-        self.meter, self.key, self.tensor = meter, key, tensor
-
-    def __del__(self):
-        self.meter.release(self.key)
-
-
 def memory(args) -> None:
     import torch
+
+    from deqdet.memory import SavedTensorMeter
     from detectron2.data import build_detection_train_loader
     from detectron2.modeling import build_model
 
@@ -186,7 +148,7 @@ def memory(args) -> None:
         model.train()
         peaks, seconds = [], []
         for batch in batches:
-            meter = SavedTensorMeter(model.parameters())
+            meter = SavedTensorMeter(skip=model.parameters())
             start = time.perf_counter()
             with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
                 losses = model(batch)

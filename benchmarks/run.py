@@ -280,7 +280,7 @@ def memory_child(name: str, hw, batch: int, device: str, steps: int) -> dict:
     """Run in a fresh process: peak memory and time of the last of ``steps`` training steps of ``name``."""
     from detectron2.utils.events import EventStorage
 
-    from deqdet_vs_adamixer import SavedTensorMeter
+    from deqdet.memory import SavedTensorMeter
 
     model, _ = build(name, device)
     model.train()
@@ -288,7 +288,7 @@ def memory_child(name: str, hw, batch: int, device: str, steps: int) -> dict:
     result = {}
     with EventStorage(0):
         for _ in range(steps):  # the last step is measured; earlier ones warm up the allocator and oneDNN
-            meter = SavedTensorMeter(model.parameters())
+            meter = SavedTensorMeter(skip=model.parameters())
             try:  # reset the resident high-water mark (Linux: "5" clears VmHWM)
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")

@@ -10,6 +10,7 @@ import torch
 
 from deq_helpers import NO_RAP, ROOT, jiggled, synthetic_batch, tiny_model
 from deqdet.engine import build_config
+from deqdet.memory import SavedTensorMeter
 from deqdet.modeling.deq.perturb import RefinementPerturbation, encode_jittered_xyxy
 from deqdet.modeling.query.boxes import xyxy_to_xyzr
 
@@ -75,14 +76,14 @@ def test_stash_follows_the_trainers_loss_scale(stash_and_plain):
     stash.decoder.loss_scale.value = 1.0
 
 
-class _StageActivationMeter:
-    """Bytes saved for backward by the decoder's stage calls that are alive at once (peak), one count
-    per storage; parameters and the image features (shared by every stage) are not counted. ``unit``:
-    the bytes one stage call saves (the first call with gradient)."""
+class _StageActivationMeter(SavedTensorMeter):
+    """Saved-for-backward bytes of the decoder's stage calls alive at once (``peak``); parameters and
+    the image features (shared by every stage) are not counted. ``unit``: the bytes one stage call
+    saves (the first call with gradient)."""
 
     def __init__(self, model):
-        self.skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.live, self.current, self.peak, self.unit, self.in_stage, self.packed = {}, 0, 0, None, False, 0
+        super().__init__(skip=model.parameters())
+        self.unit, self.in_stage, self.packed = None, False, 0
         model.neck.register_forward_hook(
             lambda m, a, out: self.skip.update(f.untyped_storage().data_ptr() for f in out))
         for stage in (model.decoder.init_stage, model.decoder.refine_stage):
@@ -97,36 +98,11 @@ class _StageActivationMeter:
         if self.unit is None and self.packed:
             self.unit = self.packed
 
-    def pack(self, t):
-        key = t.untyped_storage().data_ptr()
-        if not self.in_stage or key in self.skip:
-            return t
-        entry = self.live.setdefault(key, [t.untyped_storage().nbytes(), 0])
-        if entry[1] == 0:
-            self.current += entry[0]
-            self.packed += entry[0]
-            self.peak = max(self.peak, self.current)
-        entry[1] += 1
-        return _Saved(self, key, t)
+    def accepts(self, tensor):
+        return self.in_stage
 
-    @staticmethod
-    def unpack(saved):
-        return saved.tensor if isinstance(saved, _Saved) else saved
-
-    def release(self, key):
-        entry = self.live[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.live[key]
-
-
-class _Saved:
-    def __init__(self, meter, key, tensor):
-        self.meter, self.key, self.tensor = meter, key, tensor
-
-    def __del__(self):
-        self.meter.release(self.key)
+    def counted(self, nbytes):
+        self.packed += nbytes
 
 
 @pytest.mark.parametrize("stash, extra, stages", [
