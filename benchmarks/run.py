@@ -5,6 +5,7 @@
     make bench BENCH_ARGS=--quick               # batch 1, 2 rounds, memory at the shapes size only
     python benchmarks/run.py --models deqdet_r50 adamixer_r50 --sizes 800x1216 --only memory --train-batch 2
     python benchmarks/run.py --device cuda
+    python benchmarks/run.py --sizes 800x1333 --only latency step --batches 1 --autocast bfloat16
 
 Models (random weights, R50, no downloads): see :data:`MODELS`. For each size (``HxW``; ``shapes``
 is the `shapes` test size) it measures
@@ -15,7 +16,8 @@ is the `shapes` test size) it measures
 * ``latency``: eval-mode inference of batch 1 and 4 random images, every model once per round, rounds
   repeated (``--repeat``, after a warm-up round), so machine load hits all models alike and the ratios
   are fair; median, min and max per model;
-* ``step``: one DEQDet refinement step (100 queries) against the R50 backbone's forward, interleaved;
+* ``step``: one DEQDet refinement step (100 queries) against the R50 backbone's forward, interleaved
+  (and the step through ``torch.compile`` when ``deqdet_r50_compiled`` is measured);
 * ``train``: one training step (forward + backward, ``--train-batch`` images with 8 random boxes
   each), interleaved like the latency;
 * ``memory``: peak memory of one training step, each model in its own subprocess: on CPU the
@@ -60,8 +62,8 @@ MODELS = {
     "faster_rcnn_r50": ("zoo:COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", [], "Faster R-CNN R50-FPN"),
     "retinanet_r50": ("zoo:COCO-Detection/retinanet_R_50_FPN_1x.yaml", [], "RetinaNet R50-FPN"),
 }
-# Variants whose training is that of another entry (they differ at inference only): no train / memory rows.
-TRAINS_AS = {"deqdet_r50_tol": "deqdet_r50", "deqdet_r50_compiled": "deqdet_r50"}
+# DEQDet R50 variants that differ from it at inference only: no train / memory rows of their own.
+INFERENCE_VARIANTS = {"deqdet_r50_tol", "deqdet_r50_compiled"}
 SIZES = {"800x1333": (800, 1333), "shapes": (256, 352)}
 PHASES = ("flops", "latency", "step", "train", "memory")
 REFERENCE = "faster_rcnn_r50"
@@ -637,14 +639,14 @@ def main(argv=None) -> None:
             )
             save()
         if "train" in args.only and first and not args.quick:  # later sizes: the memory process times it
-            trained = {k: m for k, m in models.items() if k not in TRAINS_AS}
+            trained = {k: m for k, m in models.items() if k not in INFERENCE_VARIANTS}
             res["train"] = phase(f"{name} train", train, trained, hw, args.train_batch, repeat, args.device)
             save()
         if "memory" in args.only and (first or not args.quick):
             res["memory"] = phase(
                 f"{name} memory",
                 memory,
-                [n for n in names if n not in TRAINS_AS],
+                [n for n in names if n not in INFERENCE_VARIANTS],
                 hw,
                 args.train_batch,
                 args.device,

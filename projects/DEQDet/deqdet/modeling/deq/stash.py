@@ -5,10 +5,11 @@ per supervision position of the refinement. Keeping them all in one graph until 
 backward costs activation memory for every segment. Instead each segment runs on *detached* copies of
 the image features and initial queries and is backpropagated at once with ``torch.autograd.grad`` into
 a stash (the gradients of the decoder's parameters and of the detached inputs); its graph is freed,
-so the decoder's activation memory is that of its largest segment. :meth:`GradientStash.attach` then wraps one logged loss value
-in an autograd function that has the same value and, when the trainer's backward reaches it, returns
-the stashed gradients as the gradients of the real features and queries (so they flow on into the
-neck, the backbone and the query embeddings) and of the decoder's parameters.
+so the decoder's activation memory is that of its largest segment. :meth:`GradientStash.attach` then
+wraps one logged loss value in an autograd function that has the same value and, when the trainer's
+backward reaches it, returns the stashed gradients as the gradients of the real features and queries
+(so they flow on into the neck, the backbone and the query embeddings) and of the decoder's
+parameters.
 
 Nothing is written to ``.grad`` during the forward (the official code does, with hooks on the
 features; here that would break: Detectron2's trainers call ``zero_grad`` after the forward). DDP's
