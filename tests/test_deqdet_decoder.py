@@ -1,5 +1,5 @@
-"""DEQDecoder: memory-lean gradients equal the all-in-graph ones, RAP, inference schedule, tolerance,
-non-finite guard, config errors."""
+"""DEQDecoder: memory-lean gradients equal the all-in-graph ones and keep one segment's activations,
+RAP, inference schedule, tolerance, compiled inference steps, non-finite guard, config errors."""
 
 import logging
 import math
@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from deq_helpers import NO_RAP, ROOT, jiggled, synthetic_batch, tiny_model
 from deqdet.engine import build_config
@@ -183,8 +184,6 @@ def test_compiled_stage_equals_the_plain_stage():
         torch.testing.assert_close(a.scores, e.scores, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a.pred_boxes.tensor, e.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
         assert torch.equal(a.pred_classes, e.pred_classes)
-    from torch._dynamo.utils import counters
-
     frames = dict(counters["frames"])  # a grad-mode stage call through the compiled one would compile anew
     compiled.train()
     losses = compiled(batch)
