@@ -162,23 +162,22 @@ class DEQDecoder(nn.Module):
             return {}, (content, xyzr)
         content, xyzr, logits, boxes = self.init_stage(content, xyzr, features)
         start = (content.detach(), xyzr.detach())
-        losses = _renamed(loss_fn([_prediction(logits, boxes)]), ["init"])
-        predictions, prefixes = [], []
+        init_losses = _renamed(loss_fn([_prediction(logits, boxes)]), ["init"])
         state = (start[0].requires_grad_(), start[1]) if stash else (content, xyzr)
-        for j in range(self.extra_init_supervisions):
+        predictions = []
+        for _ in range(self.extra_init_supervisions):
             state = self.refine_stage(*state[:2], features)
             predictions.append(_prediction(*state[2:]))
-            prefixes.append(f"init^{j + 1}")
+        extra_losses = {}
         if predictions:
-            losses.update(_renamed(loss_fn(predictions), prefixes))
+            extra_losses = _renamed(loss_fn(predictions), [f"init^{j}" for j in range(1, len(predictions) + 1)])
+        losses = {**init_losses, **extra_losses}
         if stash:
-            extra = sum(v for k, v in losses.items() if k.startswith("init^"))
-            content_grad = stash.backward(extra, wrt=[start[0]])[0] if predictions else None
-            init = sum(v for k, v in losses.items() if k.startswith("init_"))
-            if content_grad is None:
-                stash.backward(init)
+            if extra_losses:
+                content_grad = stash.backward(sum(extra_losses.values()), wrt=[start[0]])[0]
+                stash.backward(sum(init_losses.values()), outputs=[content], output_grads=[content_grad])
             else:
-                stash.backward(init, outputs=[content], output_grads=[content_grad])
+                stash.backward(sum(init_losses.values()))
             losses = {k: v.detach() for k, v in losses.items()}
             start = (start[0].detach(), start[1])
         return losses, start
