@@ -136,41 +136,41 @@ def case_deqdet_inference(repeat):
     }
 
 
-def case_dyhead_block(repeat):
+def _dyhead_block(dcn_impl):
+    """One DyHead block (non-trivial offsets) and an 800x1333 FPN pyramid P3-P7."""
     from deqdet.modeling.dyhead.dyconv import DyConv
 
     torch.manual_seed(0)
-    block = DyConv(256, 256, dcn_impl="torchvision").eval()
+    block = DyConv(256, 256, dcn_impl=dcn_impl).eval()
     with torch.no_grad():
         block.offset.weight.normal_(std=0.01)  # non-trivial offsets
-    pyramid = dict(zip(["p3", "p4", "p5", "p6", "p7"], _pyramid(strides=(8, 16, 32, 64, 128))))
+    return block, dict(zip(["p3", "p4", "p5", "p6", "p7"], _pyramid(strides=(8, 16, 32, 64, 128))))
+
+
+def _block_pair(name, before, after, repeat):
+    """Two calls returning the same pyramid: the largest output difference, then interleaved times."""
+    with torch.no_grad():
+        diff = max(_diff(a, b) for a, b in zip(before().values(), after().values()))
+        t = interleaved({"before": before, "after": after}, repeat, "cpu")
+    return {name: {**{k: summary(v) for k, v in t.items()}, "max_abs_diff": diff}}
+
+
+def case_dyhead_block(repeat):
+    block, pyramid = _dyhead_block("torchvision")
 
     def run(impl):
         for m in block.DyConv:
             m.conv.impl = impl
         return block(pyramid)
 
-    with torch.no_grad():
-        diff = max(_diff(a, b) for a, b in zip(run("torchvision").values(), run("sampling").values()))
-        t = interleaved(
-            {"before": lambda: run("torchvision"), "after": lambda: run("sampling")}, repeat, "cpu"
-        )
-    return {
-        "DyHead block, 800x1333 pyramid (torchvision DCN -> sampling DCN)": {
-            **{k: summary(v) for k, v in t.items()},
-            "max_abs_diff": diff,
-        }
-    }
+    return _block_pair(
+        "DyHead block, 800x1333 pyramid (torchvision DCN -> sampling DCN)",
+        lambda: run("torchvision"), lambda: run("sampling"), repeat,
+    )
 
 
 def case_dyhead_channels_last(repeat):
-    from deqdet.modeling.dyhead.dyconv import DyConv
-
-    torch.manual_seed(0)
-    block = DyConv(256, 256, dcn_impl="sampling").eval()
-    with torch.no_grad():
-        block.offset.weight.normal_(std=0.01)
-    pyramid = dict(zip(["p3", "p4", "p5", "p6", "p7"], _pyramid(strides=(8, 16, 32, 64, 128))))
+    block, pyramid = _dyhead_block("sampling")
     nchw = {"on": False}
     for m in block.DyConv:  # before: every DCN returned an NCHW copy
         m.conv.register_forward_hook(lambda mod, a, out: out.contiguous() if nchw["on"] else out)
@@ -179,15 +179,10 @@ def case_dyhead_channels_last(repeat):
         nchw["on"], block.channels_last = before, not before
         return block(pyramid)
 
-    with torch.no_grad():
-        diff = max(_diff(a, b) for a, b in zip(run(True).values(), run(False).values()))
-        t = interleaved({"before": lambda: run(True), "after": lambda: run(False)}, repeat, "cpu")
-    return {
-        "DyHead block, 800x1333 pyramid, sampling DCN (NCHW copies -> channels-last)": {
-            **{k: summary(v) for k, v in t.items()},
-            "max_abs_diff": diff,
-        }
-    }
+    return _block_pair(
+        "DyHead block, 800x1333 pyramid, sampling DCN (NCHW copies -> channels-last)",
+        lambda: run(True), lambda: run(False), repeat,
+    )
 
 
 CASES = {
