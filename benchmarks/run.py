@@ -55,6 +55,11 @@ MODELS = {
         ["MODEL.DEQDET.COMPILE", "True"],
         "DEQDet R50, 20 + 1 steps, compiled stage",
     ),
+    "deqdet_r50_graph": (
+        "configs/deqdet_r50_1x.yaml",
+        ["MODEL.DEQDET.CUDA_GRAPH", "True"],
+        "DEQDet R50, 20 + 1 steps, CUDA graph",
+    ),
     "adamixer_r50": ("configs/adamixer_r50_1x.yaml", [], "AdaMixer R50, 6 stages"),
     "atss_r50": ("configs/atss_r50_fpn_1x.yaml", [], "ATSS R50, 4-conv towers"),
     "atss_dyhead_r50": ("configs/dyhead_r50_atss_fpn_1x.yaml", [], "ATSS R50 + 6 DyHead blocks"),
@@ -63,7 +68,8 @@ MODELS = {
     "retinanet_r50": ("zoo:COCO-Detection/retinanet_R_50_FPN_1x.yaml", [], "RetinaNet R50-FPN"),
 }
 # DEQDet R50 variants that differ from it at inference only: no train / memory rows of their own.
-INFERENCE_VARIANTS = {"deqdet_r50_tol", "deqdet_r50_compiled"}
+INFERENCE_VARIANTS = {"deqdet_r50_tol", "deqdet_r50_compiled", "deqdet_r50_graph"}
+CUDA_ONLY = {"deqdet_r50_graph"}
 SIZES = {"800x1333": (800, 1333), "shapes": (256, 352)}
 PHASES = ("flops", "latency", "step", "train", "memory")
 REFERENCE = "faster_rcnn_r50"
@@ -102,9 +108,14 @@ def build(name: str, device: str):
     return build_model(cfg).eval(), cfg
 
 
-def available(name: str) -> bool:
+def unavailable(name: str, device: str):
+    """Why ``name`` cannot be measured on ``device`` (None if it can)."""
     config = MODELS[name][0]
-    return config.startswith("zoo:") or os.path.isfile(os.path.join(ROOT, config))
+    if not (config.startswith("zoo:") or os.path.isfile(os.path.join(ROOT, config))):
+        return f"no {config}"
+    if name in CUDA_ONLY and not device.startswith("cuda"):
+        return "CUDA only"
+    return None
 
 
 def images(batch: int, hw, device: str, with_targets: bool = False, seed: int = 0):
@@ -185,9 +196,10 @@ def flops(models: dict, hw, device: str) -> dict:
         for m in dcns:  # fvcore counts torchvision's deform_conv2d (with the handle below), not the gathers
             m.impl = "torchvision"
         decoder = getattr(model, "decoder", None)
-        compiled = getattr(decoder, "compile_stage", False)
-        if compiled:  # fvcore traces the plain stage (same operations)
-            decoder.compile_stage = False
+        # fvcore traces the plain stage, not its compiled or CUDA-graph form (same operations).
+        accelerated = {k: getattr(decoder, k) for k in ("compile_stage", "cuda_graph") if hasattr(decoder, k)}
+        for key in accelerated:
+            setattr(decoder, key, False)
         with torch.no_grad():
             analysis = FlopCountAnalysis(model, images(1, hw, device))
             analysis.set_op_handle("torchvision::deform_conv2d", _deform_conv_flops)
@@ -196,8 +208,8 @@ def flops(models: dict, hw, device: str) -> dict:
             unsupported = dict(analysis.unsupported_ops())
         for m, impl in zip(dcns, impls):
             m.impl = impl
-        if compiled:
-            decoder.compile_stage = True
+        for key, value in accelerated.items():
+            setattr(decoder, key, value)
         out[name] = {"gflops": round(total / 1e9, 1), "unsupported_ops": unsupported}
         print(f"  flops {name}: {out[name]['gflops']} G", flush=True)
     return out
@@ -386,7 +398,8 @@ def targets(record: dict) -> list:
     for size, res in record["sizes"].items():
         lat = res.get("latency", {}).get("batch1", {})
         med = {k: v["median_s"] for k, v in lat.items()}
-        for name, goal in (("deqdet_r50", 1.0), ("deqdet_r50_compiled", 1.0), ("deqdet_r50_tol", 0.8)):
+        for name, goal in (("deqdet_r50", 1.0), ("deqdet_r50_compiled", 1.0), ("deqdet_r50_graph", 1.0),
+                           ("deqdet_r50_tol", 0.8)):
             r = _ratio(med.get(name), med.get(REFERENCE))
             if r is not None:
                 rows.append((f"{size}: {MODELS[name][2]} / Faster R-CNN latency <= {goal}", r, r <= goal))
@@ -577,8 +590,8 @@ def main(argv=None) -> None:
         return
     repeat = args.repeat or (2 if args.quick else 3)
     tag = args.tag or ("bench_quick" if args.quick else "bench")
-    names = [n for n in args.models if available(n)]
-    skipped = [n for n in args.models if n not in names]
+    skipped = {n: unavailable(n, args.device) for n in args.models if unavailable(n, args.device)}
+    names = [n for n in args.models if n not in skipped]
     record = {
         "tag": tag,
         "command": " ".join(
@@ -593,7 +606,7 @@ def main(argv=None) -> None:
         "repeat": repeat,
         "train_batch": args.train_batch,
         "models": names,
-        "skipped": ", ".join(f"{n} (no {MODELS[n][0]})" for n in skipped),
+        "skipped": ", ".join(f"{n} ({why})" for n, why in skipped.items()),
         "machine": machine(),
         "load": {},
         "sizes": {},

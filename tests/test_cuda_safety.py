@@ -101,11 +101,7 @@ def test_deq_refinement_loop_has_no_host_synchronisation_at_tol_0(method):
         return torch.cat([c, b], dim=-1).flatten(1)
 
     z0 = torch.cat([content, xyzr], dim=-1).flatten(1)
-    history = solver._AndersonHistory(2, z0.shape[1], 2, z0) if method == "anderson" else None
-    result = solver._solve_all_steps(
-        step, z0, z0.new_full((2, 3), float("nan")), torch.zeros(2, dtype=torch.long, device="meta"),
-        torch.ones(2, dtype=torch.bool, device="meta"), history, 1e-12,
-    )
+    result = solver.fixed_steps(step, z0, max_iters=3, method=method, anderson_window=2)
     assert len(calls) == 3 and result.state.device.type == "meta" and result.state.shape == z0.shape
     with pytest.raises(RuntimeError, match="meta"):  # a host read fails on meta: the test can fail
         solver.solve(step, z0, tol=0.1, max_iters=3, method=method)

@@ -52,3 +52,7 @@ def add_deqdet_decoder_config(cfg: CN) -> None:
     # then shape-generic); after that a step is about 1.5x faster on CPU (benchmarks/results/bench.md).
     # Training and tools/export.py use the plain stage.
     d.COMPILE = False
+    # On CUDA with TOL 0: record the init stage and the 20 + 1 steps as a CUDA graph per input shape
+    # and replay it (one launch instead of thousands; benchmarks/results/bench_cuda.md). Each new
+    # padded input shape records once more; ignored on CPU. tools/export.py turns it off.
+    d.CUDA_GRAPH = False

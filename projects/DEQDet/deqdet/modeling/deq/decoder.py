@@ -20,7 +20,8 @@ detached features and queries (:mod:`.stash`).
 Inference (:meth:`DEQDecoder.forward`): the init stage, then :func:`.solver.solve` for at most
 ``MAX_ITERS`` iterations (per image, until the relative residual is below ``TOL``), then one more
 application of ``f`` whose prediction is the output (``TOL = 0``: the official 20 + 1 steps); with
-``COMPILE`` these applications of ``f`` run through ``torch.compile``.
+``COMPILE`` these applications of ``f`` run through ``torch.compile``; with ``CUDA_GRAPH`` (``TOL = 0``,
+CUDA inputs) the init stage and the 20 + 1 steps are replayed from a CUDA graph (:mod:`.graphs`).
 """
 
 import logging
@@ -30,10 +31,12 @@ import torch
 from detectron2.config import configurable
 from torch import nn
 
+from ..constants import device_constant
 from ..query.decoder import QUERY_DECODER_REGISTRY, stage_kwargs_from_config
 from ..query.stage import AdaMixerStage
+from .graphs import CUDAGraphCache
 from .perturb import RefinementPerturbation
-from .solver import SOLVERS, relative_residual, solve
+from .solver import SOLVERS, fixed_steps, relative_residual, solve, warn_non_finite
 from .stash import GradientStash, ObservedLossScale
 
 __all__ = ["DEQDecoder", "StateCodec"]
@@ -54,7 +57,7 @@ class StateCodec:
     def __init__(self, num_queries: int, content_dim: int, padded_hw: Tuple[int, int], like: torch.Tensor):
         self.num_queries, self.content_dim = num_queries, content_dim
         h, w = padded_hw
-        self.scale = like.new_tensor([w, h, 1.0, 1.0])
+        self.scale = device_constant([w, h, 1.0, 1.0], like)
 
     def flatten(self, content: torch.Tensor, xyzr: torch.Tensor) -> torch.Tensor:
         return torch.cat([content, xyzr / self.scale], dim=-1).flatten(1)
@@ -102,6 +105,7 @@ class DEQDecoder(nn.Module):
         solver: str = "fixed_point",
         anderson_window: int = 5,
         compile_stage: bool = False,
+        cuda_graph: bool = False,
     ):
         super().__init__()
         positions = sorted(set(int(p) for p in supervision_positions))
@@ -117,6 +121,9 @@ class DEQDecoder(nn.Module):
             raise ValueError(f"MODEL.DEQDET.SOLVER must be one of {SOLVERS}, got {solver!r}")
         if tol < 0 or max_iters < 0:
             raise ValueError(f"MODEL.DEQDET.TOL ({tol}) and MAX_ITERS ({max_iters}) must be >= 0")
+        if cuda_graph and tol > 0:
+            raise ValueError(f"MODEL.DEQDET.CUDA_GRAPH needs MODEL.DEQDET.TOL 0, got {tol}: the per-image early "
+                             "stop reads the residuals on the host at every step, which a CUDA graph cannot record")
         self.init_stage = AdaMixerStage(**stage_kwargs)
         self.refine_stage = AdaMixerStage(**stage_kwargs)
         self.refinement_steps, self.supervision_positions, self.rag = refinement_steps, positions, rag
@@ -125,7 +132,10 @@ class DEQDecoder(nn.Module):
         self.grad_stash = grad_stash
         self.tol, self.max_iters, self.solver, self.anderson_window = tol, max_iters, solver, anderson_window
         self.compile_stage = compile_stage
-        self._compiled = {}  # "refine": the compiled stage, made on first use (a dict: not a submodule)
+        self.cuda_graph = cuda_graph
+        # Made on first use, in a dict (not submodules, not in the state_dict): "refine" the compiled
+        # stage, "graphs" the CUDAGraphCache of _refine.
+        self._accelerated = {}
         self.loss_scale = ObservedLossScale()
         if not init_supervision:  # nothing would ever reach its parameters (refinement starts detached)
             self.init_stage.requires_grad_(False)
@@ -150,6 +160,7 @@ class DEQDecoder(nn.Module):
             "solver": d.SOLVER,
             "anderson_window": d.ANDERSON_WINDOW,
             "compile_stage": d.COMPILE,
+            "cuda_graph": d.CUDA_GRAPH,
         }
 
     def _init_losses(self, content, xyzr, features, loss_fn: LossFn, stash):
@@ -219,10 +230,12 @@ class DEQDecoder(nn.Module):
             losses[carrier] = stash.attach(losses[carrier])
         return losses
 
-    def _codec(self, content: torch.Tensor, features: List[torch.Tensor]) -> StateCodec:
+    def _padded_hw(self, features: Sequence[torch.Tensor]) -> Tuple[int, int]:
         stride = self.init_stage.strides[0]
-        padded_hw = (features[0].shape[-2] * stride, features[0].shape[-1] * stride)
-        return StateCodec(content.shape[1], content.shape[2], padded_hw, content)
+        return features[0].shape[-2] * stride, features[0].shape[-1] * stride
+
+    def _codec(self, content: torch.Tensor, features: Sequence[torch.Tensor]) -> StateCodec:
+        return StateCodec(content.shape[1], content.shape[2], self._padded_hw(features), content)
 
     @torch.no_grad()
     def trace(
@@ -260,16 +273,14 @@ class DEQDecoder(nn.Module):
         the first change of shape), else the module itself."""
         if not self.compile_stage:
             return self.refine_stage
-        if "refine" not in self._compiled:
-            self._compiled["refine"] = torch.compile(self.refine_stage)
-        return self._compiled["refine"]
+        if "refine" not in self._accelerated:
+            self._accelerated["refine"] = torch.compile(self.refine_stage)
+        return self._accelerated["refine"]
 
-    def forward(
-        self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor]
-    ) -> List[Dict[str, torch.Tensor]]:
-        """Inference. content (B, N, D), xyzr (B, N, 4), features L x (B, C, H_l, W_l) ->
-        ``[{"logits": (B, N, K), "boxes": (B, N, 4) xyxy, "residuals": (B, MAX_ITERS) (NaN after the
-        image stopped), "steps": (B,) applications of f including the output one}]``."""
+    def _refine(self, content: torch.Tensor, xyzr: torch.Tensor, *features: torch.Tensor) -> Tuple[torch.Tensor]:
+        """The init stage, the iterations and the output step (what ``CUDA_GRAPH`` records) ->
+        ``(init_logits, init_boxes, logits, boxes, residuals, iterations)``, see :meth:`forward`."""
+        features = list(features)
         content, xyzr, init_logits, init_boxes = self.init_stage(content, xyzr, features)
         codec = self._codec(content, features)
         stage = self._inference_stage()
@@ -278,17 +289,35 @@ class DEQDecoder(nn.Module):
             feats = features if len(index) == len(content) else [f[index] for f in features]
             return codec.flatten(*stage(*codec.unflatten(z), feats)[:2])
 
-        result = solve(step, codec.flatten(content, xyzr), tol=self.tol, max_iters=self.max_iters,
-                       method=self.solver, anderson_window=self.anderson_window)
+        z0 = codec.flatten(content, xyzr)
+        options = {"method": self.solver, "anderson_window": self.anderson_window}
+        if self.tol == 0:  # warned about after the loop (forward), outside a CUDA graph
+            result = fixed_steps(step, z0, max_iters=self.max_iters, **options)
+        else:
+            result = solve(step, z0, tol=self.tol, max_iters=self.max_iters, **options)
         _, _, logits, boxes = stage(*codec.unflatten(result.state), features)
-        logits, boxes = _finite_prediction(logits, boxes, init_logits, init_boxes, codec.scale[:2])
-        return [{"logits": logits, "boxes": boxes, "residuals": result.residuals, "steps": result.iterations + 1}]
+        return init_logits, init_boxes, logits, boxes, result.residuals, result.iterations
+
+    def forward(
+        self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor]
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Inference. content (B, N, D), xyzr (B, N, 4), features L x (B, C, H_l, W_l) ->
+        ``[{"logits": (B, N, K), "boxes": (B, N, 4) xyxy, "residuals": (B, MAX_ITERS) (NaN after the
+        image stopped), "steps": (B,) applications of f including the output one}]``."""
+        refine = self._refine
+        if self.cuda_graph and content.is_cuda:
+            refine = self._accelerated.setdefault("graphs", CUDAGraphCache(self._refine))
+        init_logits, init_boxes, logits, boxes, residuals, iterations = refine(content, xyzr, *features)
+        if self.tol == 0:
+            warn_non_finite(iterations, self.max_iters)
+        logits, boxes = _finite_prediction(logits, boxes, init_logits, init_boxes, self._padded_hw(features))
+        return [{"logits": logits, "boxes": boxes, "residuals": residuals, "steps": iterations + 1}]
 
 
-def _finite_prediction(logits, boxes, init_logits, init_boxes, padded_wh: torch.Tensor):
+def _finite_prediction(logits, boxes, init_logits, init_boxes, padded_hw: Tuple[int, int]):
     """Per image: the output step's prediction (logits (B, N, K), boxes (B, N, 4)) if finite, else the
-    init stage's if finite, else whole-image boxes (``padded_wh`` (2,): the padded input's width and
-    height) with the lowest logit (score 0); each fallback is logged. One host synchronisation (after the refinement loop)."""
+    init stage's if finite, else whole-image boxes (``padded_hw``: the padded input's height and width)
+    with the lowest logit (score 0); each fallback is logged. One host synchronisation (after the refinement loop)."""
 
     def bad(lg, bx):
         return ~(torch.isfinite(lg).flatten(1).all(1) & torch.isfinite(bx).flatten(1).all(1))
@@ -305,7 +334,7 @@ def _finite_prediction(logits, boxes, init_logits, init_boxes, padded_wh: torch.
         images = neither.nonzero().flatten().tolist()
         logger.warning(f"DEQ init stage's prediction not finite either for images {images}; "
                        "they get whole-image boxes with score 0")
-        whole_image = torch.cat([torch.zeros_like(padded_wh), padded_wh]).to(boxes.dtype)
+        whole_image = boxes.new_tensor([0.0, 0.0, padded_hw[1], padded_hw[0]])
         logits = torch.where(neither[:, None, None], torch.finfo(logits.dtype).min, logits)
         boxes = torch.where(neither[:, None, None], whole_image, boxes)
     return logits, boxes

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["SOLVERS", "SolverResult", "relative_residual", "solve"]
+__all__ = ["SOLVERS", "SolverResult", "fixed_steps", "relative_residual", "solve", "warn_non_finite"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,19 +95,16 @@ def solve(
         raise ValueError(f"MODEL.DEQDET.SOLVER must be one of {SOLVERS}, got {method!r}")
     if tol < 0 or max_iters < 0:
         raise ValueError(f"MODEL.DEQDET.TOL and MAX_ITERS must be >= 0, got {tol}, {max_iters}")
+    if tol == 0:
+        result = fixed_steps(f, z0, max_iters=max_iters, method=method, anderson_window=anderson_window, eps=eps)
+        warn_non_finite(result.iterations, max_iters)
+        return result
     batch = z0.shape[0]
     z = z0.clone()
     residuals = z0.new_full((batch, max_iters), float("nan"))
     iterations = torch.zeros(batch, dtype=torch.long, device=z0.device)
     active = torch.ones(batch, dtype=torch.bool, device=z0.device)
     history = _AndersonHistory(batch, z0.shape[1], anderson_window, z0) if method == "anderson" else None
-    if tol == 0:
-        result = _solve_all_steps(f, z, residuals, iterations, active, history, eps)
-        stopped = result.iterations < max_iters
-        if stopped.any():  # the one host read, after the loop
-            images = stopped.nonzero().flatten().tolist()
-            logger.warning(f"DEQ iteration: non-finite state for images {images}; they keep their last finite state")
-        return result
     for k in range(max_iters):
         index = active.nonzero().flatten()
         if index.numel() == 0:
@@ -130,15 +127,31 @@ def solve(
     return SolverResult(z, residuals, iterations)
 
 
-def _solve_all_steps(f, z, residuals, iterations, active, history, eps) -> SolverResult:
-    """The ``tol = 0`` loop of :func:`solve`, without host-device synchronisation (module docstring);
-    images whose ``f`` turned non-finite stop (fewer ``iterations``)."""
-    index = torch.arange(z.shape[0], device=z.device)
-    for k in range(residuals.shape[1]):
+@torch.no_grad()
+def fixed_steps(
+    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    *,
+    max_iters: int,
+    method: str = "fixed_point",
+    anderson_window: int = 5,
+    eps: float = 1e-12,
+) -> SolverResult:
+    """The ``tol = 0`` loop of :func:`solve` (``max_iters`` evaluations of ``f`` on every image),
+    without host-device synchronisation (module docstring), so a CUDA graph can record it; images whose
+    ``f`` turned non-finite stop (fewer ``iterations``, see :func:`warn_non_finite`)."""
+    batch = z0.shape[0]
+    z = z0
+    residuals = z0.new_full((batch, max_iters), float("nan"))
+    iterations = torch.zeros(batch, dtype=torch.long, device=z0.device)
+    active = torch.ones(batch, dtype=torch.bool, device=z0.device)
+    history = _AndersonHistory(batch, z0.shape[1], anderson_window, z0) if method == "anderson" else None
+    index = torch.arange(batch, device=z0.device)
+    for k in range(max_iters):
         fz = f(z, index)
         iterations += active.long()
         finite = torch.isfinite(fz).all(dim=1)
-        residual = (fz - z).norm(dim=1) / z.norm(dim=1).clamp(min=eps)
+        residual = relative_residual(fz, z, eps)
         keep = active & finite
         residuals[:, k] = torch.where(keep, residual, residuals[:, k])
         fz = torch.where(finite[:, None], fz, z)
@@ -146,3 +159,12 @@ def _solve_all_steps(f, z, residuals, iterations, active, history, eps) -> Solve
         z = torch.where(keep[:, None], nxt, z)
         active = keep
     return SolverResult(z, residuals, iterations)
+
+
+def warn_non_finite(iterations: torch.Tensor, max_iters: int) -> None:
+    """Log the images of a :func:`fixed_steps` run (``iterations`` (B,)) whose state turned non-finite:
+    the one host read of the ``tol = 0`` schedule, after the loop."""
+    stopped = iterations < max_iters
+    if stopped.any():
+        images = stopped.nonzero().flatten().tolist()
+        logger.warning(f"DEQ iteration: non-finite state for images {images}; they keep their last finite state")

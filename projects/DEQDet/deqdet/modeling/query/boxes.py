@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from ..constants import device_constant
+
 __all__ = ["xyzr_to_xyxy", "xyxy_to_xyzr", "xyzr_wh", "refine_xyzr", "pairwise_iof", "xyzr_position_embedding"]
 
 
@@ -59,7 +61,7 @@ def xyzr_position_embedding(xyzr: torch.Tensor, dim: int, temperature: float = 1
     if dim % 8:
         raise ValueError(f"the position embedding needs a content dim divisible by 8, got {dim}")
     per_coord = dim // 4
-    scaled = xyzr / xyzr.new_tensor([1000.0, 1000.0, 1.0, 1.0])
+    scaled = xyzr / device_constant([1000.0, 1000.0, 1.0, 1.0], xyzr)
     freq = torch.exp(
         -math.log(temperature) * 2 * torch.arange(per_coord // 2, device=xyzr.device, dtype=xyzr.dtype) / per_coord
     )

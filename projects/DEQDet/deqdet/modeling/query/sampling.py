@@ -7,6 +7,7 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..constants import device_constant
 from .boxes import xyzr_wh
 
 __all__ = ["sampling_points", "level_weights", "sample_3d"]
@@ -30,7 +31,7 @@ def sampling_points(offsets: torch.Tensor, xyzr: torch.Tensor) -> torch.Tensor:
 
 def level_weights(z: torch.Tensor, strides: Sequence[int], tau: float = 2.0) -> torch.Tensor:
     """(...) point scales -> (..., L) weights ``softmax_l(-(z - log2 stride_l)**2 / tau)``."""
-    log_strides = z.new_tensor([math.log2(s) for s in strides])
+    log_strides = device_constant([math.log2(s) for s in strides], z)
     return torch.softmax(-((z[..., None] - log_strides) ** 2) / tau, dim=-1)
 
 
@@ -46,7 +47,7 @@ def _sample_levels_grid(points, features, strides, num_groups, weights) -> torch
     out = 0
     for level, (feature, stride) in enumerate(zip(features, strides)):
         channels, height, width = feature.shape[1:]
-        extent = grouped.new_tensor([width * stride, height * stride])
+        extent = device_constant([width * stride, height * stride], grouped)
         grid = 2.0 * grouped[..., :2] / extent - 1.0
         value = feature.reshape(batch * num_groups, channels // num_groups, height, width)
         sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -62,7 +63,10 @@ def _sample_levels_gather(points, features, strides, num_groups, weights) -> tor
     weights; the result comes out in the (B, N, G, P, C / G) layout the mixing reads."""
     batch, num_queries, num_points, _ = points.shape
     device = points.device
-    group = torch.arange(num_groups, device=device).repeat_interleave(num_points // num_groups)  # (G * P,)
+    # (G * P,) group of each point; expand, not repeat_interleave, whose repeat count becomes a host
+    # tensor under tracing (fvcore's FLOP count, export) and then fails on CUDA.
+    group = torch.arange(num_groups, device=device)[:, None]
+    group = group.expand(num_groups, num_points // num_groups).reshape(-1)
     image = torch.arange(batch, device=device).view(batch, 1, 1)
     out = 0
     for level, (feature, stride) in enumerate(zip(features, strides)):
