@@ -42,7 +42,8 @@ def test_two_processes_match_one_with_the_whole_batch(name, argv, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     train_net.main(train_net.default_argument_parser().parse_args([*argv, *COMPARABLE, "OUTPUT_DIR", one]))
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_FIXED_SIZE_DATA": str(data)}
+    # CPU processes on a GPU machine too (Detectron2's launch would want one GPU per process there).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_FIXED_SIZE_DATA": str(data), "CUDA_VISIBLE_DEVICES": ""}
     launcher = os.path.join(ROOT, "tests", "train_net_with_faults.py")
     proc = subprocess.run(
         [sys.executable, launcher, "--num-gpus", "2", "--dist-url", "auto", *argv, *COMPARABLE, "OUTPUT_DIR", two],
