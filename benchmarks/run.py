@@ -15,18 +15,20 @@ is the `shapes` test size) it measures
   operators fvcore cannot count are listed);
 * ``latency``: eval-mode inference of batch 1 and 4 random images, every model once per round, rounds
   repeated (``--repeat``, after a warm-up round), so machine load hits all models alike and the ratios
-  are fair; median, min and max per model;
+  are fair; median, min and max per model (at the second size, batch 4 skips the warm-up round and
+  DEQDet's inference-only variants: see :func:`latency`);
 * ``step``: one DEQDet refinement step (100 queries) against the R50 backbone's forward, interleaved
   (and the step through ``torch.compile`` when ``deqdet_r50_compiled`` is measured);
 * ``train``: one training step (forward + backward, ``--train-batch`` images with 8 random boxes
   each), interleaved like the latency;
-* ``memory``: peak memory of one training step, each model in its own subprocess: on CPU the
+* ``memory``: peak memory of one training step (after a warm-up step at the first size; the first
+  step at later sizes), each model in its own subprocess: on CPU the
   process's resident high-water mark (whole process, and its rise during the step) and the peak
   bytes of tensors saved for backward (device independent); on CUDA ``torch.cuda.max_memory_allocated``.
 
 Writes ``benchmarks/results/<tag>.json``, ``<tag>.md`` and ``<tag>.png`` (tag ``bench``, or
-``bench_quick`` with ``--quick``), stamped with the machine, versions, command line and the 1-minute
-load average before and after each phase.
+``bench_quick`` with ``--quick``), stamped with the machine, versions, command line, the seconds each
+phase took and the 1-minute load average before and after it.
 """
 
 from __future__ import annotations
@@ -167,13 +169,14 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(fns: dict, rounds: int, device: str) -> dict:
-    """{name: fn} -> {name: [seconds of rounds 2..rounds + 1]}: round 1 warms up, each round runs every fn."""
+def interleaved(fns: dict, rounds: int, device: str, warm_up: bool = True) -> dict:
+    """{name: fn} -> {name: [seconds of each measured round]}: each round runs every fn; with ``warm_up``
+    an unmeasured round comes first."""
     times = {k: [] for k in fns}
-    for r in range(rounds + 1):
+    for r in range(rounds + warm_up):
         for name, fn in fns.items():
             t = timed(fn, device)
-            if r:
+            if r or not warm_up:
                 times[name].append(t)
     return times
 
@@ -222,12 +225,20 @@ def flops(models: dict, hw, device: str) -> dict:
     return out
 
 
-def latency(models: dict, hw, batches, repeat: int, device: str) -> dict:
+def latency(models: dict, hw, batches, repeat: int, device: str, first_size: bool = True) -> dict:
+    """Interleaved inference latency per batch size. At a size after the first (``first_size`` False),
+    batches after the first skip the inference-only DEQDet variants and the warm-up round (the first
+    batch size warmed the models up at this size; the median of the rounds absorbs what a new batch
+    shape costs once): what keeps the full 2-core CPU run within half an hour."""
     out = {}
-    for batch in batches:
+    for i, batch in enumerate(batches):
         inputs = images(batch, hw, device)
+        short = not first_size and i > 0
+        timed_models = {k: m for k, m in models.items() if not (short and k in INFERENCE_VARIANTS)}
         with torch.no_grad():
-            times = interleaved({k: (lambda m=m: m(inputs)) for k, m in models.items()}, repeat, device)
+            times = interleaved(
+                {k: (lambda m=m: m(inputs)) for k, m in timed_models.items()}, repeat, device, warm_up=not short
+            )
         out[f"batch{batch}"] = {k: summary(v) for k, v in times.items()}
         print(
             f"  latency batch {batch}: "
@@ -425,7 +436,8 @@ def targets(record: dict) -> list:
                     )
                 )
         mem = res.get("memory", {})
-        for key in ("saved_for_backward_mib", "rss_step_rise_mib", "cuda_step_rise_mib"):
+        rss = () if record["device"].startswith("cuda") else ("rss_step_rise_mib",)  # host memory on CUDA
+        for key in ("saved_for_backward_mib", *rss, "cuda_step_rise_mib"):
             r = _ratio(mem.get("deqdet_r50", {}).get(key), mem.get("adamixer_r50", {}).get(key))
             if r is not None:
                 rows.append((f"{size}: DEQDet / AdaMixer training memory ({key}) <= 0.6", r, r <= 0.6))
@@ -445,9 +457,14 @@ def markdown(record: dict) -> str:
         f"1-minute load average per phase (before -> after): "
         + "; ".join(f"{k} {v[0]} -> {v[1]}" for k, v in record["load"].items())
         + "  ",
+        "Seconds per phase: "
+        + "; ".join(f"{k} {v}" for k, v in record.get("phase_s", {}).items())
+        + f" (total {sum(record.get('phase_s', {}).values()) / 60:.1f} min)  ",
         f"Random weights; latency = median (min-max) over {record['repeat']} interleaved rounds after a "
-        "warm-up round; training step and memory with "
-        f"{record['train_batch']} images of 8 random boxes."
+        "warm-up round (at a size after the first, batch sizes after the first: no warm-up round and no "
+        "inference-only DEQDet variants); training step and memory with "
+        f"{record['train_batch']} images of 8 random boxes; memory of the last of the memory process's "
+        "steps (`memory_steps` in the JSON: 2 at the first size, 1 after it)."
         + (f" Timed phases under `torch.autocast({record['autocast']})`; memory in float32."
            if record.get("autocast") else ""),
         "",
@@ -617,6 +634,7 @@ def main(argv=None) -> None:
         "skipped": ", ".join(f"{n} ({why})" for n, why in skipped.items()),
         "machine": machine(),
         "load": {},
+        "phase_s": {},
         "sizes": {},
     }
     print(f"models: {names}; skipped: {skipped or 'none'}", flush=True)
@@ -626,9 +644,10 @@ def main(argv=None) -> None:
     }
 
     def phase(key, fn, *a):
-        before = load()
+        before, start = load(), time.perf_counter()
         result = fn(*a)
         record["load"][key] = (before, load())
+        record["phase_s"][key] = round(time.perf_counter() - start, 1)
         return result
 
     def save():  # after every phase, so that an interrupted run leaves what it measured
@@ -651,7 +670,7 @@ def main(argv=None) -> None:
             save()
         if "latency" in args.only:
             batches = [1] if args.quick else args.batches
-            res["latency"] = phase(f"{name} latency", latency, models, hw, batches, repeat, args.device)
+            res["latency"] = phase(f"{name} latency", latency, models, hw, batches, repeat, args.device, first)
             save()
         if "step" in args.only and "deqdet_r50" in models:
             res["step"] = phase(
@@ -664,6 +683,8 @@ def main(argv=None) -> None:
             res["train"] = phase(f"{name} train", train, trained, hw, args.train_batch, repeat, args.device)
             save()
         if "memory" in args.only and (first or not args.quick):
+            # one warm-up step at the first size; later sizes (and --quick) measure the first step
+            res["memory_steps"] = min(repeat, 2) if first and not args.quick else 1
             res["memory"] = phase(
                 f"{name} memory",
                 memory,
@@ -672,7 +693,7 @@ def main(argv=None) -> None:
                 args.train_batch,
                 args.device,
                 args.threads,
-                1 if args.quick else min(repeat, 2),
+                res["memory_steps"],
             )
             save()
     print(f"wrote {save()}.json, .md, .png", flush=True)
