@@ -5,8 +5,21 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from deqdet.modeling.dyhead.deform import coarse_level_offsets, modulated_deform_conv3x3
+from deqdet.modeling.dyhead.deform import coarse_level_offsets, modulated_deform_conv3x3, resolve_dcn_impl
 from deqdet.modeling.dyhead.dyconv import DyConv, DyReLU
+
+
+def test_auto_dcn_impl_is_the_sampling_form_on_cpu_and_torchvision_on_cuda():
+    x = torch.zeros(1)
+    assert resolve_dcn_impl("auto", x) == "sampling" and resolve_dcn_impl("torchvision", x) == "torchvision"
+    if torch.cuda.is_available():
+        assert resolve_dcn_impl("auto", x.cuda()) == "torchvision"
+    with pytest.raises(ValueError, match="MODEL.DYHEAD.DCN_IMPL must be one of"):
+        resolve_dcn_impl("cuda", x)
+    block = DyConv(16, 16).eval()  # the default, "auto": the CPU block reads and returns channels-last maps
+    feats = {f"p{i}": torch.randn(1, 16, 8 >> i, 8 >> i) for i in range(3)}
+    with torch.no_grad():
+        assert all(v.is_contiguous(memory_format=torch.channels_last) for v in block(feats).values())
 
 
 def _inputs(stride, n=2, c=6, h=9, w=11, scale=2.0, seed=0):

@@ -94,7 +94,7 @@ def test_dyhead_block_channels_last_gather_path_equals_torchvision_block():
         block.coarse_offsets = mode
         outs = {}
         for impl in ("torchvision", "sampling"):
-            block.channels_last = impl == "sampling"
+            block.dcn_impl = impl
             for m in block.DyConv:
                 m.conv.impl = impl
             out = block(feats)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .deform import COARSE_OFFSET_MODES, DCN_IMPLS, coarse_level_offsets, modulated_deform_conv3x3
+from .deform import COARSE_OFFSET_MODES, DCN_IMPLS, coarse_level_offsets, modulated_deform_conv3x3, resolve_dcn_impl
 
 __all__ = ["HSigmoid", "DyReLU", "ModulatedDeformConv3x3", "DeformConvGN", "DyConv"]
 
@@ -107,7 +107,7 @@ class DyConv(nn.Module):
         out_channels: int,
         *,
         coarse_offsets: str = "aligned",
-        dcn_impl: str = "sampling",
+        dcn_impl: str = "auto",
         task_attention: bool = True,
         zero_init_offset: bool = False,
     ):
@@ -120,8 +120,7 @@ class DyConv(nn.Module):
             raise ValueError(f"DyHead: the block mixes levels and input, so in ({in_channels}) must equal out "
                              f"({out_channels}) channels; set MODEL.DYHEAD.CHANNELS = MODEL.FPN.OUT_CHANNELS")
         self.coarse_offsets = coarse_offsets
-        # The gather-based DCN reads channels-last maps in place (and returns them): convert once here.
-        self.channels_last = dcn_impl == "sampling"
+        self.dcn_impl = dcn_impl
         # [0]: stride 1 on the coarser level, [1]: the level itself, [2]: stride 2 on the finer level.
         self.DyConv = nn.ModuleList(
             [DeformConvGN(in_channels, out_channels, stride, dcn_impl) for stride in (1, 1, 2)]
@@ -141,11 +140,13 @@ class DyConv(nn.Module):
         return self.h_sigmoid(self.AttnConv(term))
 
     def forward(self, features: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """{name: (N, C, H_l, W_l)} finest first -> same names and shapes (channels-last with the
-        ``sampling`` DCN)."""
+        """{name: (N, C, H_l, W_l)} finest first -> same names and shapes (channels-last where the
+        ``sampling`` DCN runs)."""
         names: List[str] = list(features)
         levels = [features[k] for k in names]
-        if self.channels_last:  # a no-op for the previous block's outputs
+        # The gather-based DCN reads channels-last maps in place (and returns them): convert once here
+        # (a no-op for the previous block's outputs).
+        if resolve_dcn_impl(self.dcn_impl, levels[0]) == "sampling":
             levels = [f.contiguous(memory_format=torch.channels_last) for f in levels]
         out = {}
         for i, feature in enumerate(levels):
