@@ -89,7 +89,7 @@ PHASES = ("flops", "latency", "step", "train", "memory")
 REFERENCE = "faster_rcnn_r50"
 
 
-def label(name: str) -> str:
+def model_label(name: str) -> str:
     """A model's label in the tables (its name if no longer in :data:`MODELS`, for older results)."""
     return MODELS[name][2] if name in MODELS else name
 
@@ -430,11 +430,11 @@ def targets(record: dict) -> list:
                            ("deqdet_r50_compiled_graph", 1.0), ("deqdet_r50_tol", 0.8)):
             r = _ratio(med.get(name), med.get(REFERENCE))
             if r is not None:
-                rows.append((f"{size}: {label(name)} / Faster R-CNN latency <= {goal}", r, r <= goal))
+                rows.append((f"{size}: {model_label(name)} / Faster R-CNN latency <= {goal}", r, r <= goal))
         for name in ("atss_dyhead_r50", "atss_dyhead_r50_sampling"):
             r = _ratio(med.get(name), med.get("atss_r50"))
             if r is not None:
-                rows.append((f"{size}: {label(name)} / ATSS 4-conv latency <= 1.3", r, r <= 1.3))
+                rows.append((f"{size}: {model_label(name)} / ATSS 4-conv latency <= 1.3", r, r <= 1.3))
         step = res.get("step")
         for key, label in (("step_over_backbone", ""), ("compiled_step_over_backbone", ", compiled")):
             if step and key in step:
@@ -503,7 +503,7 @@ def markdown(record: dict) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name in record["models"]:
             row = [
-                label(name),
+                model_label(name),
                 f"{record['params_m'].get(name, '')}",
                 f"{res.get('flops', {}).get(name, {}).get('gflops', '')}",
             ]
@@ -570,7 +570,7 @@ def chart(record: dict, path: str) -> None:
             [lat[n]["median_s"] - lat[n]["min_s"] for n in names],
             [lat[n]["max_s"] - lat[n]["median_s"] for n in names],
         ]
-        ax.barh([label(n) for n in names], med, xerr=err, color="tab:blue")
+        ax.barh([model_label(n) for n in names], med, xerr=err, color="tab:blue")
         ax.invert_yaxis()
         ax.set_xlabel("inference latency, batch 1 (s)")
         ax.set_title(f"{size}, {record['device']}, {record['machine']['cores']} cores")
