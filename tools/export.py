@@ -45,7 +45,7 @@ FORMATS = ("torchscript", "onnx")
 
 def export_config(config_file: str, opts: List[str]):
     """The config with a DEQ decoder's early stop off (``TOL 0``, fixed ``MAX_ITERS`` + 1 steps) and its
-    stage not compiled (traced as plain modules)."""
+    stage neither compiled nor replayed from a CUDA graph (traced as plain modules)."""
     return build_config(config_file, [*opts, "MODEL.DEQDET.TOL", "0.0", "MODEL.DEQDET.COMPILE", "False",
                                      "MODEL.DEQDET.CUDA_GRAPH", "False"])
 

@@ -277,7 +277,7 @@ class DEQDecoder(nn.Module):
             self._accelerated["refine"] = torch.compile(self.refine_stage)
         return self._accelerated["refine"]
 
-    def _refine(self, content: torch.Tensor, xyzr: torch.Tensor, *features: torch.Tensor) -> Tuple[torch.Tensor]:
+    def _refine(self, content: torch.Tensor, xyzr: torch.Tensor, *features: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """The init stage, the iterations and the output step (what ``CUDA_GRAPH`` records) ->
         ``(init_logits, init_boxes, logits, boxes, residuals, iterations)``, see :meth:`forward`."""
         features = list(features)
