@@ -627,7 +627,8 @@ def main(argv=None) -> None:
         return
     repeat = args.repeat or (2 if args.quick else 3)
     tag = args.tag or ("bench_quick" if args.quick else "bench")
-    skipped = {n: unavailable(n, args.device) for n in args.models if unavailable(n, args.device)}
+    reasons = {n: unavailable(n, args.device) for n in args.models}
+    skipped = {n: why for n, why in reasons.items() if why}
     names = [n for n in args.models if n not in skipped]
     record = {
         "tag": tag,

@@ -306,7 +306,9 @@ class DEQDecoder(nn.Module):
         image stopped), "steps": (B,) applications of f including the output one}]``."""
         refine = self._refine
         if self.cuda_graph and content.is_cuda:
-            refine = self._accelerated.setdefault("graphs", CUDAGraphCache(self._refine))
+            if "graphs" not in self._accelerated:
+                self._accelerated["graphs"] = CUDAGraphCache(self._refine)
+            refine = self._accelerated["graphs"]
         init_logits, init_boxes, logits, boxes, residuals, iterations = refine(content, xyzr, *features)
         if self.tol == 0:
             warn_non_finite(iterations, self.max_iters)

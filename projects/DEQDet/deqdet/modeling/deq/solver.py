@@ -79,6 +79,17 @@ class _AndersonHistory:
         return torch.where(torch.isfinite(mixed), mixed, fz)
 
 
+def _start(z0: torch.Tensor, max_iters: int, method: str, anderson_window: int):
+    """The solvers' bookkeeping for states ``z0`` (B, d): residuals (B, max_iters) NaN, iterations (B,)
+    0, active (B,) True, and the Anderson history (None for plain fixed-point iteration)."""
+    batch = z0.shape[0]
+    residuals = z0.new_full((batch, max_iters), float("nan"))
+    iterations = torch.zeros(batch, dtype=torch.long, device=z0.device)
+    active = torch.ones(batch, dtype=torch.bool, device=z0.device)
+    history = _AndersonHistory(batch, z0.shape[1], anderson_window, z0) if method == "anderson" else None
+    return residuals, iterations, active, history
+
+
 @torch.no_grad()
 def solve(
     f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -99,12 +110,8 @@ def solve(
         result = fixed_steps(f, z0, max_iters=max_iters, method=method, anderson_window=anderson_window, eps=eps)
         warn_non_finite(result.iterations, max_iters)
         return result
-    batch = z0.shape[0]
     z = z0.clone()
-    residuals = z0.new_full((batch, max_iters), float("nan"))
-    iterations = torch.zeros(batch, dtype=torch.long, device=z0.device)
-    active = torch.ones(batch, dtype=torch.bool, device=z0.device)
-    history = _AndersonHistory(batch, z0.shape[1], anderson_window, z0) if method == "anderson" else None
+    residuals, iterations, active, history = _start(z0, max_iters, method, anderson_window)
     for k in range(max_iters):
         index = active.nonzero().flatten()
         if index.numel() == 0:
@@ -140,13 +147,9 @@ def fixed_steps(
     """The ``tol = 0`` loop of :func:`solve` (``max_iters`` evaluations of ``f`` on every image),
     without host-device synchronisation (module docstring), so a CUDA graph can record it; images whose
     ``f`` turned non-finite stop (fewer ``iterations``, see :func:`warn_non_finite`)."""
-    batch = z0.shape[0]
     z = z0
-    residuals = z0.new_full((batch, max_iters), float("nan"))
-    iterations = torch.zeros(batch, dtype=torch.long, device=z0.device)
-    active = torch.ones(batch, dtype=torch.bool, device=z0.device)
-    history = _AndersonHistory(batch, z0.shape[1], anderson_window, z0) if method == "anderson" else None
-    index = torch.arange(batch, device=z0.device)
+    residuals, iterations, active, history = _start(z0, max_iters, method, anderson_window)
+    index = torch.arange(z0.shape[0], device=z0.device)
     for k in range(max_iters):
         fz = f(z, index)
         iterations += active.long()
