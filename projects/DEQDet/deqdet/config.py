@@ -66,6 +66,10 @@ def add_dense_query_config(cfg: CN) -> None:
     # score (class probability x centerness) of the box that initialised it, so that refinement starts
     # from the dense head's ranking and learns a residual (PRIOR_EPS for the whole-image queries).
     d.CLASS_PRIOR = False
+    # Content of the queries that "dense_topk" initialises: "embedding" (one learned vector per slot) or
+    # "dense_feature" (a linear layer + LayerNorm over the detached dense-head input feature at the
+    # anchor of each query's box, as DDQ: image-specific content that says what the box holds).
+    d.QUERY_CONTENT = "embedding"
     # Multiplier of the gradient the decoder's losses send into the shared pyramid (1: all of it, 0: the
     # decoder reads detached features and only the dense head trains the backbone, FPN and DyHead blocks).
     d.DECODER_FEATURE_GRAD = 1.0

@@ -23,6 +23,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
 from torchvision.ops import nms
 
 from .dyhead.atss import ATSS
@@ -30,9 +31,10 @@ from .meta_arch import postprocess_outputs, query_targets, set_criterion_from_co
 from .query import InitialQueries, SetCriterion, build_query_decoder
 from .query.boxes import xyxy_to_xyzr
 
-__all__ = ["DenseQueryDetector", "QUERY_INITS", "INFERENCE_SOURCES"]
+__all__ = ["DenseQueryDetector", "QUERY_INITS", "QUERY_CONTENTS", "INFERENCE_SOURCES"]
 
 QUERY_INITS = ("whole_image", "dense_topk")
+QUERY_CONTENTS = ("embedding", "dense_feature")
 INFERENCE_SOURCES = ("decoder", "dense")
 # Class-prior probability of the queries that no dense box initialised (and the logit clamp).
 PRIOR_EPS = 1e-4
@@ -74,6 +76,7 @@ class DenseQueryDetector(ATSS):
         class_prior: bool = False,
         decoder_feature_grad: float = 1.0,
         inference_source: str = "decoder",
+        content_proj: Optional[nn.Module] = None,
         **atss_kwargs,
     ):
         super().__init__(**atss_kwargs)
@@ -96,6 +99,9 @@ class DenseQueryDetector(ATSS):
             raise ValueError(f"MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD must be >= 0, got {decoder_feature_grad}")
         self.decoder_feature_grad = decoder_feature_grad
         self.inference_source = inference_source
+        if content_proj is not None and query_init != "dense_topk":
+            raise ValueError('MODEL.DENSE_QUERY.QUERY_CONTENT "dense_feature" needs QUERY_INIT "dense_topk"')
+        self.content_proj = content_proj
 
     @classmethod
     def from_config(cls, cfg):
@@ -114,7 +120,12 @@ class DenseQueryDetector(ATSS):
         if q.NUM_CLASSES != cfg.MODEL.ATSS.NUM_CLASSES:
             raise ValueError(f"MODEL.QUERY.NUM_CLASSES ({q.NUM_CLASSES}) and MODEL.ATSS.NUM_CLASSES "
                              f"({cfg.MODEL.ATSS.NUM_CLASSES}) must be equal")
+        if dq.QUERY_CONTENT not in QUERY_CONTENTS:
+            raise ValueError(f"MODEL.DENSE_QUERY.QUERY_CONTENT must be one of {QUERY_CONTENTS}, got {dq.QUERY_CONTENT!r}")
+        head_channels = shapes[cfg.MODEL.ATSS.IN_FEATURES[0]].channels
         ret.update(
+            content_proj=nn.Sequential(nn.Linear(head_channels, q.CONTENT_DIM), nn.LayerNorm(q.CONTENT_DIM))
+            if dq.QUERY_CONTENT == "dense_feature" else None,
             queries=InitialQueries(q.NUM_QUERIES, q.CONTENT_DIM),
             decoder=build_query_decoder(cfg, [shapes[f].stride for f in q.IN_FEATURES]),
             criterion=set_criterion_from_config(cfg),
@@ -135,21 +146,25 @@ class DenseQueryDetector(ATSS):
         ``proposal_topk_per_level`` anchors of highest score ``max_k p_k x centerness``, decoded, clipped
         to the image, class-agnostic NMS at ``proposal_nms_thresh``, at most ``NUM_QUERIES`` kept.
 
-        Returns per image Instances with ``pred_boxes`` (n, 4), ``scores`` (n,) and ``class_scores``
-        (n, K): ``p_k x centerness`` of the anchor each box came from (ATSS's ranking score per class).
+        Returns per image Instances with ``pred_boxes`` (n, 4), ``scores`` (n,), ``class_scores``
+        (n, K): ``p_k x centerness`` of the anchor each box came from (ATSS's ranking score per class),
+        and ``features`` (n, C): the dense head's input feature at that anchor's location.
         """
         logits, deltas, centerness = self._transpose_dense_predictions(predictions, [self.num_classes, 4, 1])
         anchors = self.anchor_generator(features)
+        anchors_per_cell = self.anchor_generator.num_cell_anchors[0]
         num_queries = self.queries.content.num_embeddings
         results = []
         for i, image_size in enumerate(images.image_sizes):
-            boxes, class_scores = [], []
-            for level_anchors, x, d, c in zip(anchors, logits, deltas, centerness):
+            boxes, class_scores, anchor_features = [], [], []
+            for level_anchors, x, d, c, f in zip(anchors, logits, deltas, centerness, features):
                 probs = x[i].sigmoid() * c[i].sigmoid()  # (R_l, K)
                 index = probs.amax(dim=1).topk(min(self.proposal_topk_per_level, len(probs))).indices
                 boxes.append(self.box2box_transform.apply_deltas(d[i][index], level_anchors.tensor[index]))
                 class_scores.append(probs[index])
-            proposals = Instances(image_size, pred_boxes=Boxes(torch.cat(boxes)), class_scores=torch.cat(class_scores))
+                anchor_features.append(f[i].flatten(1)[:, index // anchors_per_cell].t())  # (k, C)
+            proposals = Instances(image_size, pred_boxes=Boxes(torch.cat(boxes)), class_scores=torch.cat(class_scores),
+                                  features=torch.cat(anchor_features))
             proposals.pred_boxes.clip(image_size)
             proposals.scores = proposals.class_scores.amax(dim=1)
             proposal_boxes = proposals.pred_boxes.tensor  # float32 (Detectron2's Boxes) whatever the scores' dtype
@@ -179,19 +194,27 @@ class DenseQueryDetector(ATSS):
 
         ``whole_image``: the learned content and whole-image boxes. ``dense_topk``: the first rows' boxes
         are the dense proposals (made at least 1 px wide and high); with ``class_prior`` their
-        ``logit(class_scores)`` is the prior, ``logit(PRIOR_EPS)`` for the rows left whole-image.
+        ``logit(class_scores)`` is the prior, ``logit(PRIOR_EPS)`` for the rows left whole-image; with
+        ``content_proj`` (``QUERY_CONTENT`` "dense_feature") their content is that projection of the
+        detached dense-head feature at their anchor (as DDQ), the learned content for the other rows.
         """
         content, xyzr = self.queries(images.image_sizes)
         if self.query_init == "whole_image":
             return content, xyzr, None
         xyzr = xyzr.clone()
         prior = xyzr.new_full((*xyzr.shape[:2], self.num_classes), PRIOR_EPS) if self.class_prior else None
+        contents = []
         for i, proposals in enumerate(self.dense_proposals(images, dense_features, predictions)):
             boxes = proposals.pred_boxes.tensor
             boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2] + 1.0)], dim=1)
             xyzr[i, : len(boxes)] = xyxy_to_xyzr(boxes).to(xyzr.dtype)
             if prior is not None:
                 prior[i, : len(boxes)] = proposals.class_scores.to(prior.dtype)
+            if self.content_proj is not None:
+                projected = self.content_proj(proposals.features.to(content.dtype))
+                contents.append(torch.cat([projected, content[i, len(boxes):]]))
+        if contents:
+            content = torch.stack(contents)
         return content, xyzr, None if prior is None else torch.logit(prior, eps=PRIOR_EPS)
 
     def forward(self, batched_inputs: List[dict]):

@@ -103,12 +103,19 @@ class Scale(nn.Module):
 class ATSSHead(nn.Module):
     """Towers (``cls_tower``, ``bbox_tower``: NUM_CONVS x [conv3x3, norm, ReLU]; absent when 0) and
     1x1 predictors ``cls_logits`` (A x K), ``bbox_pred`` (A x 4, times a per-level ``scales``) and
-    ``centerness`` (A). Names as microsoft/DynamicHead's ATSS head."""
+    ``centerness`` (A). Names as microsoft/DynamicHead's ATSS head.
+
+    With ``norm_per_level`` the tower convs stay shared but every pyramid level has its own norms
+    (``cls_norms[l][j]``, ``bbox_norms[l][j]``; the towers' norm slots are then identities), as
+    Detectron2's ``RetinaNetHead`` does for BatchNorm: one BatchNorm shared by all levels keeps running
+    statistics that are a mix dominated by the last (coarsest) level, which then normalises every level
+    at test time.
+    """
 
     @configurable
     def __init__(
         self, *, input_shape: List[ShapeSpec], num_classes: int, num_anchors: int, num_convs: int, norm: str,
-        prior_prob: float,
+        prior_prob: float, norm_per_level: bool = False,
     ):
         super().__init__()
         channels = {s.channels for s in input_shape}
@@ -116,10 +123,17 @@ class ATSSHead(nn.Module):
             raise ValueError(f"ATSSHead: all MODEL.ATSS.IN_FEATURES must have the same channels, got {channels}")
         (channels,) = channels
         if num_convs > 0:
-            self.cls_tower = self._tower(channels, num_convs, norm)
-            self.bbox_tower = self._tower(channels, num_convs, norm)
+            tower_norm = "" if norm_per_level else norm
+            self.cls_tower = self._tower(channels, num_convs, tower_norm)
+            self.bbox_tower = self._tower(channels, num_convs, tower_norm)
         else:
             self.cls_tower = self.bbox_tower = None
+        self.cls_norms = self.bbox_norms = None
+        if num_convs > 0 and norm_per_level and norm:
+            self.cls_norms, self.bbox_norms = (
+                nn.ModuleList([nn.ModuleList([get_norm(norm, channels) for _ in range(num_convs)]) for _ in input_shape])
+                for _ in range(2)
+            )
         self.cls_logits = nn.Conv2d(channels, num_anchors * num_classes, kernel_size=1)
         self.bbox_pred = nn.Conv2d(channels, num_anchors * 4, kernel_size=1)
         self.centerness = nn.Conv2d(channels, num_anchors, kernel_size=1)
@@ -149,15 +163,27 @@ class ATSSHead(nn.Module):
             "num_convs": a.NUM_CONVS,
             "norm": a.NORM,
             "prior_prob": a.PRIOR_PROB,
+            "norm_per_level": a.NORM_PER_LEVEL,
         }
+
+    @staticmethod
+    def _run_tower(tower, norms, x: Tensor) -> Tensor:
+        """A tower on one level's (N, C, H, W) map; ``norms`` that level's norms (None: the tower's own)."""
+        if tower is None:
+            return x
+        if norms is None:
+            return tower(x)
+        for j, norm in enumerate(norms):
+            x = tower[3 * j + 2](norm(tower[3 * j](x)))  # conv, (identity), ReLU
+        return x
 
     def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
         """Per level (N, C, H, W) -> per level logits (N, A K, H, W), deltas (N, A 4, H, W),
         centerness logits (N, A, H, W)."""
         logits, deltas, centerness = [], [], []
-        for feature, scale in zip(features, self.scales):
-            cls_feature = feature if self.cls_tower is None else self.cls_tower(feature)
-            box_feature = feature if self.bbox_tower is None else self.bbox_tower(feature)
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            cls_feature = self._run_tower(self.cls_tower, self.cls_norms and self.cls_norms[level], feature)
+            box_feature = self._run_tower(self.bbox_tower, self.bbox_norms and self.bbox_norms[level], feature)
             logits.append(self.cls_logits(cls_feature))
             deltas.append(scale(self.bbox_pred(box_feature)))
             centerness.append(self.centerness(box_feature))

@@ -68,6 +68,7 @@ def _wrap(cfg, bottom_up: Backbone, top_block) -> DyHead:
         dcn_impl=d.DCN_IMPL,
         task_attention=d.TASK_ATTENTION,
         zero_init_offset=d.ZERO_INIT_OFFSET,
+        identity_init=d.IDENTITY_INIT,
     )
 
 

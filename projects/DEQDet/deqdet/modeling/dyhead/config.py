@@ -29,6 +29,9 @@ def add_dyhead_config(cfg: CN) -> CN:
     # every block starts as a regular 3x3 conv) instead of PyTorch's default (microsoft/DynamicHead). For
     # training from scratch: random initial offsets scramble the small maps of a CPU-sized model.
     cfg.MODEL.DYHEAD.ZERO_INIT_OFFSET = False
+    # Make every block residual, F + gamma * block(F), with a per-channel gamma initialised to zero: the
+    # blocks start as the identity (for training from scratch). False: the official block (no residual).
+    cfg.MODEL.DYHEAD.IDENTITY_INIT = False
 
     cfg.MODEL.ATSS = CN()
     # Candidates per level (times anchors per location) closest to a box centre.
@@ -40,6 +43,9 @@ def add_dyhead_config(cfg: CN) -> CN:
     cfg.MODEL.ATSS.NUM_CONVS = 4
     # Norm of the tower convs: "GN" (GroupNorm(32)) or "" (none).
     cfg.MODEL.ATSS.NORM = "GN"
+    # One norm per pyramid level in the towers (the convs stay shared), as Detectron2's RetinaNetHead
+    # does for BatchNorm. False: one norm shared by all levels (the official head, with GN).
+    cfg.MODEL.ATSS.NORM_PER_LEVEL = False
     # Prior probability of the classifier's initial bias.
     cfg.MODEL.ATSS.PRIOR_PROB = 0.01
     # Box2BoxTransform weights (dx, dy, dw, dh).

@@ -99,6 +99,11 @@ class DyConv(nn.Module):
     task-aware :class:`DyReLU` is applied (unless ``task_attention`` is False: the paper's
     two-stage form moves it into the box head). The offset conv is initialised as PyTorch's default
     (as microsoft/DynamicHead) or, with ``zero_init_offset``, to zero (as mmdetection).
+
+    With ``identity_init`` the block is residual, ``F_l + gamma * block(F)_l`` with a per-channel
+    ``gamma`` (``residual_scale``, shape (C,)) initialised to zero: it starts as the identity and the
+    attentions are blended in as they learn (for training from scratch; the official block has no
+    residual and no ``gamma``, so its checkpoints load unchanged without this option).
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class DyConv(nn.Module):
         dcn_impl: str = "auto",
         task_attention: bool = True,
         zero_init_offset: bool = False,
+        identity_init: bool = False,
     ):
         super().__init__()
         if coarse_offsets not in COARSE_OFFSET_MODES:
@@ -134,6 +140,7 @@ class DyConv(nn.Module):
         if zero_init_offset:  # regular 3x3 sampling and masks 0.5 at the start (mmdetection's DyHead default)
             nn.init.zeros_(self.offset.weight)
             nn.init.zeros_(self.offset.bias)
+        self.residual_scale = nn.Parameter(torch.zeros(out_channels)) if identity_init else None
 
     def scale_gate(self, term: Tensor) -> Tensor:
         """Scale-aware attention of one term: (N, C, H, W) -> (N, 1, 1, 1) in [0.5, 1]."""
@@ -161,5 +168,8 @@ class DyConv(nn.Module):
                 term = self.DyConv[0](coarse, c_offset, c_mask)
                 terms.append(F.interpolate(term, size=feature.shape[-2:], mode="bilinear", align_corners=True))
             mean = sum(t * self.scale_gate(t) for t in terms) / len(terms)  # keeps the memory format
-            out[names[i]] = self.relu(mean)
+            block = self.relu(mean)
+            if self.residual_scale is not None:
+                block = feature + block * self.residual_scale.view(1, -1, 1, 1).to(block.dtype)
+            out[names[i]] = block
         return out

@@ -46,6 +46,9 @@ def add_query_config(cfg: CN) -> None:
     # Sigmoid focal loss / cost parameters.
     q.FOCAL_ALPHA = 0.25
     q.FOCAL_GAMMA = 2.0
+    # Classification target of a matched query: "one_hot" (the papers) or "iou" (the IoU of its box with
+    # the ground truth, with GFL's quality focal loss: refined boxes learn to score higher).
+    q.CLS_TARGET = "one_hot"
 
     # DETR-style augmentation (deqdet.data.mapper.detr_augmentations): with probability PROB, before the final
     # INPUT.MIN_SIZE_TRAIN resize, resize the shortest edge to one of RESIZE_SIZES and crop a random

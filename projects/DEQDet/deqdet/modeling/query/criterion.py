@@ -3,13 +3,24 @@
 from typing import Dict, List
 
 import torch
+import torch.nn.functional as F
+from detectron2.structures import Boxes
+from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils import comm
 from fvcore.nn import sigmoid_focal_loss
 from torchvision.ops import generalized_box_iou_loss
 
 from .matcher import HungarianMatcher
 
-__all__ = ["SetCriterion"]
+__all__ = ["SetCriterion", "CLS_TARGETS", "quality_focal_loss"]
+
+CLS_TARGETS = ("one_hot", "iou")
+
+
+def quality_focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> torch.Tensor:
+    """GFL's quality focal loss, summed: logits and soft targets in [0, 1] of the same shape."""
+    weight = (targets - logits.sigmoid()).abs().pow(gamma)
+    return (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight).sum()
 
 
 class SetCriterion:
@@ -23,13 +34,21 @@ class SetCriterion:
         loss_giou = w_giou * sum(1 - GIoU(boxes, gt)) / num_matched                       # matched
 
     Images without objects contribute only negatives to ``loss_cls``. Keys are ``s{i}_loss_*``.
+
+    ``cls_target`` "iou" makes the classification quality-aware: the matched (query, class) target is
+    the IoU of the query's box with its ground truth (detached) instead of 1, and ``focal`` becomes the
+    quality focal loss of GFL, ``BCE(logits, t) * |t - sigmoid(logits)|^gamma`` (no alpha), so that a box
+    that the decoder refines closer to its object is trained to score higher.
     """
 
     def __init__(self, matcher: HungarianMatcher, class_weight: float, l1_weight: float, giou_weight: float,
-                 alpha: float, gamma: float):
+                 alpha: float, gamma: float, cls_target: str = "one_hot"):
+        if cls_target not in CLS_TARGETS:
+            raise ValueError(f"MODEL.QUERY.CLS_TARGET must be one of {CLS_TARGETS}, got {cls_target!r}")
         self.matcher = matcher
         self.class_weight, self.l1_weight, self.giou_weight = class_weight, l1_weight, giou_weight
         self.alpha, self.gamma = alpha, gamma
+        self.cls_target = cls_target
 
     @staticmethod
     def num_matched(targets: List[dict], num_queries: int, device) -> float:
@@ -53,10 +72,15 @@ class SetCriterion:
         gt_boxes = torch.cat([t["boxes"][g] for t, (_, g) in zip(targets, matches)]).to(boxes.dtype)
         whwh = torch.stack([t["whwh"] for t in targets]).to(boxes.dtype)[batch_idx]
 
-        onehot = torch.zeros_like(logits)
-        onehot[batch_idx, query_idx, gt_labels] = 1.0
-        loss_cls = sigmoid_focal_loss(logits, onehot, alpha=self.alpha, gamma=self.gamma, reduction="sum")
         matched = boxes[batch_idx, query_idx]
+        target = torch.zeros_like(logits)
+        if self.cls_target == "iou":
+            iou = matched_pairwise_iou(Boxes(matched.detach()), Boxes(gt_boxes))
+            target[batch_idx, query_idx, gt_labels] = iou.to(target.dtype)
+            loss_cls = quality_focal_loss(logits, target, self.gamma)
+        else:
+            target[batch_idx, query_idx, gt_labels] = 1.0
+            loss_cls = sigmoid_focal_loss(logits, target, alpha=self.alpha, gamma=self.gamma, reduction="sum")
         loss_l1 = (matched / whwh - gt_boxes / whwh).abs().sum()
         loss_giou = generalized_box_iou_loss(matched, gt_boxes, reduction="sum")
         return {
