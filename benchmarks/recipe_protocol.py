@@ -36,6 +36,16 @@ RETINANET = os.path.join(SHAPES, "retinanet_demo.yaml")
 FLAGSHIP = os.path.join(SHAPES, "demo.yaml")
 # The flagship's dense head alone: ATSS on the flagship's pyramid, without DyHead blocks.
 ATSS = ["MODEL.META_ARCHITECTURE", "ATSS", "MODEL.DYHEAD.NUM_CONVS", "0"]
+RETINANET_SIZES = "[[24, 30.24, 38.1], [48, 60.48, 76.2], [96, 120.95, 152.39], [192, 241.9, 304.78], [384, 483.81, 609.56]]"
+LEVEL_BN = ["MODEL.ATSS.NORM", "BN", "MODEL.ATSS.NORM_PER_LEVEL", "True"]
+# ATSS with per-level BN and one DyHead block, by initialisation of the block.
+BLOCK = ["MODEL.META_ARCHITECTURE", "ATSS", "MODEL.DYHEAD.NUM_CONVS", "1", *LEVEL_BN]
+OFFICIAL_INIT = ["MODEL.DYHEAD.ZERO_INIT_OFFSET", "False", "MODEL.DYHEAD.IDENTITY_INIT", "False"]
+ZERO_OFFSET = ["MODEL.DYHEAD.ZERO_INIT_OFFSET", "True", "MODEL.DYHEAD.IDENTITY_INIT", "False"]
+IDENTITY = ["MODEL.DYHEAD.ZERO_INIT_OFFSET", "True", "MODEL.DYHEAD.IDENTITY_INIT", "True"]
+# The combined detector's decoder options.
+DDQ_CONTENT = ["MODEL.DENSE_QUERY.QUERY_CONTENT", "dense_feature"]
+IOU_TARGET = ["MODEL.QUERY.CLS_TARGET", "iou"]
 
 # name -> (config, overrides). One difference at a time from the reference where the name says so.
 VARIANTS = {
@@ -44,9 +54,19 @@ VARIANTS = {
     "atss_level_bn": (FLAGSHIP, [*ATSS, "MODEL.ATSS.NORM", "BN", "MODEL.ATSS.NORM_PER_LEVEL", "True"]),
     "atss_gn": (FLAGSHIP, [*ATSS, "MODEL.ATSS.NORM", "GN", "MODEL.ATSS.NORM_PER_LEVEL", "False"]),
     "atss_no_norm": (FLAGSHIP, [*ATSS, "MODEL.ATSS.NORM", "", "MODEL.ATSS.NORM_PER_LEVEL", "False"]),
+    "atss_topk18": (FLAGSHIP, [*ATSS, *LEVEL_BN, "MODEL.ATSS.TOPK", "18"]),
+    "atss_9_anchors": (FLAGSHIP, [*ATSS, *LEVEL_BN, "MODEL.ANCHOR_GENERATOR.SIZES", RETINANET_SIZES,
+                                  "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[0.5, 1.0, 2.0]]"]),
+    "atss_ema_normalizer": (FLAGSHIP, [*ATSS, *LEVEL_BN, "MODEL.ATSS.LOSS_NORMALIZER_MOMENTUM", "0.9"]),
+    "atss_block_official_init": (FLAGSHIP, [*BLOCK, *OFFICIAL_INIT]),
+    "atss_block_zero_offset": (FLAGSHIP, [*BLOCK, *ZERO_OFFSET]),
+    "atss_block_identity": (FLAGSHIP, [*BLOCK, *IDENTITY]),
+    "combined_shared_bn": (FLAGSHIP, ["MODEL.ATSS.NORM_PER_LEVEL", "False", *ZERO_OFFSET, "MODEL.DENSE_QUERY.QUERY_CONTENT",
+                                      "embedding", "MODEL.QUERY.CLS_TARGET", "one_hot"]),
+    "combined_all": (FLAGSHIP, [*LEVEL_BN, *IDENTITY, *DDQ_CONTENT, *IOU_TARGET]),
     "flagship": (FLAGSHIP, []),
 }
-COMBINED = {"flagship"}
+COMBINED = {name for name, (config, opts) in VARIANTS.items() if config == FLAGSHIP and "ATSS" not in opts}
 _COPYPASTE = re.compile(r"copypaste: ([\d.nan]+),([\d.nan]+),([\d.nan]+),")
 
 

@@ -175,3 +175,34 @@ def test_dense_feature_content_needs_dense_topk():
                                                     "MODEL.DENSE_QUERY.QUERY_INIT", "whole_image"]))
     with pytest.raises(ValueError, match="MODEL.DENSE_QUERY.QUERY_CONTENT"):
         build_model(build_config(COMBINED, SMALL + ["MODEL.DENSE_QUERY.QUERY_CONTENT", "pooled"]))
+
+
+# ------------------------------------------------------------------------------ ATSS loss normaliser
+def _atss(momentum):
+    torch.manual_seed(0)
+    cfg_opts = SMALL[:2] + ["MODEL.META_ARCHITECTURE", "ATSS", "MODEL.ATSS.LOSS_NORMALIZER_MOMENTUM", str(momentum)]
+    return build_model(build_config(COMBINED, cfg_opts))
+
+
+def _loss_inputs(num_pos, num_anchors=12):
+    anchors = torch.tensor([[0.0, 0.0, 16.0, 16.0]]).repeat(num_anchors, 1)
+    labels = torch.full((1, num_anchors), 8)
+    labels[0, :num_pos] = 0
+    boxes = torch.tensor([[2.0, 2.0, 12.0, 14.0]]).repeat(1, num_anchors, 1)
+    return anchors, torch.zeros(1, num_anchors, 8), torch.zeros(1, num_anchors, 4), torch.zeros(1, num_anchors), labels, boxes
+
+
+def test_moving_average_loss_normalizer_as_detectron2_retinanet():
+    from detectron2.utils.events import EventStorage
+
+    per_batch, averaged = _atss(0.0), _atss(0.9)
+    assert "loss_normalizers" not in per_batch.state_dict() and "loss_normalizers" in averaged.state_dict()
+    with EventStorage(0):
+        first = [m.losses(*_loss_inputs(4))["loss_cls"] for m in (per_batch, averaged)]
+        torch.testing.assert_close(first[0], first[1])  # the average starts at the first batch's value
+        second = [m.losses(*_loss_inputs(2))["loss_cls"] for m in (per_batch, averaged)]
+    # same summed focal loss, divided by 2 (this batch) or by 0.9 x 4 + 0.1 x 2 = 3.8
+    torch.testing.assert_close(second[1], second[0] * 2 / 3.8)
+    assert averaged.loss_normalizers[0].item() == pytest.approx(3.8)
+    with pytest.raises(ValueError, match="LOSS_NORMALIZER_MOMENTUM"):
+        _atss(1.0)
