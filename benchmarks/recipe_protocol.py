@@ -67,7 +67,7 @@ VARIANTS = {
     "flagship": (FLAGSHIP, []),
 }
 COMBINED = {name for name, (config, opts) in VARIANTS.items() if config == FLAGSHIP and "ATSS" not in opts}
-_COPYPASTE = re.compile(r"copypaste: ([\d.nan]+),([\d.nan]+),([\d.nan]+),")
+_COPYPASTE = re.compile(r"copypaste: AP,AP50,AP75,.*\n.*copypaste: ([\d.nan]+),([\d.nan]+),([\d.nan]+),")
 
 
 def _env() -> dict:

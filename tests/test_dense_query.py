@@ -41,7 +41,7 @@ def test_builds_from_config_with_shared_pyramid():
     strides = {s.stride for name, s in model.backbone.output_shape().items() if name in ("p3", "p4", "p5")}
     assert tuple(model.decoder.refine_stage.strides) == tuple(sorted(strides)) == (8, 16, 32)
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
-    assert names == {"backbone", "head", "queries", "decoder"}
+    assert names == {"dense", "queries", "decoder"}
     assert len(model.backbone.dyhead_tower) == 1
 
 
@@ -75,7 +75,7 @@ def test_training_losses_have_both_heads_and_fall():
     assert {"dense_loss_cls", "dense_loss_box_reg", "dense_loss_ctr", "init_loss_cls", "iter2_loss_giou"} <= set(losses)
     assert totals[-1] < 0.8 * totals[0], totals
     # every part of the model got a gradient: the decoder's losses reach the shared pyramid too
-    for part in (model.backbone, model.head, model.queries, model.decoder):
+    for part in (model.backbone, model.dense.head, model.queries, model.decoder):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
@@ -99,7 +99,7 @@ def test_image_without_objects_trains():
         losses = model(_inputs(with_objects=False))
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
-    assert model.head.cls_logits.weight.grad.abs().sum() > 0
+    assert model.dense.head.cls_logits.weight.grad.abs().sum() > 0
 
 
 def test_dense_topk_queries_start_at_distinct_dense_boxes():
@@ -107,7 +107,7 @@ def test_dense_topk_queries_start_at_distinct_dense_boxes():
     batch = _inputs(with_objects=False)
     with torch.no_grad():
         images, features, predictions = model._dense_forward(batch)
-        dense_features = [features[f] for f in model.head_in_features]
+        dense_features = [features[f] for f in model.dense.head_in_features]
         proposals = model.dense_proposals(images, dense_features, predictions)
         _, _, xyzr, _, _ = model.initial_queries(batch)
     for i, (p, (h, w)) in enumerate(zip(proposals, images.image_sizes)):
@@ -151,20 +151,51 @@ def test_both_inference_sources_from_one_checkpoint():
         assert "steps" not in out and isinstance(out["instances"], Instances)
 
 
-def test_dense_source_is_exactly_atss():
-    """The dense head is ATSS unchanged: same weights, same detections as the ATSS meta-architecture."""
-    model = _model().eval()
+RETINANET = ["MODEL.DENSE_QUERY.DENSE_DETECTOR", "RetinaNet", "MODEL.RETINANET.NUM_CLASSES", "8",
+             "MODEL.ANCHOR_GENERATOR.SIZES", "[[32, 40], [64, 80], [128, 160], [256, 320], [512, 640]]"]
+
+
+@pytest.mark.parametrize("name, opts", [("ATSS", []), ("RetinaNet", RETINANET)])
+def test_dense_source_is_exactly_the_dense_detector(name, opts):
+    """The dense detector is unchanged: same weights, same detections as its own meta-architecture."""
+    model = _model(*opts).eval()
     model.inference_source = "dense"
-    atss_cfg = build_config(CONFIG, SMALL + ["MODEL.META_ARCHITECTURE", "ATSS"])
-    atss = build_model(atss_cfg).eval()
-    missing, unexpected = atss.load_state_dict(model.state_dict(), strict=False)
-    assert not missing and all(k.split(".")[0] in ("queries", "decoder") for k in unexpected)
+    alone = build_model(build_config(CONFIG, SMALL + opts + ["MODEL.META_ARCHITECTURE", name])).eval()
+    alone.load_state_dict(model.dense.state_dict())
+    assert {k.split(".")[0] for k in model.state_dict()} == {"dense", "queries", "decoder"}
     batch = _inputs()
     with torch.no_grad():
-        ours, theirs = model(batch), atss(batch)
+        ours, theirs = model(batch), alone(batch)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a["instances"].pred_boxes.tensor, b["instances"].pred_boxes.tensor)
         torch.testing.assert_close(a["instances"].scores, b["instances"].scores)
+
+
+def test_retinanet_dense_detector_trains_and_seeds_the_queries():
+    model = _model(*RETINANET)
+    assert type(model.dense).__name__ == "RetinaNet" and model.num_classes == 8
+    with EventStorage(0):
+        losses = model(_inputs())
+    assert {"dense_loss_cls", "dense_loss_box_reg"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.dense.head.cls_score.weight.grad.abs().sum() > 0
+    model.eval()
+    batch = _inputs()
+    with torch.no_grad():
+        images, features, predictions = model._dense_forward(batch)
+        proposals = model.dense_proposals(images, [features[f] for f in model.dense.head_in_features], predictions)
+        _, _, xyzr, _, _ = model.initial_queries(batch)
+    # the first queries start at RetinaNet's distinct top boxes (no centerness: scores are class probabilities)
+    for i, p in enumerate(proposals):
+        torch.testing.assert_close(xyzr_to_xyxy(xyzr[i, : len(p)]), p.pred_boxes.tensor, atol=1e-3, rtol=0)
+        assert (p.scores <= 1).all() and (p.scores[:-1] >= p.scores[1:]).all()
+
+
+def test_unknown_dense_detector_and_class_mismatch_name_the_key():
+    with pytest.raises(ValueError, match="MODEL.DENSE_QUERY.DENSE_DETECTOR"):
+        _model("MODEL.DENSE_QUERY.DENSE_DETECTOR", "FCOS")
+    with pytest.raises(ValueError, match="MODEL.RETINANET.NUM_CLASSES"):
+        _model(*RETINANET[:2])
 
 
 def test_class_prior_adds_the_dense_log_odds():
@@ -172,8 +203,8 @@ def test_class_prior_adds_the_dense_log_odds():
     batch = _inputs()
     with torch.no_grad():
         images, features, predictions = model._dense_forward(batch)
-        content, xyzr, prior = model._queries(images, [features[f] for f in model.head_in_features], predictions)
-        proposals = model.dense_proposals(images, [features[f] for f in model.head_in_features], predictions)
+        content, xyzr, prior = model._queries(images, [features[f] for f in model.dense.head_in_features], predictions)
+        proposals = model.dense_proposals(images, [features[f] for f in model.dense.head_in_features], predictions)
     for i, p in enumerate(proposals):
         torch.testing.assert_close(prior[i, : len(p)].sigmoid(), p.class_scores.clamp(1e-4, 1 - 1e-4))
         assert torch.allclose(prior[i, len(p):].sigmoid(), torch.tensor(1e-4))

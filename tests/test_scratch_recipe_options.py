@@ -133,7 +133,7 @@ def test_iou_target_rewards_the_better_box():
 def test_dense_feature_content_is_the_projected_feature_at_the_boxs_anchor():
     torch.manual_seed(0)
     model = build_model(build_config(COMBINED, SMALL + ["MODEL.DENSE_QUERY.QUERY_CONTENT", "dense_feature"])).eval()
-    images = model.preprocess_image([{"image": torch.rand(3, 96, 128) * 255}])
+    images = model.dense.preprocess_image([{"image": torch.rand(3, 96, 128) * 255}])
     sizes = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]  # P3-P7 of a 96 x 128 input
     # every feature says where it is: channels 0, 1, 2 = level, row, column
     dense = []

@@ -53,6 +53,9 @@ def add_dense_query_config(cfg: CN) -> None:
     """Add ``MODEL.DENSE_QUERY``: the wiring of ``DenseQueryDetector`` (its dense head is configured by
     ``MODEL.ATSS``, its decoder by ``MODEL.QUERY`` / ``MODEL.DEQDET``)."""
     cfg.MODEL.DENSE_QUERY = d = CN()
+    # The dense detector, a META_ARCH_REGISTRY name configured by its own keys: "ATSS" (MODEL.ATSS) or
+    # "RetinaNet" (Detectron2's, MODEL.RETINANET). It owns the backbone (MODEL.BACKBONE) it shares.
+    d.DENSE_DETECTOR = "ATSS"
     # Initial boxes of the decoder: "whole_image" (the papers' fixed whole-image boxes) or "dense_topk"
     # (the dense head's distinct top-scoring boxes, detached; whole-image boxes fill the remaining queries).
     d.QUERY_INIT = "dense_topk"

@@ -42,7 +42,8 @@ NUM_CLASSES_KEYS = {
     "ATSS": ("MODEL.ATSS.NUM_CLASSES",),
     "RetinaNet": ("MODEL.RETINANET.NUM_CLASSES",),
     "GeneralizedRCNN": ("MODEL.ROI_HEADS.NUM_CLASSES",),
-    "DenseQueryDetector": ("MODEL.QUERY.NUM_CLASSES", "MODEL.ATSS.NUM_CLASSES"),
+    # and those of its dense detector (MODEL.DENSE_QUERY.DENSE_DETECTOR)
+    "DenseQueryDetector": ("MODEL.QUERY.NUM_CLASSES",),
 }
 _LOGGED_PER_KIND = 20  # problems of one kind logged one by one per dataset; the rest only counted
 _NAMED_IN_ERROR = 3  # images named in the one-line error
@@ -136,7 +137,10 @@ def check_num_classes(cfg, name: str) -> None:
     classes = MetadataCatalog.get(name).get("thing_classes")
     if classes is None:
         return
-    for key in NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE, ()):
+    keys = NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE, ())
+    if cfg.MODEL.META_ARCHITECTURE == "DenseQueryDetector":
+        keys += NUM_CLASSES_KEYS.get(cfg.MODEL.DENSE_QUERY.DENSE_DETECTOR, ())
+    for key in keys:
         configured = functools.reduce(getattr, key.split("."), cfg)
         if configured < len(classes):
             raise UserInputError(

@@ -3,13 +3,16 @@
 ::
 
     image -> backbone (+ FPN, + MODEL.DYHEAD.NUM_CONVS DyHead blocks) -> pyramid
-    pyramid[MODEL.ATSS.IN_FEATURES]  -> ATSS head: one-to-many losses (x DENSE_LOSS_WEIGHT);
+    pyramid[head features]           -> dense detector (MODEL.DENSE_QUERY.DENSE_DETECTOR: ATSS or
+                                        RetinaNet): one-to-many losses (x DENSE_LOSS_WEIGHT);
                                         decoded boxes -> class-agnostic NMS -> top-N (detached)
     pyramid[MODEL.QUERY.IN_FEATURES] -> query decoder (QUERY_DECODER_REGISTRY: DEQDecoder or
                                         AdaMixerDecoder), Hungarian set losses -> Instances
 
-The dense head is Detectron2-style ATSS (this class inherits its head, assignment, losses and
-inference unchanged) and does not know a decoder exists; the decoder receives content and xyzr as in
+The dense detector (``dense``) is any of Detectron2's ``DenseDetector`` meta-architectures whose head
+predicts (class logits, box deltas from anchors[, centerness logits]); it is built from the same config
+with its own ``MODEL.<NAME>`` keys, owns the backbone, and keeps its head, assignment, losses and
+inference unchanged. It does not know a decoder exists; the decoder receives content and xyzr as in
 :class:`~deqdet.modeling.meta_arch.QueryDetector` and does not know where its boxes came from. This
 class owns the wiring: ``MODEL.DENSE_QUERY.QUERY_INIT`` picks the decoder's initial boxes (``whole_image``
 as in the papers, or ``dense_topk``: the dense head's distinct top-scoring boxes, as DDQ / two-stage
@@ -22,17 +25,18 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torchvision.ops import nms
 
-from .dyhead.atss import ATSS
 from .meta_arch import postprocess_outputs, query_targets, set_criterion_from_config, topk_detections
 from .query import InitialQueries, SetCriterion, build_query_decoder
 from .query.boxes import xyxy_to_xyzr
 
-__all__ = ["DenseQueryDetector", "QUERY_INITS", "QUERY_CONTENTS", "INFERENCE_SOURCES"]
+__all__ = ["DenseQueryDetector", "DENSE_DETECTORS", "QUERY_INITS", "QUERY_CONTENTS", "INFERENCE_SOURCES"]
 
+DENSE_DETECTORS = {"ATSS": "MODEL.ATSS.NUM_CLASSES", "RetinaNet": "MODEL.RETINANET.NUM_CLASSES"}
 QUERY_INITS = ("whole_image", "dense_topk")
 QUERY_CONTENTS = ("embedding", "dense_feature")
 INFERENCE_SOURCES = ("decoder", "dense")
@@ -53,18 +57,19 @@ def _with_prior(prediction: Dict[str, torch.Tensor], prior: Optional[torch.Tenso
 
 
 @META_ARCH_REGISTRY.register()
-class DenseQueryDetector(ATSS):
-    """ATSS dense head + query decoder on a shared pyramid (module docstring).
+class DenseQueryDetector(nn.Module):
+    """A dense detector + query decoder on a shared pyramid (module docstring).
 
-    Training returns the ATSS losses (``dense_loss_*``, weighted) and the decoder's set losses (named
-    as in ``QueryDetector``). Inference returns per image ``instances`` from ``inference_source`` and,
-    for a DEQ decoder, its ``residuals`` and ``steps``.
+    Training returns the dense detector's losses (``dense_loss_*``, weighted) and the decoder's set
+    losses (named as in ``QueryDetector``). Inference returns per image ``instances`` from
+    ``inference_source`` and, for a DEQ decoder, its ``residuals`` and ``steps``.
     """
 
     @configurable
     def __init__(
         self,
         *,
+        dense: DenseDetector,
         queries: InitialQueries,
         decoder: torch.nn.Module,
         criterion: SetCriterion,
@@ -77,9 +82,9 @@ class DenseQueryDetector(ATSS):
         decoder_feature_grad: float = 1.0,
         inference_source: str = "decoder",
         content_proj: Optional[nn.Module] = None,
-        **atss_kwargs,
     ):
-        super().__init__(**atss_kwargs)
+        super().__init__()
+        self.dense = dense
         if query_init not in QUERY_INITS:
             raise ValueError(f"MODEL.DENSE_QUERY.QUERY_INIT must be one of {QUERY_INITS}, got {query_init!r}")
         if inference_source not in INFERENCE_SOURCES:
@@ -103,11 +108,29 @@ class DenseQueryDetector(ATSS):
             raise ValueError('MODEL.DENSE_QUERY.QUERY_CONTENT "dense_feature" needs QUERY_INIT "dense_topk"')
         self.content_proj = content_proj
 
+    @property
+    def backbone(self):
+        return self.dense.backbone
+
+    @property
+    def device(self) -> torch.device:
+        return self.dense.device
+
+    @property
+    def num_classes(self) -> int:
+        return self.dense.num_classes
+
     @classmethod
     def from_config(cls, cfg):
-        ret = super().from_config(cfg)
         q, dq = cfg.MODEL.QUERY, cfg.MODEL.DENSE_QUERY
-        shapes = ret["backbone"].output_shape()
+        if dq.DENSE_DETECTOR not in DENSE_DETECTORS:
+            raise ValueError(f"MODEL.DENSE_QUERY.DENSE_DETECTOR must be one of {sorted(DENSE_DETECTORS)}, "
+                             f"got {dq.DENSE_DETECTOR!r}")
+        dense_cfg = cfg.clone()
+        dense_cfg.defrost()
+        dense_cfg.MODEL.META_ARCHITECTURE = dq.DENSE_DETECTOR
+        dense = META_ARCH_REGISTRY.get(dq.DENSE_DETECTOR)(dense_cfg)
+        shapes = dense.backbone.output_shape()
         missing = [f for f in q.IN_FEATURES if f not in shapes]
         if missing:
             raise ValueError(f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the backbone ({sorted(shapes)})")
@@ -117,13 +140,14 @@ class DenseQueryDetector(ATSS):
                 f"MODEL.QUERY.FEAT_CHANNELS ({q.FEAT_CHANNELS}) must equal the channels of MODEL.QUERY.IN_FEATURES "
                 f"({sorted(channels)}): the decoder reads the pyramid directly"
             )
-        if q.NUM_CLASSES != cfg.MODEL.ATSS.NUM_CLASSES:
-            raise ValueError(f"MODEL.QUERY.NUM_CLASSES ({q.NUM_CLASSES}) and MODEL.ATSS.NUM_CLASSES "
-                             f"({cfg.MODEL.ATSS.NUM_CLASSES}) must be equal")
+        if q.NUM_CLASSES != dense.num_classes:
+            raise ValueError(f"MODEL.QUERY.NUM_CLASSES ({q.NUM_CLASSES}) and {DENSE_DETECTORS[dq.DENSE_DETECTOR]} "
+                             f"({dense.num_classes}) must be equal")
         if dq.QUERY_CONTENT not in QUERY_CONTENTS:
             raise ValueError(f"MODEL.DENSE_QUERY.QUERY_CONTENT must be one of {QUERY_CONTENTS}, got {dq.QUERY_CONTENT!r}")
-        head_channels = shapes[cfg.MODEL.ATSS.IN_FEATURES[0]].channels
-        ret.update(
+        head_channels = shapes[dense.head_in_features[0]].channels
+        return dict(
+            dense=dense,
             content_proj=nn.Sequential(nn.Linear(head_channels, q.CONTENT_DIM), nn.LayerNorm(q.CONTENT_DIM))
             if dq.QUERY_CONTENT == "dense_feature" else None,
             queries=InitialQueries(q.NUM_QUERIES, q.CONTENT_DIM),
@@ -138,29 +162,33 @@ class DenseQueryDetector(ATSS):
             decoder_feature_grad=dq.DECODER_FEATURE_GRAD,
             inference_source=dq.INFERENCE_SOURCE,
         )
-        return ret
 
     @torch.no_grad()
     def dense_proposals(self, images: ImageList, features: List[torch.Tensor], predictions) -> List[Instances]:
         """The dense head's distinct boxes per image, best first: per level the
-        ``proposal_topk_per_level`` anchors of highest score ``max_k p_k x centerness``, decoded, clipped
-        to the image, class-agnostic NMS at ``proposal_nms_thresh``, at most ``NUM_QUERIES`` kept.
+        ``proposal_topk_per_level`` anchors of highest score ``max_k p_k`` (``x centerness`` where the
+        head predicts it, as ATSS ranks), decoded, clipped to the image, class-agnostic NMS at
+        ``proposal_nms_thresh``, at most ``NUM_QUERIES`` kept.
 
         Returns per image Instances with ``pred_boxes`` (n, 4), ``scores`` (n,), ``class_scores``
-        (n, K): ``p_k x centerness`` of the anchor each box came from (ATSS's ranking score per class),
-        and ``features`` (n, C): the dense head's input feature at that anchor's location.
+        (n, K): the ranking score per class of the anchor each box came from, and ``features`` (n, C):
+        the dense head's input feature at that anchor's location.
         """
-        logits, deltas, centerness = self._transpose_dense_predictions(predictions, [self.num_classes, 4, 1])
-        anchors = self.anchor_generator(features)
-        anchors_per_cell = self.anchor_generator.num_cell_anchors[0]
+        dense = self.dense
+        # (logits, deltas) or (logits, deltas, centerness), each per level (N, R_l, channels)
+        logits, deltas, *centerness = dense._transpose_dense_predictions(
+            predictions, [dense.num_classes, 4] + [1] * (len(predictions) - 2))
+        centerness = centerness[0] if centerness else [None] * len(logits)
+        anchors = dense.anchor_generator(features)
+        anchors_per_cell = dense.anchor_generator.num_cell_anchors[0]
         num_queries = self.queries.content.num_embeddings
         results = []
         for i, image_size in enumerate(images.image_sizes):
             boxes, class_scores, anchor_features = [], [], []
             for level_anchors, x, d, c, f in zip(anchors, logits, deltas, centerness, features):
-                probs = x[i].sigmoid() * c[i].sigmoid()  # (R_l, K)
+                probs = x[i].sigmoid() if c is None else x[i].sigmoid() * c[i].sigmoid()  # (R_l, K)
                 index = probs.amax(dim=1).topk(min(self.proposal_topk_per_level, len(probs))).indices
-                boxes.append(self.box2box_transform.apply_deltas(d[i][index], level_anchors.tensor[index]))
+                boxes.append(dense.box2box_transform.apply_deltas(d[i][index], level_anchors.tensor[index]))
                 class_scores.append(probs[index])
                 anchor_features.append(f[i].flatten(1)[:, index // anchors_per_cell].t())  # (k, C)
             proposals = Instances(image_size, pred_boxes=Boxes(torch.cat(boxes)), class_scores=torch.cat(class_scores),
@@ -180,13 +208,13 @@ class DenseQueryDetector(ATSS):
         L x (B, C, H_l, W_l)), and the class prior (B, N, K) added to its logits or None, as the forward
         computes them (for tools that drive the decoder, e.g. the refinement visualisation)."""
         images, features, predictions = self._dense_forward(batched_inputs)
-        content, xyzr, prior = self._queries(images, [features[f] for f in self.head_in_features], predictions)
+        content, xyzr, prior = self._queries(images, [features[f] for f in self.dense.head_in_features], predictions)
         return images, content, xyzr, [features[f] for f in self.query_in_features], prior
 
     def _dense_forward(self, batched_inputs: List[dict]):
-        images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        predictions = self.head([features[f] for f in self.head_in_features])
+        images = self.dense.preprocess_image(batched_inputs)
+        features = self.dense.backbone(images.tensor)
+        predictions = self.dense.head([features[f] for f in self.dense.head_in_features])
         return images, features, predictions
 
     def _queries(self, images: ImageList, dense_features, predictions):
@@ -220,11 +248,11 @@ class DenseQueryDetector(ATSS):
     def forward(self, batched_inputs: List[dict]):
         """Detectron2's model interface (see ``QueryDetector.forward``)."""
         images, features, predictions = self._dense_forward(batched_inputs)
-        dense_features = [features[f] for f in self.head_in_features]
+        dense_features = [features[f] for f in self.dense.head_in_features]
         query_features = [_scale_gradient(features[f], self.decoder_feature_grad) for f in self.query_in_features]
         if self.training:
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-            dense = self.forward_training(images, dense_features, predictions, gt_instances)
+            dense = self.dense.forward_training(images, dense_features, predictions, gt_instances)
             losses = {f"dense_{k}": v * self.dense_loss_weight for k, v in dense.items()}
             content, xyzr, prior = self._queries(images, dense_features, predictions)
             targets = [query_targets(x, size) for x, size in zip(gt_instances, images.image_sizes)]
@@ -238,11 +266,11 @@ class DenseQueryDetector(ATSS):
                 losses.update(loss_fn(self.decoder(content, xyzr, query_features)))
             return losses
         if self.inference_source == "dense":
-            results, extras = self.forward_inference(images, dense_features, predictions), {}
+            results, extras = self.dense.forward_inference(images, dense_features, predictions), {}
         else:
             content, xyzr, prior = self._queries(images, dense_features, predictions)
             last = _with_prior(self.decoder(content, xyzr, query_features)[-1], prior)
             results = topk_detections(last["logits"], last["boxes"], images.image_sizes,
-                                      self.max_detections_per_image)
+                                      self.dense.max_detections_per_image)
             extras = {k: v for k, v in last.items() if k not in ("logits", "boxes")}
         return postprocess_outputs(results, extras, batched_inputs, images.image_sizes)
