@@ -33,10 +33,24 @@ RESULT_FILE = os.path.join(RESULTS, "recipe_protocol.json")
 SHAPES = os.path.join(ROOT, "configs", "shapes")
 
 RETINANET = os.path.join(SHAPES, "retinanet_demo.yaml")
-FLAGSHIP = os.path.join(SHAPES, "demo.yaml")
+FLAGSHIP = os.path.join(SHAPES, "dyhead_deqdet_r18.yaml")
+# Every variant on FLAGSHIP starts from these values (the combined detector's settings before this protocol
+# chose its recipe), so that a variant means the same whatever the config file says today.
+PINNED = ["MODEL.CHANNELS_LAST", "True", "MODEL.DENSE_QUERY.DENSE_DETECTOR", "ATSS", "MODEL.ATSS.NORM", "BN",
+          "MODEL.ATSS.NORM_PER_LEVEL", "False", "MODEL.ANCHOR_GENERATOR.SIZES", "[[32], [64], [128], [256], [512]]",
+          "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0]]", "MODEL.ANCHOR_GENERATOR.OFFSET", "0.5",
+          "MODEL.DYHEAD.NUM_CONVS", "1", "MODEL.DYHEAD.ZERO_INIT_OFFSET", "True", "MODEL.DYHEAD.IDENTITY_INIT", "False",
+          "MODEL.DENSE_QUERY.QUERY_CONTENT", "embedding", "MODEL.QUERY.CLS_TARGET", "one_hot",
+          "MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", "1.0", "MODEL.DENSE_QUERY.DENSE_LOSS_WEIGHT", "1.0",
+          "MODEL.DENSE_QUERY.PROPOSAL_TOPK_PER_LEVEL", "1000", "SEED", "-1"]
 # The flagship's dense head alone: ATSS on the flagship's pyramid, without DyHead blocks.
 ATSS = ["MODEL.META_ARCHITECTURE", "ATSS", "MODEL.DYHEAD.NUM_CONVS", "0"]
-RETINANET_SIZES = "[[24, 30.24, 38.1], [48, 60.48, 76.2], [96, 120.95, 152.39], [192, 241.9, 304.78], [384, 483.81, 609.56]]"
+RETINANET_SIZES = ("[[24, 30.238105, 38.097625], [48, 60.47621, 76.19525], [96, 120.952421, 152.390501], "
+                   "[192, 241.904842, 304.781002], [384, 483.809683, 609.562004]]")
+# The anchors and head of retinanet_demo.yaml, on the flagship's pyramid.
+RETINANET_HEAD = ["MODEL.RETINANET.NUM_CLASSES", "8", "MODEL.RETINANET.NUM_CONVS", "2", "MODEL.RETINANET.NORM", "BN",
+                  "MODEL.ANCHOR_GENERATOR.SIZES", RETINANET_SIZES, "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
+                  "[[0.5, 1.0, 2.0]]", "MODEL.ANCHOR_GENERATOR.OFFSET", "0.0"]
 LEVEL_BN = ["MODEL.ATSS.NORM", "BN", "MODEL.ATSS.NORM_PER_LEVEL", "True"]
 # ATSS with per-level BN and one DyHead block, by initialisation of the block.
 BLOCK = ["MODEL.META_ARCHITECTURE", "ATSS", "MODEL.DYHEAD.NUM_CONVS", "1", *LEVEL_BN]
@@ -46,6 +60,9 @@ IDENTITY = ["MODEL.DYHEAD.ZERO_INIT_OFFSET", "True", "MODEL.DYHEAD.IDENTITY_INIT
 # The combined detector's decoder options.
 DDQ_CONTENT = ["MODEL.DENSE_QUERY.QUERY_CONTENT", "dense_feature"]
 IOU_TARGET = ["MODEL.QUERY.CLS_TARGET", "iou"]
+
+VARIANTS_RETINANET_COMBINED = ["MODEL.DENSE_QUERY.DENSE_DETECTOR", "RetinaNet", *RETINANET_HEAD, *IDENTITY, *DDQ_CONTENT,
+                               *IOU_TARGET]
 
 # name -> (config, overrides). One difference at a time from the reference where the name says so.
 VARIANTS = {
@@ -64,9 +81,14 @@ VARIANTS = {
     "combined_shared_bn": (FLAGSHIP, ["MODEL.ATSS.NORM_PER_LEVEL", "False", *ZERO_OFFSET, "MODEL.DENSE_QUERY.QUERY_CONTENT",
                                       "embedding", "MODEL.QUERY.CLS_TARGET", "one_hot"]),
     "combined_all": (FLAGSHIP, [*LEVEL_BN, *IDENTITY, *DDQ_CONTENT, *IOU_TARGET]),
+    "retinanet_block_identity": (FLAGSHIP, ["MODEL.META_ARCHITECTURE", "RetinaNet", *RETINANET_HEAD, *IDENTITY]),
+    "combined_retinanet": (FLAGSHIP, VARIANTS_RETINANET_COMBINED),
+    "combined_retinanet_feature_grad_0": (FLAGSHIP, [*VARIANTS_RETINANET_COMBINED, "MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", "0.0"]),
+    "combined_retinanet_feature_grad_0.1": (FLAGSHIP, [*VARIANTS_RETINANET_COMBINED, "MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", "0.1"]),
     "flagship": (FLAGSHIP, []),
 }
-COMBINED = {name for name, (config, opts) in VARIANTS.items() if config == FLAGSHIP and "ATSS" not in opts}
+COMBINED = {name for name, (config, opts) in VARIANTS.items()
+            if config == FLAGSHIP and "MODEL.META_ARCHITECTURE" not in opts}
 _COPYPASTE = re.compile(r"copypaste: AP,AP50,AP75,.*\n.*copypaste: ([\d.nan]+),([\d.nan]+),([\d.nan]+),")
 
 
@@ -96,6 +118,8 @@ class Run:
     def __init__(self, variant: str, seed: int, iters: int, extra: list):
         self.variant, self.seed, self.iters = variant, seed, iters
         config, opts = VARIANTS[variant]
+        if config == FLAGSHIP:
+            opts = [*PINNED, *opts]
         self.out = os.path.join(ROOT, "output", "protocol", f"{variant}@{iters}", f"s{seed}")
         os.makedirs(self.out, exist_ok=True)
         self.config, self.opts = config, [*opts, *extra]

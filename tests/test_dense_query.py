@@ -41,7 +41,7 @@ def test_builds_from_config_with_shared_pyramid():
     strides = {s.stride for name, s in model.backbone.output_shape().items() if name in ("p3", "p4", "p5")}
     assert tuple(model.decoder.refine_stage.strides) == tuple(sorted(strides)) == (8, 16, 32)
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
-    assert names == {"dense", "queries", "decoder"}
+    assert names == {"dense", "queries", "decoder", "content_proj"}
     assert len(model.backbone.dyhead_tower) == 1
 
 
@@ -75,7 +75,7 @@ def test_training_losses_have_both_heads_and_fall():
     assert {"dense_loss_cls", "dense_loss_box_reg", "dense_loss_ctr", "init_loss_cls", "iter2_loss_giou"} <= set(losses)
     assert totals[-1] < 0.8 * totals[0], totals
     # every part of the model got a gradient: the decoder's losses reach the shared pyramid too
-    for part in (model.backbone, model.dense.head, model.queries, model.decoder):
+    for part in (model.backbone, model.dense.head, model.content_proj, model.decoder):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
@@ -125,7 +125,7 @@ def test_dense_topk_queries_start_at_distinct_dense_boxes():
 
 
 def test_whole_image_queries_are_the_papers():
-    model = _model("MODEL.DENSE_QUERY.QUERY_INIT", "whole_image").eval()
+    model = _model("MODEL.DENSE_QUERY.QUERY_INIT", "whole_image", "MODEL.DENSE_QUERY.QUERY_CONTENT", "embedding").eval()
     batch = _inputs()
     with torch.no_grad():
         images, content, xyzr, features, prior = model.initial_queries(batch)
@@ -162,7 +162,7 @@ def test_dense_source_is_exactly_the_dense_detector(name, opts):
     model.inference_source = "dense"
     alone = build_model(build_config(CONFIG, SMALL + opts + ["MODEL.META_ARCHITECTURE", name])).eval()
     alone.load_state_dict(model.dense.state_dict())
-    assert {k.split(".")[0] for k in model.state_dict()} == {"dense", "queries", "decoder"}
+    assert {k.split(".")[0] for k in model.state_dict()} == {"dense", "queries", "decoder", "content_proj"}
     batch = _inputs()
     with torch.no_grad():
         ours, theirs = model(batch), alone(batch)

@@ -94,7 +94,7 @@ def main(argv=None) -> None:
         source, model.inference_source = model.inference_source, "dense"
         dense = Trainer.test(cfg, model)
         model.inference_source = source
-        lines.append("dense head (ATSS) " + ap_line(dataset, dense["bbox"]))
+        lines.append(f"dense head ({type(model.dense).__name__}) " + ap_line(dataset, dense["bbox"]))
     if "deq" in results:  # DEQStatisticsEvaluator, over the same evaluation
         deq = results["deq"]
         lines.append(f"DEQ refinement steps per image (TOL {cfg.MODEL.DEQDET.TOL}, at most "
