@@ -421,7 +421,7 @@ def _ratio(a, b):
 
 
 def targets(record: dict) -> list:
-    """(target, measured figure, met) rows for the issue's targets, from whatever was measured."""
+    """(target, measured figure, met) rows for the project's targets, from whatever was measured."""
     rows = []
     for size, res in record["sizes"].items():
         lat = res.get("latency", {}).get("batch1", {})

@@ -8,7 +8,7 @@ __all__ = ["add_deqdet_decoder_config"]
 def add_deqdet_decoder_config(cfg: CN) -> None:
     """Add ``MODEL.DEQDET`` (used when ``MODEL.QUERY.DECODER`` is ``"DEQDecoder"``)."""
     cfg.MODEL.DEQDET = d = CN()
-    # --- training (official DEQDetRoIHead defaults, DESIGN.md §5) ---
+    # --- training (the defaults of DEQDetRoIHead in the official code, MCG-NJU/DEQDet) ---
     # No-grad applications of the refinement stage f per training iteration.
     d.REFINEMENT_STEPS = 20
     # After how many no-grad steps a supervised segment starts (each in 1..REFINEMENT_STEPS).

@@ -17,7 +17,7 @@ def add_query_config(cfg: CN) -> None:
     q.NECK_STYLE = "AdaMixer"
     # Groups of that shared GroupNorm.
     q.NECK_NORM_GROUPS = 32
-    # Channels of the mapped feature maps (C in DESIGN.md §4).
+    # Channels C of the mapped feature maps, the features the decoder stages sample and mix.
     q.FEAT_CHANNELS = 256
     # Number of foreground classes (sigmoid classifier, no background class).
     q.NUM_CLASSES = 80

@@ -65,7 +65,11 @@ class AdaMixerStage(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, prior_prob: float = 0.01) -> None:
-        """The official initialisation (DESIGN.md §4)."""
+        """The official initialisation (MCG-NJU/AdaMixer): Xavier-uniform weights in every Linear, the
+        classifier bias at the prior probability ``prior_prob``, a zero box regressor, IoF temperatures
+        uniform in [0, 4], sampling offsets with zero weights and biases on a regular grid over the box
+        (uniform in it when ``in_points`` is not a square) at level offset -1, and zero weights in the
+        generator of the mixing parameters."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
