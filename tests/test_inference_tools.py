@@ -65,6 +65,7 @@ def test_predict_draws_every_readable_image_and_names_the_broken_one(images, tmp
     assert sorted(os.listdir(out)) == ["gray.png", "rgba.png"]
     assert cv2.imread(str(out / "gray.png")).shape[:2] == (80, 60)  # drawn at the input's size
     assert "broken.png" in captured.err and "1 of 3 inputs could not be read" in captured.err
+    assert not any(line.startswith("error:") for line in captured.err.splitlines())  # skipped, not an error
     assert "gray.jpg: 50 detections" in captured.out  # threshold 0: all TEST.DETECTIONS_PER_IMAGE (50)
 
 
@@ -90,9 +91,10 @@ def test_predict_single_file_output_and_bad_inputs(images, tmp_path, capsys):
     assert target.is_file()
     assert (
         main(["--config-file", SHAPES_CONFIG, "--input", str(tmp_path / "nope*.jpg"), "--opts", *DEQ_OPTS])
-        == 2
+        == 1  # nothing could be read
     )
-    assert "nope*.jpg" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"skipped {tmp_path / 'nope*.jpg'}: no such file" in err and "1 of 1 inputs could not be read" in err
     assert (
         main(
             [
@@ -109,6 +111,22 @@ def test_predict_single_file_output_and_bad_inputs(images, tmp_path, capsys):
         == 2
     )
     assert "missing.pth" in capsys.readouterr().err
+
+
+def test_predict_names_and_skips_a_missing_input(images, tmp_path, capsys):
+    from tools.predict import main
+
+    missing, broken = tmp_path / "missing.png", images / "broken.png"
+    out = tmp_path / "out"
+    inputs = [str(missing), str(images / "rgba.png"), str(broken)]
+    args = ["--config-file", SHAPES_CONFIG, "--input", *inputs, "--output", str(out), "--opts", *DEQ_OPTS]
+    assert main(args) == 0  # the readable image is drawn
+    captured = capsys.readouterr()
+    assert os.listdir(out) == ["rgba.png"]
+    assert f"skipped {missing}: no such file" in captured.err
+    assert f"skipped {broken}: cannot read image" in captured.err
+    assert "2 of 3 inputs could not be read" in captured.err
+    assert not any(line.startswith("error:") for line in captured.err.splitlines())
 
 
 def test_predict_video(tmp_path, capsys):

@@ -13,7 +13,8 @@ The interface of Detectron2's ``demo/demo.py``. Images are read with Detectron2'
 ``INPUT.FORMAT``, under ``TEST.AUTOCAST``); detections with a score of at least
 ``--confidence-threshold`` are drawn with ``Visualizer``. ``--output``: a folder (one PNG per input,
 named after it) or, for a single input, a file name. Without ``--output`` the detections are only
-listed. An input that cannot be read is reported in one line and skipped. Runs on ``MODEL.DEVICE``
+listed. An input that cannot be read, or a path or glob that names no file, is reported in one
+line (``skipped ...``) and skipped; the exit status is 1 when no input could be read. Runs on ``MODEL.DEVICE``
 (CUDA when available, else CPU).
 """
 
@@ -32,7 +33,7 @@ from detectron2.utils.visualizer import Visualizer
 import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
-from deqdet.inference import check_weights, expand_inputs
+from deqdet.inference import check_weights, find_inputs
 from deqdet.predictor import Predictor as DeqdetPredictor
 
 
@@ -100,7 +101,7 @@ def predict_images(predictor: Predictor, paths, output) -> int:
             image = read_image(path, format="BGR")
         except Exception as e:  # PIL / OS errors: any reason the file is not a readable image
             tqdm.tqdm.write(
-                f"error: cannot read image {path}: {' '.join(str(e).split())}", file=sys.stderr
+                f"skipped {path}: cannot read image: {' '.join(str(e).split())}", file=sys.stderr
             )
             failures += 1
             continue
@@ -150,21 +151,25 @@ def main(argv=None) -> int:
     if bool(args.input) == bool(args.video_input):
         print("error: give either --input or --video-input", file=sys.stderr)
         return 2
+    paths, missing = find_inputs(args.input) if args.input else (None, [])
+    for pattern in missing:
+        print(f"skipped {pattern}: no such file, folder with images, or matching glob", file=sys.stderr)
+    failures = len(missing)
     try:
         cfg = build_config(args.config_file, args.opts)
-        paths = expand_inputs(args.input) if args.input else None
         check_weights(cfg.MODEL.WEIGHTS)
-        predictor = Predictor(cfg, args.confidence_threshold)
         if paths is None:
-            predict_video(predictor, args.video_input, args.output)
+            predict_video(Predictor(cfg, args.confidence_threshold), args.video_input, args.output)
             return 0
-        failures = predict_images(predictor, paths, args.output)
+        if paths:
+            failures += predict_images(Predictor(cfg, args.confidence_threshold), paths, args.output)
     except UserInputError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    total = len(paths) + len(missing)
     if failures:
-        print(f"{failures} of {len(paths)} inputs could not be read", file=sys.stderr)
-    return 1 if failures == len(paths) else 0
+        print(f"{failures} of {total} inputs could not be read", file=sys.stderr)
+    return 1 if failures == total else 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 
 from .errors import UserInputError
 
-__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "check_weights", "build_inference_model"]
+__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "find_inputs", "check_weights", "build_inference_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,17 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
     Raises:
         UserInputError: a pattern that names no file, names the pattern.
     """
+    paths, missing = find_inputs(patterns)
+    if missing:
+        raise UserInputError(f"--input {missing[0]}: no such file, folder with images, or matching glob")
+    return paths
+
+
+def find_inputs(patterns: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """:func:`expand_inputs` that does not stop at a pattern naming nothing: returns ``(paths,
+    patterns that named no file)``."""
     paths: List[str] = []
+    missing: List[str] = []
     for pattern in patterns:
         if os.path.isdir(pattern):
             found = sorted(
@@ -38,9 +48,9 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
         else:
             found = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
         if not found:
-            raise UserInputError(f"--input {pattern}: no such file, folder with images, or matching glob")
+            missing.append(pattern)
         paths.extend(found)
-    return paths
+    return paths, missing
 
 
 def check_weights(path: str) -> None:
