@@ -94,7 +94,8 @@ def test_predict_single_file_output_and_bad_inputs(images, tmp_path, capsys):
         == 1  # nothing could be read
     )
     err = capsys.readouterr().err
-    assert f"skipped {tmp_path / 'nope*.jpg'}: no such file" in err and "1 of 1 inputs could not be read" in err
+    assert f"skipped {tmp_path / 'nope*.jpg'}: no such file" in err
+    assert "1 of 1 inputs could not be read" in err
     assert (
         main(
             [
