@@ -4,8 +4,10 @@ headers where possible; a short training run on such a dataset has finite losses
 ground truth drops the boxes training drops."""
 
 import json
+import logging
 import math
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -13,13 +15,15 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
+from pycocotools.coco import COCO
 
 import train_net
 from deqdet.data.checks import clean_record_boxes, image_problem
+from deqdet.data.loading import check_dataset, checked_dataset_dicts
 from deqdet.data.mapper import CheckedDatasetMapper
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError
-from deqdet.evaluation import CheckedCOCOEvaluator
+from deqdet.evaluation import CheckedCOCOEvaluator, clean_ground_truth
 from hostile_data import (
     ATSS_CONFIG, FOUND_WHEN_DECODED, H, HOSTILE_BOXES, READABLE, REFUSED, TINY_ATSS, W, write_coco)
 
@@ -171,3 +175,85 @@ def test_evaluation_ground_truth_drops_what_training_drops(tmp_path):
     checked = _perfect_predictions_ap(CheckedCOCOEvaluator, "boxes_only", record, tmp_path / "a")
     assert checked == pytest.approx(100.0)
     assert _perfect_predictions_ap(COCOEvaluator, "boxes_only", record, tmp_path / "b") < 80.0
+
+
+class _Lines(logging.Handler):
+    """The messages logged to the ``deqdet`` logger while it is attached."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        logger = logging.getLogger("deqdet")
+        self.level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self.lines
+
+    def __exit__(self, *exc):
+        logger = logging.getLogger("deqdet")
+        logger.removeHandler(self)
+        logger.setLevel(self.level)
+
+
+def _malformed_and_orphan(folder):
+    """Two good images (ids 1, 2) plus a 3-number box (annotation 50, image 1) and an annotation
+    whose image_id names no image (annotation 51, image_id 9999)."""
+    json_path = write_coco(folder, ["good", "good2"])  # categories 1 and 2
+    coco = json.loads(json_path.read_text())
+    coco["annotations"] += [
+        {"id": 50, "image_id": 1, "bbox": [1, 2, 3], "iscrowd": 0, "category_id": 1, "area": 9.0},
+        {"id": 51, "image_id": 9999, "bbox": [1, 1, 5, 5], "iscrowd": 0, "category_id": 1, "area": 25.0},
+    ]
+    json_path.write_text(json.dumps(coco))
+    return json_path
+
+
+def test_malformed_box_and_orphan_annotation_are_named_in_training_and_evaluation(tmp_path):
+    records = register("malformed", _malformed_and_orphan(tmp_path / "data"))
+    with _Lines() as lines:
+        checked_dataset_dicts(build_config(ATSS_CONFIG, TINY), ["malformed"], is_train=True)
+    log = "\n".join(lines)
+    assert "dataset 'malformed': 1 annotations in" in log
+    assert "name no image and are not used: annotation 51 (image_id 9999)" in log
+    assert "dropped" in log and "box [1, 2, 3]: malformed box" in log
+    assert "2 images checked; 1 boxes dropped (malformed box: 1)" in log
+
+    with _Lines() as lines:  # died with ValueError (3 numbers) and KeyError (image_id 9999)
+        dropped, clipped, orphans = clean_ground_truth(COCO(str(tmp_path / "data" / "annotations.json")))
+        record = json.loads(json.dumps(records[0]))  # a copy, with training's boxes
+        clean_record_boxes(record)
+        ap = _perfect_predictions_ap(CheckedCOCOEvaluator, "malformed", record, tmp_path / "eval")
+    assert dropped == [("annotation 50 (image_id 1) box [1, 2, 3]", "malformed box")]
+    assert (clipped, orphans) == (0, [(51, 9999)])
+    log = "\n".join(lines)
+    assert "evaluation of 'malformed': dropped ground truth annotation 50 (image_id 1) box [1, 2, 3]: " \
+        "malformed box" in log
+    assert "evaluation of 'malformed': 1 annotations name no image and are left out of the ground truth: " \
+        "annotation 51 (image_id 9999)" in log
+    assert "1 ground-truth boxes dropped (malformed box: 1), 0 clipped" in log
+    # class 1: image 1's object found (AP 100 unless the 3-number box or the orphan, both class 1,
+    # counted as missed); class 2: image 2's object not predicted (AP 0)
+    assert ap == pytest.approx(50.0)
+
+
+def test_eval_only_survives_malformed_box_and_orphan_annotation(tmp_path):
+    json_path = _malformed_and_orphan(tmp_path / "data")
+    out = tmp_path / "out"
+    train_net.main(train_net.default_argument_parser().parse_args(
+        ["--config-file", ATSS_CONFIG, "--eval-only", *TINY, "DATASETS.COCO_FILES",
+         f"('bad_val={json_path}',)", "DATASETS.TEST", "('bad_val',)", "OUTPUT_DIR", str(out)]))
+    log = open(out / "log.txt").read()
+    assert "annotation 51 (image_id 9999)" in log and "malformed box" in log
+    assert (out / "inference" / "bad_val" / "coco_instances_results.json").is_file()
+
+
+def test_a_clean_dataset_prints_no_empty_counts():
+    records = [{"file_name": "x", "height": H, "width": W, "image_id": 1, "annotations": []}]
+    with _Lines() as lines, mock.patch("deqdet.data.loading.image_problem", return_value=None):
+        check_dataset("clean", records, skip_bad_images=True)
+    assert lines == ["dataset 'clean': 1 images checked; no problems found"]

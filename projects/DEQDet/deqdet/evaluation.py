@@ -13,13 +13,17 @@ Nothing changes when detectron2's own fast COCOeval is built or ``faster-coco-ev
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from detectron2.evaluation import COCOEvaluator, coco_evaluation
 from pycocotools.cocoeval import COCOeval
 
-from .data.checks import clean_box
+from .data.checks import clean_box, describe_orphans, orphan_annotations, xywh_box
 
 __all__ = ["CheckedCOCOEvaluator", "clean_ground_truth", "install_fast_coco_eval", "coco_eval_backend"]
+
+
+_LOGGED = 20  # dropped ground-truth boxes named one by one; the rest only counted
 
 
 def _faster_coco_eval(coco_gt, coco_dt, iou_type):
@@ -55,39 +59,65 @@ def coco_eval_backend() -> str:
     return "detectron2 COCOeval_opt (compiled)"
 
 
-def clean_ground_truth(coco_api) -> tuple[int, int]:
+def clean_ground_truth(coco_api) -> tuple[list[tuple[str, str]], int, list[tuple[object, object]]]:
     """Drop the boxes of a pycocotools ``COCO`` that training drops and clip those partly outside
-    their image, as :func:`deqdet.data.checks.clean_box` does for training; returns
-    ``(dropped, clipped)``."""
-    kept, dropped, clipped = [], 0, 0
+    their image, as :func:`deqdet.data.checks.clean_record_boxes` does for training; leave out the
+    annotations whose ``image_id`` names no image (:func:`deqdet.data.checks.orphan_annotations`).
+
+    Returns:
+        dropped: ``("annotation ID (image_id N) box BBOX", reason)`` per dropped box;
+        clipped: how many boxes were clipped;
+        orphans: ``(annotation id, image_id)`` per annotation left out for naming no image.
+    """
+    orphans = orphan_annotations(coco_api.dataset)
+    kept, dropped, clipped = [], [], 0
     for ann in coco_api.dataset.get("annotations", []):
+        if ann.get("image_id") not in coco_api.imgs:  # an orphan (in ``orphans``)
+            continue
+        where = f"annotation {ann.get('id')} (image_id {ann['image_id']}) box {ann.get('bbox')}"
+        xywh = xywh_box(ann.get("bbox"))
+        if xywh is None:
+            dropped.append((where, "malformed box"))
+            continue
         image = coco_api.imgs[ann["image_id"]]
-        x, y, w, h = (float(v) for v in ann["bbox"])
-        box, _ = clean_box([x, y, x + w, y + h], image["width"], image["height"])
+        x, y, w, h = xywh
+        box, reason = clean_box([x, y, x + w, y + h], image["width"], image["height"])
         if box is None:
-            dropped += 1
+            dropped.append((where, reason))
             continue
         if box != [x, y, x + w, y + h]:
             clipped += 1
             ann = {**ann, "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]}
         kept.append(ann)
-    if dropped or clipped:
+    if dropped or clipped or orphans:
         coco_api.dataset["annotations"] = kept
         coco_api.createIndex()
-    return dropped, clipped
+    return dropped, clipped, orphans
 
 
 class CheckedCOCOEvaluator(COCOEvaluator):
-    """Detectron2's ``COCOEvaluator`` over the ground truth training sees: boxes that are not
-    finite, of zero size or outside their image are dropped (an object the detector is never
-    taught would otherwise count as missed, and a zero-size box can never be matched), boxes
-    partly outside are clipped (predictions are clipped to the image too)."""
+    """Detectron2's ``COCOEvaluator`` over the ground truth training sees: boxes that are
+    malformed, not finite, of zero size or outside their image are dropped (an object the
+    detector is never taught would otherwise count as missed, and a zero-size box can never be
+    matched), boxes partly outside are clipped (predictions are clipped to the image too), and
+    annotations whose ``image_id`` names no image are left out; each is named in a warning."""
 
     def __init__(self, dataset_name: str, *args, **kwargs):
         super().__init__(dataset_name, *args, **kwargs)
-        dropped, clipped = clean_ground_truth(self._coco_api)
+        dropped, clipped, orphans = clean_ground_truth(self._coco_api)
+        logger = logging.getLogger("deqdet")
+        for where, reason in dropped[:_LOGGED]:
+            logger.warning(f"evaluation of {dataset_name!r}: dropped ground truth {where}: {reason}")
+        if orphans:
+            logger.warning(
+                f"evaluation of {dataset_name!r}: {len(orphans)} annotations name no image and are "
+                f"left out of the ground truth: {describe_orphans(orphans)}"
+            )
         if dropped or clipped:
-            logging.getLogger("deqdet").info(
-                f"evaluation of {dataset_name!r}: {dropped} ground-truth boxes dropped, "
-                f"{clipped} clipped, as in training"
+            kinds = Counter(reason for _, reason in dropped)
+            counts = ", ".join(f"{kind}: {n}" for kind, n in kinds.most_common())
+            logger.info(
+                f"evaluation of {dataset_name!r}: {len(dropped)} ground-truth boxes dropped"
+                + (f" ({counts})" if counts else "")
+                + f", {clipped} clipped, as in training"
             )

@@ -8,6 +8,9 @@ What happens to each problem (the log names every one; a summary line counts the
 - a box that is not finite, of zero or negative size, or entirely outside its image: dropped (in
   training and, by :class:`~deqdet.evaluation.CheckedCOCOEvaluator`, in evaluation's ground truth);
 - a box partly outside its image: clipped to the image;
+- a ``bbox`` that is not 4 numbers: dropped (``malformed box``), in training and evaluation;
+- an annotation whose ``image_id`` names no image: named (annotation id and ``image_id``) and counted
+  in a warning, in training and evaluation; not used;
 - no usable image left, or fewer classes configured than the dataset has: an error.
 """
 
@@ -30,7 +33,7 @@ from detectron2.utils import comm
 from tqdm import tqdm
 
 from ..errors import UserInputError
-from .checks import clean_record_boxes, image_problem
+from .checks import clean_record_boxes, describe_orphans, image_problem, orphan_annotations
 
 __all__ = ["NUM_CLASSES_KEYS", "check_num_classes", "checked_dataset_dicts", "load_dataset"]
 
@@ -67,7 +70,21 @@ def load_dataset(name: str) -> list[dict]:
         raise UserInputError(f"{json_file or name}: {e.args[0]}") from e
     if not dicts:
         raise UserInputError(f"dataset {name!r} is empty (no images in {json_file or 'its loader'})")
+    if json_file:
+        _warn_orphans(name, json_file)
     return dicts
+
+
+def _warn_orphans(name: str, json_file: str) -> None:
+    """Name the annotations of ``json_file`` whose ``image_id`` names no image (Detectron2's loader
+    leaves them out, naming none)."""
+    with open(json_file) as f:
+        orphans = orphan_annotations(json.load(f))
+    if orphans:
+        logger.warning(
+            f"dataset {name!r}: {len(orphans)} annotations in {json_file} name no image and are not "
+            f"used: {describe_orphans(orphans)}"
+        )
 
 
 def _log_problems(name: str, problems: list[tuple[str, str]], what: str) -> Counter:
@@ -112,10 +129,16 @@ def check_dataset(name: str, dicts: list[dict], *, skip_bad_images: bool) -> lis
         clipped += n_clipped
     image_kinds = _log_problems(name, bad, "skipped image" if skip_bad_images else "image")
     box_kinds = _log_problems(name, dropped_boxes, "dropped")
-    logger.info(
-        f"dataset {name!r}: {len(dicts)} images checked; {len(bad)} unusable ({_counts(image_kinds)}); "
-        f"{len(dropped_boxes)} boxes dropped ({_counts(box_kinds)}); {clipped} boxes clipped to their image"
-    )
+    summary = [f"dataset {name!r}: {len(dicts)} images checked"]
+    if bad:
+        summary.append(f"{len(bad)} unusable ({_counts(image_kinds)})")
+    if dropped_boxes:
+        summary.append(f"{len(dropped_boxes)} boxes dropped ({_counts(box_kinds)})")
+    if clipped:
+        summary.append(f"{clipped} boxes clipped to their image")
+    if len(summary) == 1:
+        summary.append("no problems found")
+    logger.info("; ".join(summary))
     if bad and (not skip_bad_images or not good):
         named = "; ".join(f"{file_name} ({problem})" for file_name, problem in bad[:_NAMED_IN_ERROR])
         more = (
