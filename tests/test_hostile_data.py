@@ -235,7 +235,7 @@ def test_malformed_box_and_orphan_annotation_are_named_in_training_and_evaluatio
         "malformed box" in log
     assert "evaluation of 'malformed': 1 annotations name no image and are left out of the ground truth: " \
         "annotation 51 (image_id 9999)" in log
-    assert "1 ground-truth boxes dropped (malformed box: 1), 0 clipped" in log
+    assert "evaluation of 'malformed': 1 ground-truth boxes dropped (malformed box: 1), as in training" in log
     # class 1: image 1's object found (AP 100 unless the 3-number box or the orphan, both class 1,
     # counted as missed); class 2: image 2's object not predicted (AP 0)
     assert ap == pytest.approx(50.0)

@@ -116,8 +116,6 @@ class CheckedCOCOEvaluator(COCOEvaluator):
         if dropped or clipped:
             kinds = Counter(reason for _, reason in dropped)
             counts = ", ".join(f"{kind}: {n}" for kind, n in kinds.most_common())
-            logger.info(
-                f"evaluation of {dataset_name!r}: {len(dropped)} ground-truth boxes dropped"
-                + (f" ({counts})" if counts else "")
-                + f", {clipped} clipped, as in training"
-            )
+            changed = [f"{len(dropped)} ground-truth boxes dropped ({counts})"] if dropped else []
+            changed += [f"{clipped} ground-truth boxes clipped"] if clipped else []
+            logger.info(f"evaluation of {dataset_name!r}: {', '.join(changed)}, as in training")
