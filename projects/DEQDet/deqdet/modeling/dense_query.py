@@ -181,24 +181,30 @@ class DenseQueryDetector(nn.Module):
         centerness = centerness[0] if centerness else [None] * len(logits)
         anchors = dense.anchor_generator(features)
         anchors_per_cell = dense.anchor_generator.num_cell_anchors[0]
+        # all levels' maps side by side, (N, C, sum_l H_l W_l); a candidate's cell indexes its column
+        flat_features = torch.cat([f.flatten(2) for f in features], dim=2)
+        level_starts = [0]
+        for f in features[:-1]:
+            level_starts.append(level_starts[-1] + f.shape[-2] * f.shape[-1])
         num_queries = self.queries.content.num_embeddings
         results = []
         for i, image_size in enumerate(images.image_sizes):
-            boxes, class_scores, anchor_features = [], [], []
-            for level_anchors, x, d, c, f in zip(anchors, logits, deltas, centerness, features):
+            boxes, class_scores, cells = [], [], []
+            for level_anchors, x, d, c, start in zip(anchors, logits, deltas, centerness, level_starts):
                 probs = x[i].sigmoid() if c is None else x[i].sigmoid() * c[i].sigmoid()  # (R_l, K)
                 index = probs.amax(dim=1).topk(min(self.proposal_topk_per_level, len(probs))).indices
                 boxes.append(dense.box2box_transform.apply_deltas(d[i][index], level_anchors.tensor[index]))
                 class_scores.append(probs[index])
-                anchor_features.append(f[i].flatten(1)[:, index // anchors_per_cell].t())  # (k, C)
-            proposals = Instances(image_size, pred_boxes=Boxes(torch.cat(boxes)), class_scores=torch.cat(class_scores),
-                                  features=torch.cat(anchor_features))
+                cells.append(start + index // anchors_per_cell)
+            proposals = Instances(image_size, pred_boxes=Boxes(torch.cat(boxes)), class_scores=torch.cat(class_scores))
             proposals.pred_boxes.clip(image_size)
             proposals.scores = proposals.class_scores.amax(dim=1)
             proposal_boxes = proposals.pred_boxes.tensor  # float32 (Detectron2's Boxes) whatever the scores' dtype
             scores = proposals.scores.to(proposal_boxes.dtype)
             keep = nms(proposal_boxes, scores, self.proposal_nms_thresh)[:num_queries]
-            results.append(proposals[keep])
+            proposals = proposals[keep]
+            proposals.features = flat_features[i][:, torch.cat(cells)[keep]].t()  # (n, C)
+            results.append(proposals)
         return results
 
     def initial_queries(
