@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""The combined detector against its parts on one long schedule: AP against training time on `shapes`.
+
+    python benchmarks/convergence.py train --detectors retinanet flagship atss_dyhead --iters 4000
+    python benchmarks/convergence.py report     # convergence.md / .png from convergence.json
+
+Every detector trains from scratch on the CPU (``OUTPUT_DIR output/convergence/<name>@<iters>``), batch 4,
+``--iters`` iterations (warm-up 100, lr x0.1 at 75 % and 93 %), ``SEED 1``, the demo's input sizes, with
+``OMP_NUM_THREADS=1`` and ``--jobs`` processes side by side (2 on 2 cores). It is evaluated on
+``shapes_val`` every ``--eval-period`` iterations (``TEST.EVAL_PERIOD``, a checkpoint each time); for the
+combined detector each checkpoint is evaluated again with its dense head's boxes
+(``MODEL.DENSE_QUERY.INFERENCE_SOURCE dense``), so decoder and dense head come from the same weights.
+The time axis is iterations x the run's median s/iter (training only, evaluation excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from recipe_protocol import RETINANET, ROOT, SHAPES, _env, _last_ap
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+RESULT_FILE = os.path.join(RESULTS, "convergence.json")
+# the demo's input sizes for every detector, so that AP compares detectors and not resolutions
+DEMO_INPUT = ["INPUT.MIN_SIZE_TRAIN", "(160, 192, 224)", "INPUT.MIN_SIZE_TEST", "288", "INPUT.MAX_SIZE_TEST", "480",
+              "DATALOADER.NUM_WORKERS", "0", "MODEL.CHANNELS_LAST", "True"]
+# name -> (config, overrides, whether it has a dense head to evaluate on its own)
+DETECTORS = {
+    "retinanet": (RETINANET, [], False),
+    "atss_dyhead": (os.path.join(SHAPES, "atss_dyhead_r18.yaml"), [], False),
+    "deqdet": (os.path.join(SHAPES, "deqdet_r18.yaml"), [], False),
+    "adamixer": (os.path.join(SHAPES, "adamixer_r18.yaml"), [], False),
+    "flagship": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"), [], True),
+}
+
+
+def _schedule(iters: int, eval_period: int) -> list:
+    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * 0.75)}, {int(iters * 0.93)})",
+            "SOLVER.WARMUP_ITERS", "100", "SOLVER.IMS_PER_BATCH", "4", "TEST.EVAL_PERIOD", str(eval_period),
+            "SOLVER.CHECKPOINT_PERIOD", str(eval_period), "MODEL.DEVICE", "cpu", "SEED", "1"]
+
+
+def _python(args: list, log_path: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            env=_env())
+
+
+class Run:
+    """One detector's training process, then the dense-head evaluation of each of its checkpoints."""
+
+    def __init__(self, name: str, iters: int, eval_period: int):
+        self.name, self.iters, self.eval_period = name, iters, eval_period
+        config, opts, self.has_dense = DETECTORS[name]
+        self.out = os.path.join(ROOT, "output", "convergence", f"{name}@{iters}")
+        os.makedirs(self.out, exist_ok=True)
+        self.args = ["--config-file", config, *opts, *DEMO_INPUT, *_schedule(iters, eval_period)]
+        self.pending = [] if not self.has_dense else list(range(eval_period, iters + 1, eval_period))
+        self.dense = {}
+        self.proc = _python([os.path.join(ROOT, "train_net.py"), *self.args, "OUTPUT_DIR", self.out],
+                            os.path.join(self.out, "train.log"))
+        self.phase, self.start = "train", time.perf_counter()
+
+    def _checkpoint(self, iteration: int) -> str:
+        name = "model_final.pth" if iteration == self.iters else f"model_{iteration - 1:07d}.pth"
+        return os.path.join(self.out, name)
+
+    def poll(self):
+        """None while running; the result dict when done. Raises SystemExit when a process failed."""
+        if self.proc.poll() is None:
+            return None
+        if self.proc.returncode != 0:
+            raise SystemExit(f"{self.name}: {self.phase} failed, see its log in {self.out}")
+        if self.phase.startswith("dense@"):
+            self.dense[int(self.phase[6:])] = _last_ap(os.path.join(self.out, f"{self.phase}.log"))
+        if self.pending:
+            iteration = self.pending.pop(0)
+            self.phase = f"dense@{iteration}"
+            self.proc = _python([os.path.join(ROOT, "train_net.py"), "--eval-only", *self.args,
+                                 "MODEL.WEIGHTS", self._checkpoint(iteration), "MODEL.DENSE_QUERY.INFERENCE_SOURCE",
+                                 "dense", "OUTPUT_DIR", os.path.join(self.out, self.phase)],
+                                os.path.join(self.out, f"{self.phase}.log"))
+            return None
+        return self._result()
+
+    def _result(self) -> dict:
+        metrics = [json.loads(line) for line in open(os.path.join(self.out, "metrics.json"))]
+        times = [m["time"] for m in metrics if "time" in m and m["iteration"] >= 20]
+        s_per_iter = statistics.median(times)
+        curve = [{"iteration": m["iteration"] + 1, "train_s": round((m["iteration"] + 1) * s_per_iter, 1),
+                  "ap": m["bbox/AP"], "ap50": m["bbox/AP50"], "ap75": m["bbox/AP75"]}
+                 for m in metrics if "bbox/AP" in m]
+        for point in curve:
+            if point["iteration"] in self.dense:
+                point["dense_ap"], point["dense_ap50"], point["dense_ap75"] = self.dense[point["iteration"]]
+        return {"s_per_iter": s_per_iter, "load_avg_end": os.getloadavg()[0], "curve": curve,
+                "wall_s": round(time.perf_counter() - self.start, 1),
+                "command": "OMP_NUM_THREADS=1 python train_net.py " + " ".join(
+                    os.path.relpath(a, ROOT) if a.startswith(ROOT) else a for a in self.args)}
+
+
+def _load() -> dict:
+    return json.load(open(RESULT_FILE)) if os.path.isfile(RESULT_FILE) else {}
+
+
+def train(args) -> None:
+    pending, running = list(args.detectors), []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            running.append(Run(pending.pop(0), args.iters, args.eval_period))
+            print(f"started {running[-1].name}: {' '.join(running[-1].args)}", flush=True)
+        time.sleep(10)
+        for run in list(running):
+            result = run.poll()
+            if result is not None:
+                running.remove(run)
+                data = _load()
+                data[f"{run.name}@{run.iters}"] = result
+                os.makedirs(RESULTS, exist_ok=True)
+                with open(RESULT_FILE, "w") as f:
+                    json.dump(data, f, indent=1)
+                print(run.name, json.dumps(result["curve"][-1]), flush=True)
+    report(args)
+
+
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = _load()
+    lines = ["| detector | iterations | AP | AP50 | AP75 | dense head AP / AP75 | s/iter | training time |",
+             "|---|---|---|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, run in data.items():
+        last = run["curve"][-1]
+        dense = f"{last['dense_ap']:.1f} / {last['dense_ap75']:.1f}" if "dense_ap" in last else "-"
+        lines.append(f"| {key} | {last['iteration']} | {last['ap']:.1f} | {last['ap50']:.1f} | {last['ap75']:.1f} "
+                     f"| {dense} | {run['s_per_iter']:.3f} | {last['train_s'] / 60:.0f} min |")
+        minutes = [p["train_s"] / 60 for p in run["curve"]]
+        line, = ax.plot(minutes, [p["ap"] for p in run["curve"]], marker="o", label=key)
+        if "dense_ap" in last:
+            ax.plot(minutes, [p.get("dense_ap") for p in run["curve"]], marker="x", linestyle="--",
+                    color=line.get_color(), label=f"{key} (its dense head)")
+    ax.set_xlabel("training time, minutes (iterations x median s/iter, 1 thread, 2 runs side by side)")
+    ax.set_ylabel("shapes_val AP")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "convergence.png"), dpi=100)
+    commands = "\n".join(f"- {key}: `{run['command']}`" for key, run in data.items())
+    with open(os.path.join(RESULTS, "convergence.md"), "w") as f:
+        f.write("# The combined detector against its parts on one schedule\n\n"
+                "Written by `python benchmarks/convergence.py report` from `convergence.json`; protocol in "
+                "`benchmarks/convergence.py` (seed 1, batch 4, from scratch, 2-core CPU, 1 thread per run, two "
+                "runs side by side). AP at the last iteration; the curve is `convergence.png`.\n\n"
+                + "\n".join(lines) + "\n\n![AP against training time](convergence.png)\n\n## Commands\n\n"
+                + commands + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train")
+    p.add_argument("--detectors", nargs="+", required=True, choices=list(DETECTORS))
+    p.add_argument("--iters", type=int, default=4000)
+    p.add_argument("--eval-period", type=int, default=1000)
+    p.add_argument("--jobs", type=int, default=2, help="runs side by side (1 thread each)")
+    p.set_defaults(func=train)
+    sub.add_parser("report").set_defaults(func=report)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
