@@ -19,25 +19,28 @@ from reliability_helpers import DEQ, ROOT, SMALL_QUERIES, final_weights
 
 LAUNCHER = os.path.join(ROOT, "tests", "train_net_with_faults.py")
 TRAIN_NET = os.path.join(ROOT, "train_net.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-       "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "projects", "DEQDet"), os.environ.get("PYTHONPATH", "")])}
+# the package of this checkout, ahead of an installed one (as conftest.py does for in-process runs)
+PYTHONPATH = os.pathsep.join([os.path.join(ROOT, "projects", "DEQDet"), os.environ.get("PYTHONPATH", "")])
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": PYTHONPATH}
 
 # 12 iterations of batch 2 at about 100 px from the shipped configs, a checkpoint every 2; the data
 # loader settings are the configs' own (DATALOADER.NUM_WORKERS 1, ASPECT_RATIO_GROUPING True; the
 # combined detector with 2 workers): shapes_mini_train has 2 portrait images among 30 landscape
 # ones, so an aspect-ratio group is partly filled at every checkpoint.
 USER_RUN = [
-    "DATASETS.TRAIN", "('shapes_mini_train',)", "DATASETS.TEST", "()", "SEED", "7", "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "4", "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "2",
-    "INPUT.MIN_SIZE_TRAIN", "(96, 112)", "INPUT.MAX_SIZE_TRAIN", "128", "MODEL.DEVICE", "cpu",
+    "DATASETS.TRAIN", "('shapes_mini_train',)", "DATASETS.TEST", "()", "SEED", "7",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "4", "SOLVER.MAX_ITER", "12",
+    "SOLVER.CHECKPOINT_PERIOD", "2", "INPUT.MIN_SIZE_TRAIN", "(96, 112)", "INPUT.MAX_SIZE_TRAIN", "128",
+    "MODEL.DEVICE", "cpu",
 ]
 DETECTORS = {
     "atss_dyhead": ["configs/shapes/atss_dyhead_r18.yaml", "MODEL.DYHEAD.NUM_CONVS", "1"],
     "deqdet": ["configs/shapes/deqdet_r18.yaml", *SMALL_QUERIES, "MODEL.DEQDET.REFINEMENT_STEPS", "3",
-               "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 3)", "MODEL.DEQDET.RAG", "1", "MODEL.DEQDET.MAX_ITERS", "3"],
-    "dense_query": ["configs/shapes/dyhead_deqdet_r18.yaml", "MODEL.QUERY.NUM_QUERIES", "8", "MODEL.QUERY.FFN_DIM",
-                    "64", "MODEL.QUERY.IN_POINTS", "4", "MODEL.QUERY.OUT_POINTS", "8", "MODEL.DEQDET.MAX_ITERS", "3",
-                    "DATALOADER.NUM_WORKERS", "2"],
+               "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 3)", "MODEL.DEQDET.RAG", "1",
+               "MODEL.DEQDET.MAX_ITERS", "3"],
+    "dense_query": ["configs/shapes/dyhead_deqdet_r18.yaml", "MODEL.QUERY.NUM_QUERIES", "8",
+                    "MODEL.QUERY.FFN_DIM", "64", "MODEL.QUERY.IN_POINTS", "4", "MODEL.QUERY.OUT_POINTS", "8",
+                    "MODEL.DEQDET.MAX_ITERS", "3", "DATALOADER.NUM_WORKERS", "2"],
 }
 
 
@@ -94,14 +97,15 @@ def test_kill_9_after_a_checkpoint_then_resume(name, straight, tmp_path):
     _kill_after_checkpoint(_argv(name, tmp_path), tmp_path, "model_0000003.pth")
     resumed_from = _last_checkpoint(tmp_path)
     proc = _train_net(_argv(name, tmp_path, resume=True))
-    assert f"resuming at iteration {int(resumed_from[6:13]) + 1}: data stream, random draws" in proc.stdout + proc.stderr
+    resumed_at = int(resumed_from[len("model_"):-len(".pth")]) + 1
+    assert f"resuming at iteration {resumed_at}: data stream, random draws" in proc.stdout + proc.stderr
     _assert_same_weights(final_weights(str(tmp_path)), straight[name])
 
 
 def test_kill_while_writing_a_checkpoint_then_resume(straight, tmp_path):
     env = {**ENV, "FAULT_KILL_SAVING": "model_0000003"}
-    proc = subprocess.run([sys.executable, LAUNCHER, *_argv("deqdet", tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=900, cwd=ROOT)
+    proc = subprocess.run([sys.executable, LAUNCHER, *_argv("deqdet", tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     # Killed half-way through writing the checkpoint of iteration 3: the half-written file never
     # took the checkpoint's name and last_checkpoint still names the previous complete one.

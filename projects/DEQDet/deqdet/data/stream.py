@@ -81,7 +81,8 @@ class BatchStream(IterableDataset):
     def index_batches(self) -> Iterator[List[Tuple[int, int]]]:
         """From batch 0 on: per batch, ``(position in the stream of all processes, dataset index)``
         of each of this process's images."""
-        sampler = TrainingSampler(len(self.dataset), shuffle=self.shuffle, seed=self.seed)  # this process's share
+        # this process's share of the stream: positions rank, rank + world size, ...
+        sampler = TrainingSampler(len(self.dataset), shuffle=self.shuffle, seed=self.seed)
         indices = ((n * self.world_size + self.rank, index) for n, index in enumerate(sampler))
         if not self.aspect_ratio_grouping:
             while True:
@@ -120,4 +121,5 @@ def _as_is(batch: List[dict]) -> List[dict]:
 def build_stream_loader(stream: BatchStream, num_workers: int) -> DataLoader:
     """A DataLoader over ``stream`` (one batch per item; the workers take the batches in turn)."""
     generator = torch.Generator().manual_seed(derived_seed(stream.seed, stream.rank))  # not the global stream
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_as_is, generator=generator)
+    return DataLoader(
+        stream, batch_size=None, num_workers=num_workers, collate_fn=_as_is, generator=generator)
