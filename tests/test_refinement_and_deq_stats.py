@@ -79,7 +79,7 @@ def test_render_refinement_on_the_combined_detector(tmp_path):
 
     cfg = build_config(DENSE_QUERY_CONFIG, DENSE_QUERY_OPTS)
     torch.manual_seed(0)
-    model = build_inference_model(cfg)
+    model, _ = build_inference_model(cfg)
     image = np.random.default_rng(2).integers(0, 255, (100, 120, 3), dtype=np.uint8)
     paths = render_refinement(cfg, model, [image], str(tmp_path / "dq"))
     assert Image.open(paths["gif"]).n_frames == 4  # init stage + MAX_ITERS + 1 steps (default_steps(2))

@@ -156,7 +156,7 @@ def main(argv=None) -> int:
             image = sample_input(cfg, args.input, args.size)
         except OSError as e:
             raise UserInputError(f"--input {args.input}: cannot read image ({e})") from None
-        model = build_inference_model(cfg)
+        model, _ = build_inference_model(cfg)
     except UserInputError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

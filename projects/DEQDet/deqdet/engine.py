@@ -19,6 +19,8 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from .autocast import autocast_dtype, with_inference_autocast
+from .checkpoint.classes import CHECKPOINT_KEY as CLASSES_KEY
+from .checkpoint.classes import dataset_classes
 from .checkpoint.loading import readable_checkpoint_errors
 from .config import add_deqdet_config
 from .data.coco_files import register_coco_files
@@ -111,6 +113,9 @@ class Trainer(DefaultTrainer):
         # DefaultTrainer.__init__ made its checkpointer just before calling this; the periodic
         # checkpointer hook takes it from here, so it becomes the atomic one first.
         self.checkpointer = AtomicCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        classes = dataset_classes(self.cfg.DATASETS.TRAIN[0]) if self.cfg.DATASETS.TRAIN else None
+        if classes is not None:  # the class names travel with the model
+            self.checkpointer.extra_state[CLASSES_KEY] = classes.to_checkpoint()
         hooks = super().build_hooks()
         hooks.insert(0, FiniteLossGuard())
         stream = self._batch_stream

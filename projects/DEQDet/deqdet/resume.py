@@ -51,9 +51,14 @@ class AtomicCheckpointer(DetectionCheckpointer):
     it to ``model_0000999.pth`` (``os.replace`` is atomic); only then is ``last_checkpoint`` rewritten,
     itself through a temporary file. A kill at any moment leaves ``last_checkpoint`` naming the
     previous complete checkpoint (or the new one) and no partial file under a checkpoint's name.
+    ``extra_state`` (a dict) is written into every checkpoint too.
     """
 
     _writing_temporary = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra_state = {}
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -61,7 +66,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         temporary = f".{name}.incomplete"
         self._writing_temporary = True
         try:
-            super().save(temporary, **kwargs)
+            super().save(temporary, **{**self.extra_state, **kwargs})
         finally:
             self._writing_temporary = False
         final = os.path.join(self.save_dir, f"{name}.pth")
