@@ -107,6 +107,7 @@ def test_visualize_refinement_cli(tmp_path, capsys):
                 "--input",
                 str(image),
                 str(tmp_path / "broken.png"),
+                str(tmp_path / "gone.png"),
                 "--output",
                 str(tmp_path / "out" / "r"),
                 "--steps",
@@ -118,7 +119,10 @@ def test_visualize_refinement_cli(tmp_path, capsys):
         == 0
     )
     captured = capsys.readouterr()
-    assert "broken.png" in captured.err and (tmp_path / "out" / "r.gif").is_file()
+    assert (tmp_path / "out" / "r.gif").is_file()
+    assert f"skipped {tmp_path / 'broken.png'}: cannot read image" in captured.err
+    assert f"skipped {tmp_path / 'gone.png'}: no such file" in captured.err  # named and skipped, not fatal
+    assert not any(line.startswith("error:") for line in captured.err.splitlines())
     assert (
         main(
             [
