@@ -30,12 +30,12 @@ import warnings
 from typing import List, Tuple
 
 import numpy as np
+import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
 import torch
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.export import TracingAdapter
 
-import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
 from deqdet.inference import build_inference_model

@@ -27,14 +27,14 @@ import sys
 
 import cv2
 import tqdm
+import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
 from detectron2.data import Metadata
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import Visualizer
 
-import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
-from deqdet.inference import check_weights, find_inputs
+from deqdet.inference import find_inputs
 from deqdet.predictor import Predictor as DeqdetPredictor
 
 
@@ -96,7 +96,8 @@ class Predictor:
 def predict_images(predictor: Predictor, paths, output) -> int:
     """Returns the number of inputs that could not be read."""
     failures = 0
-    for path in tqdm.tqdm(paths, desc="images", unit="img", disable=len(paths) < 2):
+    # on stderr and only on a terminal (disable=None), so that it never mixes into the listing
+    for path in tqdm.tqdm(paths, desc="images", unit="img", disable=None if len(paths) > 1 else True):
         try:
             image = read_image(path, format="BGR")
         except Exception as e:  # PIL / OS errors: any reason the file is not a readable image
@@ -129,7 +130,7 @@ def predict_video(predictor: Predictor, path: str, output) -> None:
             else os.path.join(output, os.path.splitext(os.path.basename(path))[0] + ".mp4")
         )
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    for _ in tqdm.trange(count, desc="frames", unit="frame"):
+    for _ in tqdm.trange(count, desc="frames", unit="frame", disable=None):
         ok, frame = video.read()
         if not ok:
             break
@@ -157,7 +158,6 @@ def main(argv=None) -> int:
     failures = len(missing)
     try:
         cfg = build_config(args.config_file, args.opts)
-        check_weights(cfg.MODEL.WEIGHTS)
         if paths is None:
             predict_video(Predictor(cfg, args.confidence_threshold), args.video_input, args.output)
             return 0

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
 from detectron2.data.detection_utils import read_image
 
-import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
 from deqdet.inference import build_inference_model, find_inputs

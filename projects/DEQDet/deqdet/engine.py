@@ -262,11 +262,26 @@ def build_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
     return cfg
 
 
+@contextlib.contextmanager
+def _quiet_cpp_extension_import():
+    """Detectron2's environment report (``default_setup``) imports ``torch.utils.cpp_extension``,
+    which on a machine with a CUDA toolkit folder but no GPU warns "No CUDA runtime is found" when
+    imported; the report states the CUDA status anyway, so that one warning is silenced."""
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        cpp_logger.setLevel(level)
+
+
 def setup(args) -> CfgNode:
     """``build_config`` from command-line ``args``, then Detectron2's ``default_setup``; the
     ``deqdet`` logger writes to the console and ``OUTPUT_DIR/log.txt`` like Detectron2's."""
     cfg = build_config(args.config_file, args.opts)
-    default_setup(cfg, args)
+    with _quiet_cpp_extension_import():
+        default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="deqdet")  # data checks, skips
     if comm.is_main_process():
         logging.getLogger("detectron2").info("deqdet environment:\n" + collect_env())

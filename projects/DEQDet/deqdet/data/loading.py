@@ -130,7 +130,7 @@ def check_dataset(name: str, dicts: list[dict], *, skip_bad_images: bool) -> lis
                 total=len(dicts),
                 desc=f"checking {name}",
                 unit="image",
-                disable=not comm.is_main_process(),
+                disable=None if comm.is_main_process() else True,  # None: only on a terminal
                 mininterval=1.0,
             )
         )
