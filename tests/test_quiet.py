@@ -27,8 +27,9 @@ def _run(*argv):
 def test_smoke_run_is_quiet(tmp_path):
     """The smoke-run recipe of docs/training.md, shrunk: training, then evaluation on shapes_mini_val."""
     proc = _run("train_net.py", "--config-file", "configs/shapes/atss_dyhead_r18.yaml",
-                "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN_SIZE_TEST", "96",
-                "DATASETS.TEST", "('shapes_mini_val',)", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path))
+                "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(96,)",
+                "INPUT.MIN_SIZE_TEST", "96", "DATASETS.TEST", "('shapes_mini_val',)", "MODEL.DEVICE", "cpu",
+                "OUTPUT_DIR", str(tmp_path))
     assert proc.stderr == ""  # warnings, tracebacks and progress bars all go to stderr
     assert "copypaste: AP,AP50" in proc.stdout  # evaluated
     for line in proc.stdout.splitlines():

@@ -14,8 +14,8 @@ import warnings
 #   meaning the "ij" indexing that PyTorch's warning says will stay the default.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 warnings.filterwarnings(
-    "ignore", message=r"torch\.meshgrid: in an upcoming release, it will be required to pass the indexing argument",
-    category=UserWarning)
+    "ignore", category=UserWarning,
+    message=r"torch\.meshgrid: in an upcoming release, it will be required to pass the indexing argument")
 
 from . import checkpoint, data, modeling  # noqa: E402,F401  (registers datasets, models, converters)
 from .config import add_deqdet_config  # noqa: E402
