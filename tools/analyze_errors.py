@@ -43,13 +43,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--results", required=True, help="coco_instances_results.json of an evaluation")
     parser.add_argument("--dataset", required=True, help="the evaluated dataset's name (with a COCO file)")
     parser.add_argument("--output", required=True, help="folder for confusion_matrix.png and errors.json")
-    parser.add_argument("--score-threshold", type=float, default=0.3, help="detections classified (default 0.3)")
+    parser.add_argument(
+        "--score-threshold", type=float, default=0.3, help="detections classified (default 0.3)"
+    )
     parser.add_argument("--config-file", default="", metavar="FILE", help="for DATASETS.COCO_FILES in --opts")
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ..."
+    )
     return parser
 
 
@@ -74,7 +80,9 @@ def load_ground_truth_and_results(dataset: str, results_path: str):
             raise UserInputError(f"--results {results_path}: no detections")
         unknown = {r["category_id"] for r in results} - set(coco_gt.getCatIds())
         if unknown:
-            raise UserInputError(f"--results {results_path}: category ids {sorted(unknown)} are not in {json_file}")
+            raise UserInputError(
+                f"--results {results_path}: category ids {sorted(unknown)} are not in {json_file}"
+            )
         coco_dt = coco_gt.loadRes(results)
     return coco_gt, coco_dt
 
@@ -92,10 +100,18 @@ def analyze(coco_gt, coco_dt, score_threshold: float):
     for image_id in coco_gt.getImgIds():
         gts = [a for a in coco_gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
         dets = [d for d in coco_dt.imgToAnns.get(image_id, []) if d["score"] >= score_threshold]
-        xyxy = lambda anns: np.array([BoxMode.convert(a["bbox"], BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)  # noqa: E731
-                                      for a in anns], np.float32).reshape(-1, 4)
-        classify_detections(breakdown, xyxy(gts), [index[a["category_id"]] for a in gts], xyxy(dets),
-                            [index[d["category_id"]] for d in dets], [d["score"] for d in dets])
+        xyxy = lambda anns: np.array(
+            [BoxMode.convert(a["bbox"], BoxMode.XYWH_ABS, BoxMode.XYXY_ABS) for a in anns],  # noqa: E731
+            np.float32,
+        ).reshape(-1, 4)
+        classify_detections(
+            breakdown,
+            xyxy(gts),
+            [index[a["category_id"]] for a in gts],
+            xyxy(dets),
+            [index[d["category_id"]] for d in dets],
+            [d["score"] for d in dets],
+        )
     return per_class_ap(evaluation.eval["precision"]), breakdown, names
 
 
@@ -127,18 +143,36 @@ def main(argv=None) -> int:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     ap, breakdown, names = analyze(coco_gt, coco_dt, args.score_threshold)
-    table = [[name, *(f"{v:.1f}" for v in ap[k]),
-              *(breakdown.per_class.get(k, {}).get(kind, 0) for kind in ERROR_KINDS)]
-             for k, name in enumerate(names)]
-    table.append(["all", *(f"{v:.1f}" for v in np.nanmean(ap, axis=0)), *(breakdown.counts[k] for k in ERROR_KINDS)])
+    table = [
+        [
+            name,
+            *(f"{v:.1f}" for v in ap[k]),
+            *(breakdown.per_class.get(k, {}).get(kind, 0) for kind in ERROR_KINDS),
+        ]
+        for k, name in enumerate(names)
+    ]
+    table.append(
+        ["all", *(f"{v:.1f}" for v in np.nanmean(ap, axis=0)), *(breakdown.counts[k] for k in ERROR_KINDS)]
+    )
     print(tabulate(table, headers=["class", "AP", "AP50", "AP75", *ERROR_KINDS], tablefmt="pipe"))
-    print(f"(detections with score >= {args.score_threshold}; IoU 0.5 for a match, 0.1 to count as localisation)")
+    print(f"(detections with score >= {args.score_threshold}; IoU 0.5 for a match, 0.1 to count as "
+          "localisation)")
     os.makedirs(args.output, exist_ok=True)
     plot_confusion(breakdown, names, os.path.join(args.output, "confusion_matrix.png"))
     with open(os.path.join(args.output, "errors.json"), "w") as f:
-        json.dump({"classes": names, "ap": ap.tolist(), "counts": dict(breakdown.counts),
-                   "confusion": breakdown.confusion.tolist(), "score_threshold": args.score_threshold}, f, indent=2)
-    print(f"written: {os.path.join(args.output, 'confusion_matrix.png')}, {os.path.join(args.output, 'errors.json')}")
+        json.dump(
+            {
+                "classes": names,
+                "ap": ap.tolist(),
+                "counts": dict(breakdown.counts),
+                "confusion": breakdown.confusion.tolist(),
+                "score_threshold": args.score_threshold,
+            },
+            f,
+            indent=2,
+        )
+    written = [os.path.join(args.output, name) for name in ("confusion_matrix.png", "errors.json")]
+    print(f"written: {', '.join(written)}")
     return 0
 
 

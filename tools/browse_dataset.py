@@ -36,13 +36,19 @@ KEPT, CLIPPED, DROPPED = "kept", "clipped", "dropped"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", required=True, help="a registered dataset's name")
     parser.add_argument("--output", required=True, help="folder for the drawings (one PNG per image)")
     parser.add_argument("--num", type=int, help="draw only the first NUM images")
-    parser.add_argument("--scale", type=float, default=1.0, help="drawing size relative to the image (default 1)")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="drawing size relative to the image (default 1)"
+    )
     parser.add_argument("--config-file", default="", metavar="FILE", help="for DATASETS.COCO_FILES in --opts")
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ..."
+    )
     return parser
 
 
@@ -53,8 +59,12 @@ def box_outcomes(record: dict) -> list:
     outcomes = []
     for ann in record.get("annotations", []):
         try:
-            xyxy = [float(v) for v in BoxMode.convert(list(ann["bbox"]), ann.get("bbox_mode", BoxMode.XYWH_ABS),
-                                                       BoxMode.XYXY_ABS)]
+            xyxy = [
+                float(v)
+                for v in BoxMode.convert(
+                    list(ann["bbox"]), ann.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYXY_ABS
+                )
+            ]
         except (KeyError, TypeError, ValueError, AssertionError):
             outcomes.append((DROPPED, None, "malformed box"))
             continue
@@ -81,7 +91,9 @@ def draw(record: dict, metadata, scale: float = 1.0) -> tuple:
         anchor, align = ((box[0], box[1]), "left") if left else ((box[2], box[1]), "right")
         if outcome == DROPPED:
             visualizer.draw_box(box, edge_color="red", line_style="--")
-            visualizer.draw_text(f"{name}: dropped ({reason})", anchor, color="red", horizontal_alignment=align)
+            visualizer.draw_text(
+                f"{name}: dropped ({reason})", anchor, color="red", horizontal_alignment=align
+            )
         else:
             visualizer.draw_box(box, edge_color="orange" if outcome == CLIPPED else "lime")
             label = f"{name} (clipped)" if outcome == CLIPPED else name
@@ -107,7 +119,9 @@ def main(argv=None) -> int:
             print(f"skipped {record['file_name']}: {problem}", file=sys.stderr)
             continue
         picture, outcomes = draw(record, metadata, args.scale)
-        target = os.path.join(args.output, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png")
+        target = os.path.join(
+            args.output, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
+        )
         cv2.imwrite(target, picture[:, :, ::-1])
         counts = {kind: sum(o[0] == kind for o in outcomes) for kind in (KEPT, CLIPPED, DROPPED)}
         print(f"{target}: {len(outcomes)} boxes, {counts[CLIPPED]} clipped, {counts[DROPPED]} dropped")

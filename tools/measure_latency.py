@@ -32,18 +32,28 @@ from deqdet.predictor import Predictor
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--input", nargs="+", required=True, help="images: files, globs (quoted) or folders")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before measuring (default 3)")
     parser.add_argument("--repeat", type=int, default=1, help="timed runs over all images (default 1)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to this JSON file")
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ..."
+    )
     return parser
 
 
-def measure(run: Callable[[np.ndarray], object], images: List[np.ndarray], *, warmup: int, repeat: int,
-            synchronize: Callable[[], None]) -> Dict[str, float]:
+def measure(
+    run: Callable[[np.ndarray], object],
+    images: List[np.ndarray],
+    *,
+    warmup: int,
+    repeat: int,
+    synchronize: Callable[[], None],
+) -> Dict[str, float]:
     """Time ``run(image)`` (followed by ``synchronize()``) on every image ``repeat`` times after
     ``warmup`` untimed calls; returns latency statistics in ms and throughput in images/s."""
     for _ in range(warmup):
@@ -58,9 +68,14 @@ def measure(run: Callable[[np.ndarray], object], images: List[np.ndarray], *, wa
             times.append(time.perf_counter() - start)
     ms = np.array(times) * 1000
     return {
-        "images": len(times), "mean_ms": float(ms.mean()), "p50_ms": float(np.percentile(ms, 50)),
-        "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
-        "min_ms": float(ms.min()), "max_ms": float(ms.max()), "images_per_s": float(len(times) / ms.sum() * 1000),
+        "images": len(times),
+        "mean_ms": float(ms.mean()),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "min_ms": float(ms.min()),
+        "max_ms": float(ms.max()),
+        "images_per_s": float(len(times) / ms.sum() * 1000),
     }
 
 
@@ -91,10 +106,16 @@ def main(argv=None) -> int:
     with torch.no_grad():
         stats = measure(predictor, images, warmup=args.warmup, repeat=args.repeat, synchronize=synchronize)
     stats = {"device": str(device), "threads": torch.get_num_threads(), "warmup": args.warmup, **stats}
-    print(f"{args.config_file} on {stats['device']} ({stats['threads']} threads), {len(images)} images x "
-          f"{args.repeat}, {args.warmup} warm-up calls")
-    print("latency ms: " + ", ".join(f"{k[:-3]} {stats[k]:.1f}" for k in
-                                      ("mean_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "max_ms")))
+    print(
+        f"{args.config_file} on {stats['device']} ({stats['threads']} threads), {len(images)} images x "
+        f"{args.repeat}, {args.warmup} warm-up calls"
+    )
+    print(
+        "latency ms: "
+        + ", ".join(
+            f"{k[:-3]} {stats[k]:.1f}" for k in ("mean_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "max_ms")
+        )
+    )
     print(f"throughput: {stats['images_per_s']:.2f} images/s")
     if args.json:
         with open(args.json, "w") as f:

@@ -78,7 +78,7 @@ def plot(runs: Dict[str, List[dict]], keys: Sequence[str], output: str) -> None:
         if positive and (key == "lr" or "loss" in key):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
@@ -87,7 +87,9 @@ def plot(runs: Dict[str, List[dict]], keys: Sequence[str], output: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", help="OUTPUT_DIR folders or metrics.json files")
     parser.add_argument("--output", default="curves.png", help="the PNG to write (default curves.png)")
     parser.add_argument("--keys", nargs="+", help="quantities to plot (metrics.json keys)")
@@ -107,8 +109,11 @@ def main(argv=None) -> int:
     keys = args.keys or default_keys(runs)
     absent = [k for k in keys if not any(series(r, k)[0] for r in runs.values())]
     if absent:
-        print(f"error: no run has {', '.join(absent)}; keys present: "
-              f"{', '.join(sorted({k for r in runs.values() for rec in r for k in rec}))}", file=sys.stderr)
+        print(
+            f"error: no run has {', '.join(absent)}; keys present: "
+            f"{', '.join(sorted({k for r in runs.values() for rec in r for k in rec}))}",
+            file=sys.stderr,
+        )
         return 2
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     plot(runs, keys, args.output)

@@ -35,14 +35,18 @@ from deqdet.errors import UserInputError, one_line
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--results", required=True, help="coco_instances_results.json of an evaluation")
     parser.add_argument("--dataset", required=True, help="the evaluated dataset's name")
     parser.add_argument("--output", required=True, help="folder for the drawings (one PNG per image)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="smallest score drawn")
     parser.add_argument("--num", type=int, help="draw only the first NUM images")
     parser.add_argument("--config-file", default="", metavar="FILE", help="for DATASETS.COCO_FILES in --opts")
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ..."
+    )
     return parser
 
 
@@ -61,8 +65,10 @@ def read_results(path: str, id_map: dict) -> dict:
     by_image = defaultdict(list)
     for result in results:
         if result["category_id"] not in id_map:
-            raise UserInputError(f"--results {path}: category_id {result['category_id']} is not a category of "
-                                 f"the dataset ({sorted(id_map)})")
+            raise UserInputError(
+                f"--results {path}: category_id {result['category_id']} is not a category of "
+                f"the dataset ({sorted(id_map)})"
+            )
         by_image[result["image_id"]].append({**result, "category_id": id_map[result["category_id"]]})
     return by_image
 
@@ -99,11 +105,15 @@ def main(argv=None) -> int:
         return 2
     os.makedirs(args.output, exist_ok=True)
     for record in records[: args.num]:
-        target = os.path.join(args.output, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png")
+        target = os.path.join(
+            args.output, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
+        )
         drawn = draw(record, by_image.get(record["image_id"], []), metadata, args.confidence_threshold)
         cv2.imwrite(target, drawn[:, :, ::-1])
-    print(f"{len(records[: args.num])} images drawn into {args.output} (left: detections with score >= "
-          f"{args.confidence_threshold}; right: ground truth)")
+    print(
+        f"{len(records[: args.num])} images drawn into {args.output} (left: detections with score >= "
+        f"{args.confidence_threshold}; right: ground truth)"
+    )
     return 0
 
 
