@@ -10,11 +10,11 @@
 
 import sys
 
+import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 
-import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.checkpoint.loading import readable_checkpoint_errors
 from deqdet.engine import Trainer, setup
 from deqdet.errors import NonFiniteLossError, UserInputError, one_line

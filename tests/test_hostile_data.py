@@ -214,28 +214,35 @@ def _malformed_and_orphan(folder):
 
 
 def test_malformed_box_and_orphan_annotation_are_named_in_training_and_evaluation(tmp_path):
-    records = register("malformed", _malformed_and_orphan(tmp_path / "data"))
+    json_path = _malformed_and_orphan(tmp_path / "data")
+    records = register("malformed", json_path)
     with _Lines() as lines:
         checked_dataset_dicts(build_config(ATSS_CONFIG, TINY), ["malformed"], is_train=True)
     log = "\n".join(lines)
-    assert "dataset 'malformed': 1 annotations in" in log
-    assert "name no image and are not used: annotation 51 (image_id 9999)" in log
-    assert "dropped" in log and "box [1, 2, 3]: malformed box" in log
-    assert "2 images checked; 1 boxes dropped (malformed box: 1)" in log
+    source = f"dataset 'malformed', {json_path}"
+    assert f"{source}: orphan annotation (dropped): annotation 51 (image_id 9999): no image has this id" \
+        in log
+    assert f"{source}: malformed box (dropped): annotation 50 (image_id 1) box [1, 2, 3] is not " in log
+    assert f"{source}: 4 annotations; 2 dropped (malformed box: 1, orphan annotation: 1)" in log
+    assert "2 images checked; 1 boxes dropped (malformed box: 1)" in log  # Detectron2's loader kept it
 
     with _Lines() as lines:  # died with ValueError (3 numbers) and KeyError (image_id 9999)
-        dropped, clipped, orphans = clean_ground_truth(COCO(str(tmp_path / "data" / "annotations.json")))
+        dropped, clipped = clean_ground_truth(COCO(str(json_path)))
         record = json.loads(json.dumps(records[0]))  # a copy, with training's boxes
         clean_record_boxes(record)
         ap = _perfect_predictions_ap(CheckedCOCOEvaluator, "malformed", record, tmp_path / "eval")
-    assert dropped == [("annotation 50 (image_id 1) box [1, 2, 3]", "malformed box")]
-    assert (clipped, orphans) == (0, [(51, 9999)])
+    assert dropped == [
+        ("annotation 50 (image_id 1) box [1, 2, 3] is not [x, y, width, height]", "malformed box"),
+        ("annotation 51 (image_id 9999): no image has this id", "orphan annotation"),
+    ]
+    assert clipped == 0
     log = "\n".join(lines)
-    assert "evaluation of 'malformed': dropped ground truth annotation 50 (image_id 1) box [1, 2, 3]: " \
-        "malformed box" in log
-    assert "evaluation of 'malformed': 1 annotations name no image and are left out of the ground truth: " \
-        "annotation 51 (image_id 9999)" in log
-    assert "evaluation of 'malformed': 1 ground-truth boxes dropped (malformed box: 1), as in training" in log
+    assert "evaluation of 'malformed': malformed box, dropped from the ground truth: annotation 50 " \
+        "(image_id 1) box [1, 2, 3]" in log
+    assert "evaluation of 'malformed': orphan annotation, dropped from the ground truth: annotation 51 " \
+        "(image_id 9999)" in log
+    assert "evaluation of 'malformed': 2 ground-truth boxes dropped (malformed box: 1, " \
+        "orphan annotation: 1), as in training" in log
     # class 1: image 1's object found (AP 100 unless the 3-number box or the orphan, both class 1,
     # counted as missed); class 2: image 2's object not predicted (AP 0)
     assert ap == pytest.approx(50.0)

@@ -178,7 +178,7 @@ def test_exported_torchscript_equals_eager(config, opts, tmp_path):
 
     torch.manual_seed(0)
     cfg = export_config(config, opts)
-    model = build_inference_model(cfg)
+    model, _ = build_inference_model(cfg)
     image, other = sample_input(cfg, None, (96, 128)), sample_input(cfg, None, (96, 128), seed=1)
     path = str(tmp_path / "m.ts")
     export_torchscript(model, image, path)

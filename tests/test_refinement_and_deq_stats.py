@@ -79,7 +79,7 @@ def test_render_refinement_on_the_combined_detector(tmp_path):
 
     cfg = build_config(DENSE_QUERY_CONFIG, DENSE_QUERY_OPTS)
     torch.manual_seed(0)
-    model = build_inference_model(cfg)
+    model, _ = build_inference_model(cfg)
     image = np.random.default_rng(2).integers(0, 255, (100, 120, 3), dtype=np.uint8)
     paths = render_refinement(cfg, model, [image], str(tmp_path / "dq"))
     assert Image.open(paths["gif"]).n_frames == 4  # init stage + MAX_ITERS + 1 steps (default_steps(2))
@@ -107,6 +107,7 @@ def test_visualize_refinement_cli(tmp_path, capsys):
                 "--input",
                 str(image),
                 str(tmp_path / "broken.png"),
+                str(tmp_path / "gone.png"),
                 "--output",
                 str(tmp_path / "out" / "r"),
                 "--steps",
@@ -118,7 +119,10 @@ def test_visualize_refinement_cli(tmp_path, capsys):
         == 0
     )
     captured = capsys.readouterr()
-    assert "broken.png" in captured.err and (tmp_path / "out" / "r.gif").is_file()
+    assert (tmp_path / "out" / "r.gif").is_file()
+    assert f"skipped {tmp_path / 'broken.png'}: cannot read image" in captured.err
+    assert f"skipped {tmp_path / 'gone.png'}: no such file" in captured.err  # named and skipped, not fatal
+    assert not any(line.startswith("error:") for line in captured.err.splitlines())
     assert (
         main(
             [

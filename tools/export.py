@@ -9,35 +9,41 @@ the ops allow, to ONNX; check that the exported model computes what the eager mo
 The model is traced on one sample input: ``--input IMAGE`` (resized as at test time) or, without
 it, a random image of ``--size H W`` (default: ``INPUT.MIN_SIZE_TEST`` square). The exported
 model takes what the detector's ``forward`` takes after the data mapper: one image tensor (3, H, W),
-float, in ``INPUT.FORMAT`` pixel values, and returns the flattened ``Instances`` fields (boxes,
-scores, classes; DEQ decoders also residuals and steps). It is traced at the sample's size: feed
-images of that size. A DEQ decoder is exported with a fixed number of refinement steps:
+float, in ``INPUT.FORMAT`` pixel values, and returns the tuple ``(boxes, scores, classes)`` (DEQ
+decoders also ``residuals``, ``steps``; :mod:`deqdet.export` documents each), without autograd.
+It is traced at the sample's size: the TorchScript model refuses another size with an error naming
+the expected one. ``{output}.json`` names the input and outputs and holds the class names of the
+training data; ``deqdet.export.load(path)`` reads both, resizes an image as at test time and returns
+named fields. A DEQ decoder is exported with a fixed number of refinement steps:
 ``MODEL.DEQDET.TOL`` is set to 0, so it always runs ``MAX_ITERS`` + 1 steps (the per-image early
 stop is data-dependent control flow, which tracing cannot keep). Likewise a ``DenseQueryDetector`` with
 ``QUERY_INIT dense_topk`` keeps the sample's number of dense boxes after NMS (normally ``NUM_QUERIES``).
 
-Writes ``{output}.ts`` (``torch.jit.load``), ``{output}.onnx`` when ONNX export succeeds, and prints
-the largest difference between the exported and the eager outputs on the sample and on a second
-random input of the same size.
+Writes ``{output}.ts`` (``torch.jit.load``), ``{output}.onnx`` when ONNX export succeeds (needs
+``pip install .[export]``: onnx, and onnxruntime to check it), ``{output}.json``, and prints the
+largest difference between the exported and the eager outputs on the sample and on a second random
+input of the same size.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
 from typing import List, Tuple
 
 import numpy as np
+import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
 import torch
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.export import TracingAdapter
 
-import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
+from deqdet.export import DEQ_OUTPUTS, OUTPUTS, describe, description_path, ordered_outputs
 from deqdet.inference import build_inference_model
 
 FORMATS = ("torchscript", "onnx")
@@ -66,16 +72,37 @@ def sample_input(cfg, image_path: str | None, size: Tuple[int, int] | None, seed
 
 
 def adapter_for(model, image: torch.Tensor) -> TracingAdapter:
-    """``TracingAdapter`` over ``model([{"image": image}])`` keeping only the instances (and DEQ
-    ``residuals`` / ``steps`` when the model returns them)."""
+    """``TracingAdapter`` over ``model([{"image": image}])`` returning
+    :func:`deqdet.export.ordered_outputs`: ``(boxes, scores, classes[, residuals, steps])``."""
 
     def inference(model, inputs):
-        return [
-            {k: v for k, v in out.items() if k in ("instances", "residuals", "steps")}
-            for out in model(inputs)
-        ]
+        return ordered_outputs(model(inputs)[0])
 
     return TracingAdapter(model, [{"image": image.to(model.device)}], inference_func=inference).eval()
+
+
+@torch.no_grad()
+def output_names(model, image: torch.Tensor) -> List[str]:
+    """The names of the exported outputs, in order (DEQ decoders add residuals and steps)."""
+    output = model([{"image": image.to(model.device)}])[0]
+    return [*OUTPUTS, *(k for k in DEQ_OUTPUTS if k in output)]
+
+
+class SizeChecked(torch.nn.Module):
+    """A traced model behind a check of its input's shape: another shape stops with an error that
+    names the expected one, instead of failing deep inside the traced graph."""
+
+    def __init__(self, traced: torch.nn.Module, shape: List[int]):
+        super().__init__()
+        self.traced, self.shape = traced, shape
+
+    def forward(self, image: torch.Tensor):
+        if list(image.shape) != self.shape:
+            raise ValueError(
+                "this model was exported for images of shape " + str(self.shape) + " (3, H, W), got "
+                + str(list(image.shape)) + ": resize as at test time to that size (deqdet.export.load does)"
+            )
+        return self.traced(image)
 
 
 def max_difference(a, b) -> float:
@@ -87,10 +114,14 @@ def max_difference(a, b) -> float:
 
 @torch.no_grad()
 def export_torchscript(model, image: torch.Tensor, path: str) -> torch.jit.ScriptModule:
+    """Trace ``model`` on ``image`` (its parameters frozen: the outputs carry no autograd) behind
+    :class:`SizeChecked`; save to ``path``."""
+    model.requires_grad_(False)
     adapter = adapter_for(model, image)
     traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False, strict=False)
-    traced.save(path)
-    return traced
+    scripted = torch.jit.script(SizeChecked(traced, list(image.shape)))
+    scripted.save(path)
+    return scripted
 
 
 @torch.no_grad()
@@ -105,11 +136,14 @@ def check_torchscript(model, path: str, images: List[torch.Tensor]) -> List[floa
 
 
 @torch.no_grad()
-def export_onnx(model, image: torch.Tensor, path: str) -> str:
-    """Try ``torch.onnx.export`` (TorchScript-based exporter, opset 17); returns "" or why it failed."""
+def export_onnx(model, image: torch.Tensor, path: str, names: List[str]) -> str:
+    """Try ``torch.onnx.export`` (TorchScript-based exporter, opset 17; input ``image``, outputs
+    ``names``); returns "" or why it failed."""
+    model.requires_grad_(False)
     adapter = adapter_for(model, image)
     try:
-        torch.onnx.export(adapter, adapter.flattened_inputs, path, opset_version=17, dynamo=False)
+        torch.onnx.export(adapter, adapter.flattened_inputs, path, opset_version=17, dynamo=False,
+                          input_names=["image"], output_names=names)
     except Exception as e:  # the exporter raises many types; its message names the op at fault
         if os.path.exists(path):
             os.remove(path)
@@ -123,7 +157,9 @@ def check_onnx(path: str, adapter: TracingAdapter) -> str:
         import onnxruntime
     except ImportError:
         return "not run (onnxruntime is not installed)"
-    runtime = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: its graph-optimisation notes are not the user's
+    runtime = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feeds = {i.name: x.cpu().numpy() for i, x in zip(runtime.get_inputs(), adapter.flattened_inputs)}
     got = tuple(torch.from_numpy(x) for x in runtime.run(None, feeds))
     return f"onnxruntime max |difference| {max_difference(got, adapter(*adapter.flattened_inputs)):.3g}"
@@ -144,10 +180,13 @@ def main(argv=None) -> int:
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ..."
     )
     args = parser.parse_args(argv)
-    # Python branches on tensors are fixed at the sample by tracing (module docstring); torch.jit's
-    # deprecation notice is not actionable here.
+    # Python branches on tensors are fixed at the sample by tracing (module docstring); tracing and
+    # the TorchScript-based ONNX exporter are what this tool uses on purpose, so PyTorch's notices
+    # that it deprecates them are not the user's to act on.
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"You are using the legacy TorchScript-based ONNX export",
+                            category=DeprecationWarning)
     try:
         cfg = export_config(args.config_file, args.opts)
         if args.input and not os.path.isfile(args.input):
@@ -156,11 +195,16 @@ def main(argv=None) -> int:
             image = sample_input(cfg, args.input, args.size)
         except OSError as e:
             raise UserInputError(f"--input {args.input}: cannot read image ({e})") from None
-        model = build_inference_model(cfg)
+        model, classes = build_inference_model(cfg)
     except UserInputError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    names = output_names(model, image)
+    description = description_path(args.output + ".ts")
+    with open(description, "w") as f:
+        json.dump(describe(cfg, image.shape[1:], names, classes), f, indent=2)
+    print(f"description: {description} (outputs: {', '.join(names)})")
     status = 0
     if "torchscript" in args.format:
         path = args.output + ".ts"
@@ -173,7 +217,7 @@ def main(argv=None) -> int:
         )
     if "onnx" in args.format:
         path = args.output + ".onnx"
-        failure = export_onnx(model, image, path)
+        failure = export_onnx(model, image, path, names)
         if failure:
             print(f"onnx: not exported: {failure}")
             status = 1

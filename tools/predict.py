@@ -11,11 +11,12 @@ The interface of Detectron2's ``demo/demo.py``. Images are read with Detectron2'
 (EXIF orientation, grayscale and RGBA handled) and fed to :class:`deqdet.predictor.Predictor`
 (Detectron2's ``DefaultPredictor``, which resizes them as at test time and converts them to
 ``INPUT.FORMAT``, under ``TEST.AUTOCAST``); detections with a score of at least
-``--confidence-threshold`` are drawn with ``Visualizer``. ``--output``: a folder (one PNG per input,
-named after it) or, for a single input, a file name. Without ``--output`` the detections are only
-listed. An input that cannot be read, or a path or glob that names no file, is reported in one
-line (``skipped ...``) and skipped; the exit status is 1 when no input could be read. Runs on ``MODEL.DEVICE``
-(CUDA when available, else CPU).
+``--confidence-threshold`` are drawn with ``Visualizer``, labelled with the class names stored in the
+checkpoint (those of the training data; ``DATASETS.TEST`` only for a checkpoint without them).
+``--output``: a folder (one PNG per input, named after it) or, for a single input, a file name.
+Without ``--output`` the detections are only listed. An input that cannot be read, or a path or
+glob that names no file, is reported in one line (``skipped ...``) and skipped; the exit status is
+1 when no input could be read. Runs on ``MODEL.DEVICE`` (CUDA when available, else CPU).
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ import sys
 
 import cv2
 import tqdm
-from detectron2.data import MetadataCatalog
+import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
+from detectron2.data import Metadata
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import Visualizer
 
-import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
-from deqdet.inference import check_weights, find_inputs
+from deqdet.inference import find_inputs
 from deqdet.predictor import Predictor as DeqdetPredictor
 
 
@@ -74,7 +75,8 @@ class Predictor:
 
     def __init__(self, cfg, threshold: float):
         self.predictor = DeqdetPredictor(cfg)
-        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+        self.classes = self.predictor.classes  # the training data's, from the checkpoint
+        self.metadata = self.classes.metadata() if self.classes else Metadata()
         self.threshold = threshold
 
     def __call__(self, image_bgr):
@@ -85,18 +87,17 @@ class Predictor:
         return instances, drawn.get_image()
 
     def describe(self, instances) -> str:
-        names = self.metadata.get("thing_classes", None)
-        parts = [
-            f"{names[c] if names else c} {s:.2f}"
-            for c, s in zip(instances.pred_classes.tolist(), instances.scores.tolist())
-        ]
+        label = self.classes.label if self.classes else str
+        classes, scores = instances.pred_classes.tolist(), instances.scores.tolist()
+        parts = [f"{label(c)} {s:.2f}" for c, s in zip(classes, scores)]
         return f"{len(instances)} detections" + (": " + ", ".join(parts[:5]) if parts else "")
 
 
 def predict_images(predictor: Predictor, paths, output) -> int:
     """Returns the number of inputs that could not be read."""
     failures = 0
-    for path in tqdm.tqdm(paths, desc="images", unit="img", disable=len(paths) < 2):
+    # on stderr and only on a terminal (disable=None), so that it never mixes into the listing
+    for path in tqdm.tqdm(paths, desc="images", unit="img", disable=None if len(paths) > 1 else True):
         try:
             image = read_image(path, format="BGR")
         except Exception as e:  # PIL / OS errors: any reason the file is not a readable image
@@ -129,7 +130,7 @@ def predict_video(predictor: Predictor, path: str, output) -> None:
             else os.path.join(output, os.path.splitext(os.path.basename(path))[0] + ".mp4")
         )
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    for _ in tqdm.trange(count, desc="frames", unit="frame"):
+    for _ in tqdm.trange(count, desc="frames", unit="frame", disable=None):
         ok, frame = video.read()
         if not ok:
             break
@@ -157,7 +158,6 @@ def main(argv=None) -> int:
     failures = len(missing)
     try:
         cfg = build_config(args.config_file, args.opts)
-        check_weights(cfg.MODEL.WEIGHTS)
         if paths is None:
             predict_video(Predictor(cfg, args.confidence_threshold), args.video_input, args.output)
             return 0

@@ -6,7 +6,9 @@ refinement steps 1, 2, 4, ...), the residual and top-score curves per step, and 
         --input img1.png img2.png --output output/refinement/shapes \\
         --opts MODEL.WEIGHTS output/deqdet_r18/model_final.pth
 
-writes ``output/refinement/shapes_grid.png``, ``..._curves.png`` and ``shapes.gif``.
+writes ``output/refinement/shapes_grid.png``, ``..._curves.png`` and ``shapes.gif``; boxes are
+labelled with the class names stored in the checkpoint. An input that cannot be read, or a path or
+glob that names no file, is reported in one line (``skipped ...``) and skipped.
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detectron2.data import MetadataCatalog
+import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
 from detectron2.data.detection_utils import read_image
 
-import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
-from deqdet.inference import build_inference_model, expand_inputs
+from deqdet.inference import build_inference_model, find_inputs
 from deqdet.visualization import render_refinement
 
 
@@ -49,17 +50,19 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     try:
         cfg = build_config(args.config_file, args.opts)
-        paths = expand_inputs(args.input)
+        paths, missing = find_inputs(args.input)
+        for pattern in missing:
+            print(f"skipped {pattern}: no such file, folder with images, or matching glob", file=sys.stderr)
         images = []
         for path in paths:
             try:
                 images.append(read_image(path, format=cfg.INPUT.FORMAT))
             except Exception as e:  # PIL / OS errors: any reason the file is not a readable image
-                print(f"error: cannot read image {path}: {e}", file=sys.stderr)
+                print(f"skipped {path}: cannot read image: {' '.join(str(e).split())}", file=sys.stderr)
         if not images:
             raise UserInputError(f"no readable image among --input {' '.join(args.input)}")
-        model = build_inference_model(cfg)
-        metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
+        model, classes = build_inference_model(cfg)  # the training data's class names, from the checkpoint
+        metadata = classes.metadata() if classes else None
         written = render_refinement(
             cfg, model, images, args.output, metadata, steps=args.steps, num_boxes=args.num_boxes
         )

@@ -19,18 +19,21 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from .autocast import autocast_dtype, with_inference_autocast
+from .checkpoint.classes import CHECKPOINT_KEY as CLASSES_KEY
+from .checkpoint.classes import dataset_classes
 from .checkpoint.loading import readable_checkpoint_errors
 from .config import add_deqdet_config
 from .data.coco_files import register_coco_files
 from .data.loading import checked_dataset_dicts
 from .data.mapper import CheckedDatasetMapper, build_train_mapper
+from .data.stream import BatchStream, build_stream_loader
 from .deq_evaluator import DEQStatisticsEvaluator
 from .env import collect_env
 from .errors import NonFiniteLossError, UserInputError
 from .evaluation import CheckedCOCOEvaluator
 from .modeling.deq.stash import ObservedLossScale
-from .resume import AtomicCheckpointer, ReseedAtCheckpoints, ResumableLoader, ResumableTrainingSampler
-from .resume import derived_seed
+from .resume import AtomicCheckpointer, ReseedAtCheckpoints, inexact_resume_reasons, loss_normalizers
+from .resume import same_graphs_every_call
 from .solver import build_optimizer
 
 __all__ = ["FiniteLossGuard", "Trainer", "build_config", "set_float32_matmul_precision", "setup"]
@@ -58,11 +61,13 @@ def _cpu_capable_ddp():
         detectron2.engine.defaults.create_ddp_model = original
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def _loss_scales(model: torch.nn.Module):
     """``{module name: ObservedLossScale}`` of the modules that keep one (DEQDecoder's stash)."""
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
-    return {name: m.loss_scale for name, m in model.named_modules()
+    return {name: m.loss_scale for name, m in _unwrapped(model).named_modules()
             if isinstance(getattr(m, "loss_scale", None), ObservedLossScale)}
 
 
@@ -72,9 +77,7 @@ class FiniteLossGuard(HookBase):
     the optimizer step). One host synchronisation per iteration, as Detectron2's own check."""
 
     def before_train(self):
-        model = self.trainer.model
-        model = model.module if isinstance(model, DistributedDataParallel) else model
-        self._handle = model.register_forward_hook(self._check)
+        self._handle = _unwrapped(self.trainer.model).register_forward_hook(self._check)
 
     def after_train(self):
         self._handle.remove()
@@ -99,8 +102,8 @@ class Trainer(DefaultTrainer):
     ``MODEL.CHANNELS_LAST``, ``MODEL.FLOAT32_MATMUL_PRECISION``, datasets loaded once and checked up
     front (:mod:`deqdet.data.loading`), readable data and checkpoint errors, multi-process training
     on CPUs (gloo) as on GPUs, a stop naming the loss term at a non-finite loss, and exact
-    resumption (:mod:`deqdet.resume`: atomic checkpoints; the data stream and the random draws
-    continue where the checkpoint left them)."""
+    resumption (:mod:`deqdet.resume`: atomic checkpoints; the data stream, the random draws and
+    the loss normalisers continue where the checkpoint left them)."""
 
     def __init__(self, cfg):
         with _cpu_capable_ddp():
@@ -110,34 +113,52 @@ class Trainer(DefaultTrainer):
         # DefaultTrainer.__init__ made its checkpointer just before calling this; the periodic
         # checkpointer hook takes it from here, so it becomes the atomic one first.
         self.checkpointer = AtomicCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        classes = dataset_classes(self.cfg.DATASETS.TRAIN[0]) if self.cfg.DATASETS.TRAIN else None
+        if classes is not None:  # the class names travel with the model
+            self.checkpointer.extra_state[CLASSES_KEY] = classes.to_checkpoint()
         hooks = super().build_hooks()
         hooks.insert(0, FiniteLossGuard())
-        sampler = self._resumable_sampler
-        if sampler is not None:
-            hooks.insert(0, ReseedAtCheckpoints(self.cfg.SOLVER.CHECKPOINT_PERIOD, lambda: sampler.seed))
+        stream = self._batch_stream
+        if stream is not None:
+            hooks.insert(0, ReseedAtCheckpoints(self.cfg.SOLVER.CHECKPOINT_PERIOD, lambda: stream.seed))
         return hooks
 
     @property
-    def _resumable_sampler(self):
-        loader = self.data_loader
-        return loader.sampler if isinstance(loader, ResumableLoader) else None
+    def _batch_stream(self) -> BatchStream | None:
+        stream = getattr(self.data_loader, "dataset", None)
+        return stream if isinstance(stream, BatchStream) else None
 
     def state_dict(self):
         state = super().state_dict()
         state["loss_scales"] = {name: s.value for name, s in _loss_scales(self.model).items()}
-        if self._resumable_sampler is not None:
-            state["data_seed"] = self._resumable_sampler.seed
+        state["loss_normalizers"] = loss_normalizers(_unwrapped(self.model))
+        if self._batch_stream is not None:
+            state["data_seed"] = self._batch_stream.seed
         return state
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         for name, scale in _loss_scales(self.model).items():
             scale.value = state_dict.get("loss_scales", {}).get(name, scale.value)
-        sampler = self._resumable_sampler
-        if sampler is not None and "data_seed" in state_dict:
-            sampler.resume(state_dict["data_seed"], (self.iter + 1) * self.cfg.SOLVER.IMS_PER_BATCH)
-        elif comm.is_main_process():
-            logger.warning("resumed without the data stream's position: the data order starts afresh")
+        modules = dict(_unwrapped(self.model).named_modules())
+        for name, value in state_dict.get("loss_normalizers", {}).items():
+            modules[name].loss_normalizer = value
+        stream = self._batch_stream
+        resumed = stream is not None and "data_seed" in state_dict
+        if resumed:
+            stream.resume(state_dict["data_seed"], self.iter + 1)
+        if comm.is_main_process():
+            reasons = inexact_resume_reasons(self.cfg, self.iter + 1, resumed)
+            if reasons:
+                logger.warning(f"resuming at iteration {self.iter + 1}, not exactly as an uninterrupted run: "
+                               + "; ".join(reasons))
+            else:
+                logger.info(f"resuming at iteration {self.iter + 1}: data stream, random draws and optimizer "
+                            "state continue exactly as in an uninterrupted run")
+
+    def train(self):
+        with same_graphs_every_call():
+            return super().train()
 
     @classmethod
     def build_model(cls, cfg):
@@ -168,20 +189,24 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Detectron2's train loader; with ``DATALOADER.SAMPLER_TRAIN`` "TrainingSampler" (the
-        default) a :class:`~deqdet.resume.ResumableLoader` over a :class:`ResumableTrainingSampler`
-        seeded by ``SEED`` (a shared random seed when negative, kept in the checkpoints)."""
+        """With ``DATALOADER.SAMPLER_TRAIN`` "TrainingSampler" (the default) a DataLoader over a
+        :class:`~deqdet.data.stream.BatchStream` seeded by ``SEED`` (a shared random seed when
+        negative, kept in the checkpoints): Detectron2's data order, grouping and augmentation,
+        resumable exactly; with another sampler, Detectron2's train loader."""
         dataset = checked_dataset_dicts(cfg, cfg.DATASETS.TRAIN, is_train=True)
         mapper = build_train_mapper(cfg)
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
-        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
-        sampler = ResumableTrainingSampler(len(dataset), seed)
-        # DataLoader workers' seeds come from a generator of the loader's own, not the global one.
-        loader = build_detection_train_loader(
-            cfg, mapper=mapper, dataset=dataset, sampler=sampler, seed=derived_seed(seed, 0, comm.get_rank())
+        world_size = comm.get_world_size()
+        if cfg.SOLVER.IMS_PER_BATCH % world_size:
+            raise UserInputError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
+                                 f"{world_size} processes")
+        stream = BatchStream(
+            dataset, mapper, batch_size=cfg.SOLVER.IMS_PER_BATCH // world_size,
+            seed=cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed(),
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
         )
-        return ResumableLoader(loader, sampler)
+        return build_stream_loader(stream, cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -237,11 +262,26 @@ def build_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
     return cfg
 
 
+@contextlib.contextmanager
+def _quiet_cpp_extension_import():
+    """Detectron2's environment report (``default_setup``) imports ``torch.utils.cpp_extension``,
+    which on a machine with a CUDA toolkit folder but no GPU warns "No CUDA runtime is found" when
+    imported; the report states the CUDA status anyway, so that one warning is silenced."""
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        cpp_logger.setLevel(level)
+
+
 def setup(args) -> CfgNode:
     """``build_config`` from command-line ``args``, then Detectron2's ``default_setup``; the
     ``deqdet`` logger writes to the console and ``OUTPUT_DIR/log.txt`` like Detectron2's."""
     cfg = build_config(args.config_file, args.opts)
-    default_setup(cfg, args)
+    with _quiet_cpp_extension_import():
+        default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="deqdet")  # data checks, skips
     if comm.is_main_process():
         logging.getLogger("detectron2").info("deqdet environment:\n" + collect_env())

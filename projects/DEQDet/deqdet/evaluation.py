@@ -18,12 +18,13 @@ from collections import Counter
 from detectron2.evaluation import COCOEvaluator, coco_evaluation
 from pycocotools.cocoeval import COCOeval
 
-from .data.checks import clean_box, describe_orphans, orphan_annotations, xywh_box
+from .data.annotation_file import DROPPED, check_coco_dict
+from .data.checks import clean_box
 
 __all__ = ["CheckedCOCOEvaluator", "clean_ground_truth", "install_fast_coco_eval", "coco_eval_backend"]
 
 
-_LOGGED = 20  # dropped ground-truth boxes named one by one; the rest only counted
+_LOGGED = 20  # dropped ground-truth annotations named one by one per kind; the rest only counted
 
 
 def _faster_coco_eval(coco_gt, coco_dt, iou_type):
@@ -59,40 +60,39 @@ def coco_eval_backend() -> str:
     return "detectron2 COCOeval_opt (compiled)"
 
 
-def clean_ground_truth(coco_api) -> tuple[list[tuple[str, str]], int, list[tuple[object, object]]]:
-    """Drop the boxes of a pycocotools ``COCO`` that training drops and clip those partly outside
-    their image, as :func:`deqdet.data.checks.clean_record_boxes` does for training; leave out the
-    annotations whose ``image_id`` names no image (:func:`deqdet.data.checks.orphan_annotations`).
+def clean_ground_truth(coco_api) -> tuple[list[tuple[str, str]], int]:
+    """Make a pycocotools ``COCO``'s ground truth the one training uses: leave out what
+    :func:`deqdet.data.annotation_file.check_coco_dict` drops (malformed boxes, orphan annotations;
+    annotations of unknown categories, which training refuses and COCOeval ignores), drop the boxes
+    :func:`deqdet.data.checks.clean_box` drops and clip those partly outside their image; give the
+    later of duplicate annotation ids new ids (COCOeval looks boxes up by id).
 
     Returns:
-        dropped: ``("annotation ID (image_id N) box BBOX", reason)`` per dropped box;
-        clipped: how many boxes were clipped;
-        orphans: ``(annotation id, image_id)`` per annotation left out for naming no image.
+        dropped: ``("annotation ID (image_id N) ...", reason)`` per annotation left out;
+        clipped: how many boxes were clipped.
     """
-    orphans = orphan_annotations(coco_api.dataset)
-    kept, dropped, clipped = [], [], 0
-    for ann in coco_api.dataset.get("annotations", []):
-        if ann.get("image_id") not in coco_api.imgs:  # an orphan (in ``orphans``)
-            continue
-        where = f"annotation {ann.get('id')} (image_id {ann['image_id']}) box {ann.get('bbox')}"
-        xywh = xywh_box(ann.get("bbox"))
-        if xywh is None:
-            dropped.append((where, "malformed box"))
-            continue
+    report = check_coco_dict(coco_api.dataset)
+    dropped = [(detail, kind) for kind, detail in report.problems if kind in DROPPED]
+    kept, clipped, used_ids = [], 0, set()
+    next_id = max((a["id"] for a in report.annotations if isinstance(a["id"], int)), default=0) + 1
+    for ann in report.annotations:
         image = coco_api.imgs[ann["image_id"]]
-        x, y, w, h = xywh
+        x, y, w, h = (float(v) for v in ann["bbox"])
         box, reason = clean_box([x, y, x + w, y + h], image["width"], image["height"])
         if box is None:
-            dropped.append((where, reason))
+            dropped.append((f"annotation {ann['id']} (image_id {ann['image_id']}) box {ann['bbox']}", reason))
             continue
         if box != [x, y, x + w, y + h]:
             clipped += 1
             ann = {**ann, "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]}
+        if ann["id"] in used_ids:
+            ann, next_id = {**ann, "id": next_id}, next_id + 1
+        used_ids.add(ann["id"])
         kept.append(ann)
-    if dropped or clipped or orphans:
+    if len(kept) != report.num_annotations or clipped or kept != report.annotations:
         coco_api.dataset["annotations"] = kept
         coco_api.createIndex()
-    return dropped, clipped, orphans
+    return dropped, clipped
 
 
 class CheckedCOCOEvaluator(COCOEvaluator):
@@ -100,21 +100,20 @@ class CheckedCOCOEvaluator(COCOEvaluator):
     malformed, not finite, of zero size or outside their image are dropped (an object the
     detector is never taught would otherwise count as missed, and a zero-size box can never be
     matched), boxes partly outside are clipped (predictions are clipped to the image too), and
-    annotations whose ``image_id`` names no image are left out; each is named in a warning."""
+    annotations whose ``image_id`` names no image are left out (:func:`clean_ground_truth`); each
+    is named in a warning, the first 20 of each kind."""
 
     def __init__(self, dataset_name: str, *args, **kwargs):
         super().__init__(dataset_name, *args, **kwargs)
-        dropped, clipped, orphans = clean_ground_truth(self._coco_api)
+        dropped, clipped = clean_ground_truth(self._coco_api)
         logger = logging.getLogger("deqdet")
-        for where, reason in dropped[:_LOGGED]:
-            logger.warning(f"evaluation of {dataset_name!r}: dropped ground truth {where}: {reason}")
-        if orphans:
-            logger.warning(
-                f"evaluation of {dataset_name!r}: {len(orphans)} annotations name no image and are "
-                f"left out of the ground truth: {describe_orphans(orphans)}"
-            )
+        kinds = Counter()
+        for where, reason in dropped:
+            kinds[reason] += 1
+            if kinds[reason] <= _LOGGED:
+                logger.warning(
+                    f"evaluation of {dataset_name!r}: {reason}, dropped from the ground truth: {where}")
         if dropped or clipped:
-            kinds = Counter(reason for _, reason in dropped)
             counts = ", ".join(f"{kind}: {n}" for kind, n in kinds.most_common())
             changed = [f"{len(dropped)} ground-truth boxes dropped ({counts})"] if dropped else []
             changed += [f"{clipped} ground-truth boxes clipped"] if clipped else []

@@ -1,41 +1,32 @@
 """What the inference tools (``tools/predict.py``, ``visualize_refinement.py``, ``export.py``) share:
-expanding ``--input`` into image files and building a model with its weights, with one-line errors."""
+expanding ``--input`` into image files and building a model with its weights and class names, with
+one-line errors."""
 
 from __future__ import annotations
 
 import glob
 import logging
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
+from .checkpoint.classes import CHECKPOINT_KEY as CLASSES_KEY
+from .checkpoint.classes import ClassNames, resolve_classes
 from .errors import UserInputError
 
-__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "find_inputs", "check_weights", "build_inference_model"]
+__all__ = ["IMAGE_EXTENSIONS", "find_inputs", "check_weights", "build_inference_model"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def expand_inputs(patterns: Sequence[str]) -> List[str]:
-    """Files as given, globs expanded (sorted), folders -> their image files (sorted, by extension).
-
-    Raises:
-        UserInputError: a pattern that names no file, names the pattern.
-    """
-    paths, missing = find_inputs(patterns)
-    if missing:
-        raise UserInputError(f"--input {missing[0]}: no such file, folder with images, or matching glob")
-    return paths
-
-
 def find_inputs(patterns: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """:func:`expand_inputs` that does not stop at a pattern naming nothing: returns ``(paths,
-    patterns that named no file)``."""
+    """``--input`` patterns -> ``(image files, patterns that named no file)``: files as given, globs
+    expanded (sorted), folders -> their image files (sorted, by extension)."""
     paths: List[str] = []
     missing: List[str] = []
     for pattern in patterns:
@@ -62,9 +53,10 @@ def check_weights(path: str) -> None:
         raise UserInputError(f"MODEL.WEIGHTS: checkpoint file not found: {path}")
 
 
-def build_inference_model(cfg) -> torch.nn.Module:
-    """``build_model(cfg)`` in eval mode with ``MODEL.WEIGHTS`` loaded (:func:`check_weights`)."""
+def build_inference_model(cfg) -> Tuple[torch.nn.Module, Optional[ClassNames]]:
+    """``build_model(cfg)`` in eval mode with ``MODEL.WEIGHTS`` loaded (:func:`check_weights`), and
+    the class names of its training data (:func:`~deqdet.checkpoint.classes.resolve_classes`)."""
     check_weights(cfg.MODEL.WEIGHTS)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    return model.eval()
+    rest = DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # what the checkpoint holds besides the model
+    return model.eval(), resolve_classes(cfg, rest.get(CLASSES_KEY))

@@ -1,13 +1,15 @@
-"""``Predictor``: Detectron2's ``DefaultPredictor`` that also takes grayscale and RGBA arrays and
-follows ``TEST.AUTOCAST``."""
+"""``Predictor``: Detectron2's ``DefaultPredictor`` that also takes grayscale and RGBA arrays,
+follows ``TEST.AUTOCAST`` and labels with the class names stored in its checkpoint."""
 
 from __future__ import annotations
 
 import numpy as np
+from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
 
 from .autocast import with_inference_autocast
 from .errors import UserInputError
+from .inference import build_inference_model
 
 __all__ = ["Predictor", "as_three_channels"]
 
@@ -36,11 +38,25 @@ def as_three_channels(image: np.ndarray) -> np.ndarray:
 
 class Predictor(DefaultPredictor):
     """``DefaultPredictor`` (one image in ``cfg.INPUT.FORMAT`` channel order -> ``{"instances"}``)
-    whose input goes through :func:`as_three_channels` first, run under ``TEST.AUTOCAST``."""
+    whose input goes through :func:`as_three_channels` first, run under ``TEST.AUTOCAST``.
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.model = with_inference_autocast(self.model, cfg)
+    Attributes:
+        classes: the class names of the training data (:class:`~deqdet.checkpoint.classes.ClassNames`,
+            from ``MODEL.WEIGHTS``, else from ``DATASETS``; None when neither knows them).
+        metadata: a Detectron2 ``Metadata`` with those names as ``thing_classes`` (for ``Visualizer``).
+    """
+
+    def __init__(self, cfg):  # DefaultPredictor's, keeping what the checkpoint holds besides the model
+        self.cfg = cfg.clone()
+        model, self.classes = build_inference_model(self.cfg)
+        self.model = with_inference_autocast(model, cfg)
+        if self.classes is not None:
+            self.metadata = self.classes.metadata()
+        self.aug = T.ResizeShortestEdge(
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+        self.input_format = cfg.INPUT.FORMAT
+        if self.input_format not in ("RGB", "BGR"):
+            raise UserInputError(f"INPUT.FORMAT must be 'RGB' or 'BGR', got {self.input_format!r}")
 
     def __call__(self, original_image: np.ndarray) -> dict:
         return super().__call__(as_three_channels(original_image))

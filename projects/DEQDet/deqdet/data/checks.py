@@ -13,14 +13,7 @@ import os
 from detectron2.structures import BoxMode
 from PIL import Image, UnidentifiedImageError
 
-__all__ = [
-    "MIN_BOX_SIZE",
-    "clean_box",
-    "clean_record_boxes",
-    "image_problem",
-    "orphan_annotations",
-    "xywh_box",
-]
+__all__ = ["MIN_BOX_SIZE", "clean_box", "clean_record_boxes", "image_problem"]
 
 # Boxes narrower or lower than this (pixels, after clipping to the image) are dropped. Training
 # already drops boxes that end up empty after augmentation (detectron2's filter_empty_instances,
@@ -126,29 +119,3 @@ def clean_record_boxes(record: dict) -> tuple[list[tuple[list, str]], int]:
         record["annotations"] = kept
     return dropped, clipped
 
-
-def xywh_box(bbox) -> list[float] | None:
-    """A COCO ``bbox`` as 4 floats (x, y, w, h), or ``None`` when it is not a list of 4 numbers."""
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return None
-    try:
-        return [float(v) for v in bbox]
-    except (TypeError, ValueError):
-        return None
-
-
-def orphan_annotations(coco: dict) -> list[tuple[object, object]]:
-    """``(annotation id, image_id)`` of each annotation of the COCO JSON ``coco`` whose
-    ``image_id`` names none of its images (such an annotation belongs to no image: it is not used)."""
-    image_ids = {image.get("id") for image in coco.get("images", [])}
-    return [
-        (ann.get("id"), ann.get("image_id"))
-        for ann in coco.get("annotations", [])
-        if ann.get("image_id") not in image_ids
-    ]
-
-
-def describe_orphans(orphans: list[tuple[object, object]], limit: int = 20) -> str:
-    """``"annotation 7 (image_id 9999), ..."`` for the first ``limit`` orphans, ``"and N more"`` after."""
-    named = ", ".join(f"annotation {ann_id} (image_id {image_id})" for ann_id, image_id in orphans[:limit])
-    return named + (f", and {len(orphans) - limit} more" if len(orphans) > limit else "")

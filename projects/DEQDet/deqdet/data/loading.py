@@ -8,9 +8,9 @@ What happens to each problem (the log names every one; a summary line counts the
 - a box that is not finite, of zero or negative size, or entirely outside its image: dropped (in
   training and, by :class:`~deqdet.evaluation.CheckedCOCOEvaluator`, in evaluation's ground truth);
 - a box partly outside its image: clipped to the image;
-- a ``bbox`` that is not 4 numbers: dropped (``malformed box``), in training and evaluation;
-- an annotation whose ``image_id`` names no image: named (annotation id and ``image_id``) and counted
-  in a warning, in training and evaluation; not used;
+- the problems of a COCO annotation file as a file (:mod:`deqdet.data.annotation_file`: malformed
+  boxes and annotations, orphan annotations, unknown categories, duplicate ids), found in one pass
+  before the dataset is loaded: dropped, kept or an error, as that module's table says;
 - no usable image left, or fewer classes configured than the dataset has: an error.
 """
 
@@ -33,9 +33,12 @@ from detectron2.utils import comm
 from tqdm import tqdm
 
 from ..errors import UserInputError
-from .checks import clean_record_boxes, describe_orphans, image_problem, orphan_annotations
+from .annotation_file import check_coco_dict, log_report
+from .checks import clean_record_boxes, image_problem
 
-__all__ = ["NUM_CLASSES_KEYS", "check_num_classes", "checked_dataset_dicts", "load_dataset"]
+__all__ = [
+    "NUM_CLASSES_KEYS", "check_annotation_file", "check_num_classes", "checked_dataset_dicts", "load_dataset",
+]
 
 logger = logging.getLogger("deqdet")
 
@@ -54,11 +57,14 @@ _CHECK_THREADS = 16  # header reads wait on the disk, not the CPU
 
 
 def load_dataset(name: str) -> list[dict]:
-    """``DatasetCatalog.get(name)`` with a missing or malformed annotation file as a clear error."""
+    """``DatasetCatalog.get(name)`` after :func:`check_annotation_file` of its COCO file (when it has
+    one), with a missing or malformed annotation file as a clear error."""
     if name not in DatasetCatalog.list():
         raise UserInputError(f"dataset {name!r} is not registered (DATASETS.TRAIN / DATASETS.TEST)")
     json_file = MetadataCatalog.get(name).get("json_file")
     try:
+        if json_file:
+            check_annotation_file(name, json_file)
         dicts = DatasetCatalog.get(name)
     except json.JSONDecodeError as e:
         raise UserInputError(f"malformed JSON in {json_file or name}: {e}") from e
@@ -66,25 +72,33 @@ def load_dataset(name: str) -> list[dict]:
         raise UserInputError(
             f"annotation file of dataset {name!r} not found: {e.filename or json_file}"
         ) from e
-    except KeyError as e:  # load_coco_json: an annotation's category_id is not among the categories
-        raise UserInputError(f"{json_file or name}: {e.args[0]}") from e
+    except (KeyError, AssertionError, ValueError, TypeError) as e:
+        # Detectron2's load_coco_json (register_coco_instances) refuses what it cannot read, e.g. a
+        # null or empty bbox, which deqdet.data.register_coco_file drops and names
+        raise UserInputError(f"{json_file or name}: {e.args[0] if e.args else type(e).__name__}") from e
     if not dicts:
         raise UserInputError(f"dataset {name!r} is empty (no images in {json_file or 'its loader'})")
-    if json_file:
-        _warn_orphans(name, json_file)
     return dicts
 
 
-def _warn_orphans(name: str, json_file: str) -> None:
-    """Name the annotations of ``json_file`` whose ``image_id`` names no image (Detectron2's loader
-    leaves them out, naming none)."""
+def check_annotation_file(name: str, json_file: str) -> None:
+    """The up-front pass over dataset ``name``'s COCO file (:func:`check_coco_dict`), in training and
+    evaluation alike: every problem named in the log, one summary line.
+
+    Raises:
+        UserInputError: problems that are errors (unknown categories, duplicate image ids, ...),
+            counted and the first ones named, in one line.
+    """
     with open(json_file) as f:
-        orphans = orphan_annotations(json.load(f))
-    if orphans:
-        logger.warning(
-            f"dataset {name!r}: {len(orphans)} annotations in {json_file} name no image and are not "
-            f"used: {describe_orphans(orphans)}"
-        )
+        coco = json.load(f)
+    if not isinstance(coco, dict):
+        raise UserInputError(f"{json_file}: not a COCO annotation file (a JSON object with 'images')")
+    report = check_coco_dict(coco)
+    source = f"dataset {name!r}, {json_file}"
+    log_report(source, report, logger)
+    error = report.error(source)
+    if error:
+        raise UserInputError(error)
 
 
 def _log_problems(name: str, problems: list[tuple[str, str]], what: str) -> Counter:
@@ -116,7 +130,7 @@ def check_dataset(name: str, dicts: list[dict], *, skip_bad_images: bool) -> lis
                 total=len(dicts),
                 desc=f"checking {name}",
                 unit="image",
-                disable=not comm.is_main_process(),
+                disable=None if comm.is_main_process() else True,  # None: only on a terminal
                 mininterval=1.0,
             )
         )
