@@ -11,7 +11,7 @@ from pycocotools.cocoeval import COCOeval
 from deqdet.data import ensure_shapes
 from deqdet.engine import build_config
 from deqdet.evaluation import _faster_coco_eval, coco_eval_backend
-from deqdet.solver import build_optimizer
+from deqdet.optim import build_optimizer
 
 
 def _stats(cocoeval_fn, gt, dt):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from deqdet.data.mapper import build_train_mapper
 from deqdet.engine import build_config
-from deqdet.solver import build_optimizer
+from deqdet.optim import build_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

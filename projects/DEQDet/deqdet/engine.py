@@ -31,7 +31,7 @@ from .evaluation import CheckedCOCOEvaluator
 from .modeling.deq.stash import ObservedLossScale
 from .resume import AtomicCheckpointer, ReseedAtCheckpoints, ResumableLoader, ResumableTrainingSampler
 from .resume import derived_seed
-from .solver import build_optimizer
+from .optim import build_optimizer
 
 __all__ = ["FiniteLossGuard", "Trainer", "build_config", "set_float32_matmul_precision", "setup"]
 
