@@ -239,6 +239,8 @@ def test_non_finite_state_stops_with_the_last_finite_state(caplog):
         (["MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 7)"], "SUPERVISION_POSITIONS"),
         (["MODEL.DEQDET.RAG", "-1"], "RAG"),
         (["MODEL.DEQDET.SOLVER", "'broyden'"], "SOLVER"),
+        (["MODEL.DEQDET.TOL", "-0.01"], "TOL"),  # the solver loops trust the decoder's checks
+        (["MODEL.DEQDET.MAX_ITERS", "-1"], "MAX_ITERS"),
         (["MODEL.DEQDET.PERTURB_CONTENT_PROB", "1.5"], "PERTURB_CONTENT_PROB"),
     ],
 )
