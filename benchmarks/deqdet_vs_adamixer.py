@@ -7,9 +7,10 @@ DEQDet ablations, activation memory, and DEQDet's adaptive inference.
     python benchmarks/deqdet_vs_adamixer.py train --backbone output/shapes_backbone.pth --lr 2.5e-4 --iters 450 --eval-period 150
     python benchmarks/deqdet_vs_adamixer.py memory                               # training memory
     python benchmarks/deqdet_vs_adamixer.py inference --tols 0 0.001 0.003 0.01  # AP / latency / steps
-    python benchmarks/deqdet_vs_adamixer.py report                               # results.md
+    python benchmarks/deqdet_vs_adamixer.py report                               # the tables
 
-Each phase writes JSON under ``benchmarks/results/`` (``report`` turns them into ``results.md``).
+Each phase writes JSON under ``benchmarks/results/``; ``report`` turns them into the tables at the end
+of ``benchmarks/results/query_detectors.md``, below its written summary, which it keeps.
 Training runs are separate ``train_net.py`` processes (OUTPUT_DIR ``output/bench/<variant>``); their
 peak resident memory is read with ``os.wait4``. Activation memory is measured in-process, device
 independently, as the peak number of bytes of tensors saved for backward (autograd's
@@ -28,6 +29,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+REPORT = os.path.join(RESULTS, "query_detectors.md")
+# The line in REPORT after which ``report`` rewrites the tables.
+TABLES = "<!-- The tables below are written by `python benchmarks/deqdet_vs_adamixer.py report`. -->"
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "projects", "DEQDet"))
 
@@ -252,38 +256,42 @@ def _last_prediction_loss(variant: str):
 
 
 def report(args) -> None:
-    lines = ["# DEQDet vs AdaMixer on `shapes` (2-core CPU)", ""]
+    """Rewrite the tables at the end of REPORT (after TABLES) from the JSON files."""
+    lines = [TABLES, "", "## The tables (2-core CPU)", ""]
     train_res = _load("train.json") or {}
     if train_res:
-        lines += ["## Training (same backbone, queries, dims, batch, iterations; `@mini`: the fit-speed probe; "
+        lines += ["### Training (same backbone, queries, dims, batch, iterations; `@mini`: the fit-speed probe; "
                   "`@pretrained`: ResNet initialised from the RetinaNet demo's)", "",
                   "| variant | AP vs iteration | final AP50 | s/iter (median) | peak RSS (MiB) |", "|---|---|---|---|---|"]
         for name, r in train_res.items():
             curve = ", ".join(f"{i}: {ap:.1f}" for i, ap in r["ap_vs_iter"])
             lines.append(f"| {name} | {curve} | {r['ap50_final']:.1f} | {r['s_per_iter']:.2f} | {r['peak_rss_mib']:.0f} |")
-        lines += ["", "Loss of the last supervised prediction (cls + L1 + GIoU; AdaMixer: stage 6, DEQDet: last "
-                  "RAG segment), by iteration:", "", "| variant | loss by iteration |", "|---|---|"]
-        for name in train_res:
-            if any(other.startswith(f"{name} (resumed") for other in train_res):
-                continue  # its run was continued: the continuation's row shows the whole curve
-            curve = ", ".join(f"{i}: {v:.2f}" for i, v in _last_prediction_loss(name))
-            lines.append(f"| {name} | {curve} |")
+        losses = {name: _last_prediction_loss(name) for name in train_res
+                  # a run that was continued: the continuation's row shows the whole curve
+                  if not any(other.startswith(f"{name} (resumed") for other in train_res)}
+        losses = {name: curve for name, curve in losses.items() if curve}  # metrics.json on this machine
+        if losses:
+            lines += ["", "Loss of the last supervised prediction (cls + L1 + GIoU; AdaMixer: stage 6, DEQDet: last "
+                      "RAG segment), by iteration:", "", "| variant | loss by iteration |", "|---|---|"]
+            lines += [f"| {name} | " + ", ".join(f"{i}: {v:.2f}" for i, v in curve) + " |"
+                      for name, curve in losses.items()]
         lines += ["", "Commands:", ""] + [f"    python {r['command']}" for r in train_res.values()] + [""]
     mem = _load("memory.json")
     if mem:
-        lines += ["## Training activation memory (peak bytes saved for backward)", "", mem.pop("_note"), "",
+        lines += ["### Training activation memory (peak bytes saved for backward)", "", mem.pop("_note"), "",
                   "| model | peak saved activations (MiB) | s/iter |", "|---|---|---|"]
         lines += [f"| {n} | {r['peak_saved_mib']:.1f} | {r['s_per_iter']:.2f} |" for n, r in mem.items()] + [""]
     for name in sorted(f for f in os.listdir(RESULTS) if f.startswith("inference_") and f.endswith(".json")):
         inf, solver = _load(name), name[len("inference_"):-len(".json")]
         if inf:
-            lines += [f"## Adaptive inference ({solver}, MAX_ITERS {inf['max_iters']}, {inf['weights']})", "",
+            lines += [f"### Adaptive inference ({solver}, MAX_ITERS {inf['max_iters']}, {inf['weights']})", "",
                       inf["_note"], "", "| TOL | AP | AP50 | mean steps | s/image |", "|---|---|---|---|---|"]
             lines += [f"| {r['tol']:g} | {r['AP']:.2f} | {r['AP50']:.2f} | {r['mean_steps']:.2f} | {r['s_per_image']:.3f} |"
                       for r in inf["runs"]] + [""]
-    path = os.path.join(RESULTS, "results.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    with open(REPORT) as f:
+        summary = f.read().partition(TABLES)[0]
+    with open(REPORT, "w") as f:
+        f.write(summary + "\n".join(lines))
     print("\n".join(lines))
 
 
