@@ -83,7 +83,9 @@ MODELS = {
     "retinanet_r50": ("zoo:COCO-Detection/retinanet_R_50_FPN_1x.yaml", [], "RetinaNet R50-FPN"),
 }
 # DEQDet R50 variants that differ from it at inference only: no train / memory rows of their own.
-INFERENCE_VARIANTS = {"deqdet_r50_tol", "deqdet_r50_compiled", "deqdet_r50_graph", "deqdet_r50_compiled_graph"}
+INFERENCE_VARIANTS = {
+    "deqdet_r50_tol", "deqdet_r50_compiled", "deqdet_r50_graph", "deqdet_r50_compiled_graph"
+}
 # Measured on CUDA only: the CUDA graphs, and DyHead with the sampling DCN (the CPU default of
 # MODEL.DYHEAD.DCN_IMPL auto, which picks torchvision's kernel on CUDA).
 CUDA_ONLY = {"deqdet_r50_graph", "deqdet_r50_compiled_graph", "atss_dyhead_r50_sampling"}
@@ -103,7 +105,9 @@ def parse_size(text: str):
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes: expected HxW or one of {list(SIZES)}, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--sizes: expected HxW or one of {list(SIZES)}, got {text!r}"
+        ) from None
     return h, w
 
 
@@ -250,7 +254,10 @@ def latency(models: dict, hw, batches, repeat: int, device: str, first_size: boo
         timed_models = {k: m for k, m in models.items() if not (short and k in INFERENCE_VARIANTS)}
         with torch.no_grad():
             times = interleaved(
-                {k: (lambda m=m: m(inputs)) for k, m in timed_models.items()}, repeat, device, warm_up=not short
+                {k: (lambda m=m, x=inputs: m(x)) for k, m in timed_models.items()},
+                repeat,
+                device,
+                warm_up=not short,
             )
         out[f"batch{batch}"] = {k: summary(v) for k, v in times.items()}
         print(
@@ -443,7 +450,8 @@ def targets(record: dict) -> list:
             if step and key in step:
                 rows.append(
                     (
-                        f"{size}: one refinement step ({step['queries']} queries{label}) / R50 backbone <= 0.05",
+                        f"{size}: one refinement step ({step['queries']} queries{label}) / R50 backbone "
+                        "<= 0.05",
                         step[key],
                         step[key] <= 0.05,
                     )
@@ -480,7 +488,7 @@ def run_markdown(record: dict, heading: str) -> list:
         f"`{record['device']}`  ",
         f"Versions: python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, "
         f"detectron2 {m['detectron2']}  ",
-        f"1-minute load average per phase (before -> after): "
+        "1-minute load average per phase (before -> after): "
         + "; ".join(f"{k} {v[0]} -> {v[1]}" for k, v in record["load"].items())
         + "  ",
         *(
@@ -722,7 +730,9 @@ def main(argv=None) -> None:
             save()
         if "latency" in args.only:
             batches = [1] if args.quick else args.batches
-            res["latency"] = phase(f"{name} latency", latency, models, hw, batches, repeat, args.device, first)
+            res["latency"] = phase(
+                f"{name} latency", latency, models, hw, batches, repeat, args.device, first
+            )
             save()
         if "step" in args.only and "deqdet_r50" in models:
             res["step"] = phase(

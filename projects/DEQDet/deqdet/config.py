@@ -5,8 +5,8 @@ from detectron2.config import CfgNode as CN
 
 from .modeling.backbone import add_basic_resnet_config
 from .modeling.deq.config import add_deqdet_decoder_config
-from .modeling.query.config import add_query_config
 from .modeling.dyhead.config import add_dyhead_config
+from .modeling.query.config import add_query_config
 
 __all__ = ["add_deqdet_config", "add_dense_query_config"]
 

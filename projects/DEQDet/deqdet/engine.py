@@ -29,9 +29,14 @@ from .env import collect_env
 from .errors import NonFiniteLossError, UserInputError
 from .evaluation import CheckedCOCOEvaluator
 from .modeling.deq.stash import ObservedLossScale
-from .resume import AtomicCheckpointer, ReseedAtCheckpoints, ResumableLoader, ResumableTrainingSampler
-from .resume import derived_seed
 from .optim import build_optimizer
+from .resume import (
+    AtomicCheckpointer,
+    ReseedAtCheckpoints,
+    ResumableLoader,
+    ResumableTrainingSampler,
+    derived_seed,
+)
 
 __all__ = ["FiniteLossGuard", "Trainer", "build_config", "set_float32_matmul_precision", "setup"]
 

@@ -33,7 +33,11 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 __all__ = [
-    "AtomicCheckpointer", "ResumableLoader", "ResumableTrainingSampler", "ReseedAtCheckpoints", "derived_seed",
+    "AtomicCheckpointer",
+    "ResumableLoader",
+    "ResumableTrainingSampler",
+    "ReseedAtCheckpoints",
+    "derived_seed",
 ]
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ returns a non-finite state for it (the image then keeps its last finite state, w
 - :func:`fixed_steps` (``MODEL.DEQDET.TOL 0``, the official schedule) has no host-device
   synchronisation: every image is evaluated at every step (``f(z, index)`` with all images) and
   stopped images are masked with ``torch.where``; the images that hit a non-finite state are looked
-  up once, after the loop, by :func:`warn_non_finite`. tests/modeling/deq/test_cuda_safety.py runs it
+  up once, after the loop, by :func:`warn_non_finite`. tests/modeling/test_cuda_safety.py runs it
   on PyTorch's ``meta`` device, where any host read of a tensor value fails.
 - :func:`solve` (``TOL > 0``) also stops an image once its relative residual
   ``||f(z_k) - z_k|| / ||z_k||`` is below ``tol``. That adaptive stop needs host values: each step
@@ -166,4 +166,5 @@ def warn_non_finite(iterations: torch.Tensor, max_iters: int) -> None:
     stopped = iterations < max_iters
     if stopped.any():
         images = stopped.nonzero().flatten().tolist()
-        logger.warning(f"DEQ iteration: non-finite state for images {images}; they keep their last finite state")
+        logger.warning(f"DEQ iteration: non-finite state for images {images}; they keep their last finite "
+                       "state")
