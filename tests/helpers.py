@@ -122,6 +122,20 @@ def train_main(argv: list):
     return train_net.main(train_net.default_argument_parser().parse_args(argv))
 
 
+def official_keys(source: str) -> dict:
+    """{key: shape} of the official ``source`` checkpoint (``tests/fixtures/<source>_official_keys.json``,
+    written from the official code)."""
+    with open(os.path.join(FIXTURES, f"{source}_official_keys.json")) as f:
+        return json.load(f)["keys"]
+
+
+def official_state_dict(source: str) -> dict:
+    """The official checkpoint's keys with shape-true tensors: each one distinct value broadcast (no
+    memory)."""
+    shapes = sorted(official_keys(source).items())
+    return {key: torch.tensor(float(i)).expand(shape) for i, (key, shape) in enumerate(shapes)}
+
+
 def run_metrics(output_dir: str) -> list:
     """The records of a run's ``metrics.json``, in order."""
     with open(os.path.join(output_dir, "metrics.json")) as f:

@@ -1,8 +1,6 @@
 """The "adamixer" converter maps the official R50 checkpoint's key set (fixture, read from the
 official code) onto QueryDetector built from configs/adamixer_r50_1x.yaml, tensor for tensor."""
 
-import json
-import os
 
 import pytest
 import torch
@@ -10,17 +8,7 @@ from detectron2.modeling import build_model
 
 from deqdet.checkpoint import convert_official
 from deqdet.engine import build_config
-from tests.helpers import FIXTURES, config_file
-
-FIXTURE = os.path.join(FIXTURES, "adamixer_official_keys.json")
-
-
-def _official_state_dict():
-    """Fixture names with shape-true tensors: each is one distinct value broadcast (no memory)."""
-    shapes = json.load(open(FIXTURE))["keys"]
-    return {
-        name: torch.tensor(float(i)).expand(shape) for i, (name, shape) in enumerate(sorted(shapes.items()))
-    }
+from tests.helpers import config_file, official_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +17,7 @@ def model():
 
 
 def test_every_tensor_of_the_official_forward_maps_onto_the_model(model):
-    official = _official_state_dict()
+    official = official_state_dict("adamixer")
     conversion = convert_official(official, "adamixer")
     ours = model.state_dict()
     assert sorted(conversion.state_dict) == sorted(ours)
@@ -57,7 +45,7 @@ def test_every_tensor_of_the_official_forward_maps_onto_the_model(model):
 
 
 def test_unknown_key_is_named():
-    official = _official_state_dict()
+    official = official_state_dict("adamixer")
     official["roi_head.bbox_head.0.mystery.weight"] = torch.zeros(1)
     with pytest.raises(KeyError, match="roi_head.bbox_head.0.mystery.weight"):
         convert_official(official, "adamixer")
@@ -66,7 +54,9 @@ def test_unknown_key_is_named():
 def test_cli_writes_a_detectron2_checkpoint(tmp_path, capsys):
     from tools.convert_official import main
 
-    official = {k: v for k, v in _official_state_dict().items() if k.startswith(("neck.", "rpn_head."))}
+    official = {
+        k: v for k, v in official_state_dict("adamixer").items() if k.startswith(("neck.", "rpn_head."))
+    }
     official["backbone.bn1.num_batches_tracked"] = torch.tensor(7)
     src, dst = tmp_path / "official.pth", tmp_path / "ours.pth"
     torch.save({"state_dict": {k: v.clone() for k, v in official.items()}, "meta": {}}, src)

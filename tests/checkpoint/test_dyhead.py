@@ -1,8 +1,6 @@
 """The official microsoft/DynamicHead checkpoint (key names and shapes in a fixture written from their
 code) maps one-to-one onto our ATSS R50 + DyHead model, through the API and the CLI."""
 
-import json
-import os
 
 import pytest
 import torch
@@ -11,14 +9,12 @@ from detectron2.modeling import build_model
 
 from deqdet.checkpoint import convert_official
 from deqdet.engine import build_config
-from tests.helpers import FIXTURES, config_file
-
-FIXTURE = os.path.join(FIXTURES, "dyhead_official_keys.json")
+from tests.helpers import config_file, official_keys
 
 
 @pytest.fixture(scope="module")
 def official():
-    shapes = json.load(open(FIXTURE))["keys"]
+    shapes = official_keys("dyhead")
     g = torch.Generator().manual_seed(0)
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
