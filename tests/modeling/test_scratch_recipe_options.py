@@ -160,7 +160,8 @@ def test_dense_feature_content_trains_its_projection():
     torch.manual_seed(0)
     model = build_model(build_config(COMBINED, SMALL + ["MODEL.DENSE_QUERY.QUERY_CONTENT", "dense_feature"]))
     from detectron2.utils.events import EventStorage
-    from test_dense_query import _inputs  # noqa: E402  (the combined detector's two-image batch)
+
+    from tests.test_dense_query import _inputs  # the combined detector's two-image batch
 
     with EventStorage(0):
         losses = model(_inputs())
