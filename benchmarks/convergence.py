@@ -28,8 +28,8 @@ from recipe_protocol import RETINANET, ROOT, SHAPES, _env, _last_ap
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 RESULT_FILE = os.path.join(RESULTS, "convergence.json")
 # the demo's input sizes for every detector, so that AP compares detectors and not resolutions
-DEMO_INPUT = ["INPUT.MIN_SIZE_TRAIN", "(160, 192, 224)", "INPUT.MIN_SIZE_TEST", "288", "INPUT.MAX_SIZE_TEST", "480",
-              "DATALOADER.NUM_WORKERS", "0", "MODEL.CHANNELS_LAST", "True"]
+DEMO_INPUT = ["INPUT.MIN_SIZE_TRAIN", "(160, 192, 224)", "INPUT.MIN_SIZE_TEST", "288",
+              "INPUT.MAX_SIZE_TEST", "480", "DATALOADER.NUM_WORKERS", "0", "MODEL.CHANNELS_LAST", "True"]
 # name -> (config, overrides, whether it has a dense head to evaluate on its own)
 DETECTORS = {
     "retinanet": (RETINANET, [], False),
@@ -47,8 +47,8 @@ def _schedule(iters: int, eval_period: int) -> list:
 
 
 def _python(args: list, log_path: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            env=_env())
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT, env=_env())
 
 
 class Run:
@@ -82,8 +82,9 @@ class Run:
             iteration = self.pending.pop(0)
             self.phase = f"dense@{iteration}"
             self.proc = _python([os.path.join(ROOT, "train_net.py"), "--eval-only", *self.args,
-                                 "MODEL.WEIGHTS", self._checkpoint(iteration), "MODEL.DENSE_QUERY.INFERENCE_SOURCE",
-                                 "dense", "OUTPUT_DIR", os.path.join(self.out, self.phase)],
+                                 "MODEL.WEIGHTS", self._checkpoint(iteration),
+                                 "MODEL.DENSE_QUERY.INFERENCE_SOURCE", "dense",
+                                 "OUTPUT_DIR", os.path.join(self.out, self.phase)],
                                 os.path.join(self.out, f"{self.phase}.log"))
             return None
         return self._result()
@@ -141,8 +142,9 @@ def report(args) -> None:
     for key, run in data.items():
         last = run["curve"][-1]
         dense = f"{last['dense_ap']:.1f} / {last['dense_ap75']:.1f}" if "dense_ap" in last else "-"
-        lines.append(f"| {key} | {last['iteration']} | {last['ap']:.1f} | {last['ap50']:.1f} | {last['ap75']:.1f} "
-                     f"| {dense} | {run['s_per_iter']:.3f} | {last['train_s'] / 60:.0f} min |")
+        lines.append(f"| {key} | {last['iteration']} | {last['ap']:.1f} | {last['ap50']:.1f} "
+                     f"| {last['ap75']:.1f} | {dense} | {run['s_per_iter']:.3f} "
+                     f"| {last['train_s'] / 60:.0f} min |")
         minutes = [p["train_s"] / 60 for p in run["curve"]]
         line, = ax.plot(minutes, [p["ap"] for p in run["curve"]], marker="o", label=key)
         if "dense_ap" in last:
@@ -158,15 +160,16 @@ def report(args) -> None:
     with open(os.path.join(RESULTS, "convergence.md"), "w") as f:
         f.write("# The combined detector against its parts on one schedule\n\n"
                 "Written by `python benchmarks/convergence.py report` from `convergence.json`; protocol in "
-                "`benchmarks/convergence.py` (seed 1, batch 4, from scratch, 2-core CPU, 1 thread per run, two "
-                "runs side by side). AP at the last iteration; the curve is `convergence.png`.\n\n"
+                "`benchmarks/convergence.py` (seed 1, batch 4, from scratch, 2-core CPU, 1 thread per run, "
+                "two runs side by side). AP at the last iteration; the curve is `convergence.png`.\n\n"
                 + "\n".join(lines) + "\n\n![AP against training time](convergence.png)\n\n## Commands\n\n"
                 + commands + "\n")
     print("\n".join(lines))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train")
     p.add_argument("--detectors", nargs="+", required=True, choices=list(DETECTORS))

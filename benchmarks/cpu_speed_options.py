@@ -41,12 +41,15 @@ def synthetic_batch(n=8, h=224, w=304):
         xy = torch.rand(4, 2, generator=g) * torch.tensor([w - 60.0, h - 60.0])
         inst.gt_boxes = Boxes(torch.cat([xy, xy + 8 + 50 * torch.rand(4, 2, generator=g)], 1))
         inst.gt_classes = torch.randint(0, 8, (4,), generator=g)
-        batch.append({"image": torch.randint(0, 255, (3, h, w), dtype=torch.uint8, generator=g), "instances": inst})
+        image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8, generator=g)
+        batch.append({"image": image, "instances": inst})
     return batch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
@@ -54,7 +57,9 @@ def main() -> None:
     demo = os.path.join(ROOT, "configs", "shapes", "retinanet_demo.yaml")
     # the demo's anchors and everything else stay; only the two options vary
     base = ["MODEL.DEVICE", "cpu", "MODEL.CHANNELS_LAST", "False", "MODEL.RESNETS.STEM_TYPE", "basic"]
-    models = {name: Trainer.build_model(build_config(demo, base + opts)).train() for name, opts in VARIANTS.items()}
+    models = {
+        name: Trainer.build_model(build_config(demo, base + opts)).train() for name, opts in VARIANTS.items()
+    }
     batch = synthetic_batch()
     seconds = {name: [] for name in models}
     with EventStorage(0):
@@ -66,7 +71,8 @@ def main() -> None:
                     seconds[name].append(time.perf_counter() - start)
                 model.zero_grad(set_to_none=True)
     result = {name: statistics.median(s) for name, s in seconds.items()}
-    result["_note"] = f"forward + backward, batch 8 at 224x304, {args.threads} thread(s), median of {args.repeat}"
+    result["_note"] = (f"forward + backward, batch 8 at 224x304, {args.threads} thread(s), "
+                       f"median of {args.repeat}")
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "results", "cpu_speed_options.json"), "w") as f:
         json.dump(result, f, indent=1)

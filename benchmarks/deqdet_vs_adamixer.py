@@ -3,13 +3,16 @@
 DEQDet ablations, activation memory, and DEQDet's adaptive inference.
 
     python benchmarks/deqdet_vs_adamixer.py train --iters 150 --eval-period 75    # AP vs iteration, s/iter
-    python benchmarks/deqdet_vs_adamixer.py train --mini --iters 300 --eval-period 50 --variants adamixer deqdet
-    python benchmarks/deqdet_vs_adamixer.py train --backbone output/shapes_backbone.pth --lr 2.5e-4 --iters 450 --eval-period 150
+    python benchmarks/deqdet_vs_adamixer.py train --mini --iters 300 --eval-period 50 \
+        --variants adamixer deqdet
+    python benchmarks/deqdet_vs_adamixer.py train --backbone output/shapes_backbone.pth --lr 2.5e-4 \
+        --iters 450 --eval-period 150
     python benchmarks/deqdet_vs_adamixer.py memory                               # training memory
     python benchmarks/deqdet_vs_adamixer.py inference --tols 0 0.001 0.003 0.01  # AP / latency / steps
-    python benchmarks/deqdet_vs_adamixer.py report                               # results.md
+    python benchmarks/deqdet_vs_adamixer.py report                               # the tables
 
-Each phase writes JSON under ``benchmarks/results/`` (``report`` turns them into ``results.md``).
+Each phase writes JSON under ``benchmarks/results/``; ``report`` turns them into the tables at the end
+of ``benchmarks/results/query_detectors.md``, below its written summary, which it keeps.
 Training runs are separate ``train_net.py`` processes (OUTPUT_DIR ``output/bench/<variant>``); their
 peak resident memory is read with ``os.wait4``. Activation memory is measured in-process, device
 independently, as the peak number of bytes of tensors saved for backward (autograd's
@@ -28,6 +31,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+REPORT = os.path.join(RESULTS, "query_detectors.md")
+# The line in REPORT after which ``report`` rewrites the tables.
+TABLES = "<!-- The tables below are written by `python benchmarks/deqdet_vs_adamixer.py report`. -->"
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "projects", "DEQDet"))
 
@@ -36,7 +42,9 @@ DEQDET = os.path.join(ROOT, "configs", "shapes", "deqdet_r18.yaml")
 VARIANTS = {
     "adamixer": (ADAMIXER, []),
     "deqdet": (DEQDET, []),
-    "deqdet_no_rap": (DEQDET, ["MODEL.DEQDET.PERTURB_CONTENT_PROB", "0.0", "MODEL.DEQDET.PERTURB_POSITION_PROB", "0.0"]),
+    "deqdet_no_rap": (
+        DEQDET, ["MODEL.DEQDET.PERTURB_CONTENT_PROB", "0.0", "MODEL.DEQDET.PERTURB_POSITION_PROB", "0.0"]
+    ),
     "deqdet_rag0": (DEQDET, ["MODEL.DEQDET.RAG", "0"]),
     "deqdet_no_init_sup": (DEQDET, ["MODEL.DEQDET.INIT_SUPERVISION", "False"]),
 }
@@ -69,7 +77,8 @@ MINI = [
 
 
 def _env() -> dict:
-    """This checkout's package first (as tests/conftest.py), also for the train_net subprocesses."""
+    """This checkout's package first (as the tests' pythonpath in pyproject.toml), also for the train_net
+    subprocesses."""
     paths = [os.path.join(ROOT, "projects", "DEQDet"), ROOT, os.environ.get("PYTHONPATH", "")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
@@ -79,7 +88,8 @@ def train(args) -> None:
         config, opts = VARIANTS[variant]
         if args.mini:
             variant, opts = f"{variant}@mini", [*opts, *MINI]
-        if args.backbone:  # a trained ResNet (tools/extract_backbone.py): the CPU analogue of ImageNet weights
+        # a trained ResNet (tools/extract_backbone.py): the CPU analogue of ImageNet weights
+        if args.backbone:
             variant, opts = f"{variant}@pretrained", [*opts, "MODEL.WEIGHTS", args.backbone]
         if args.lr:
             opts = [*opts, "SOLVER.BASE_LR", str(args.lr)]
@@ -102,7 +112,9 @@ def train(args) -> None:
         times = [m["time"] for m in metrics if "time" in m and m["iteration"] >= 20]
         entry = {
             "command": " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]),
-            "ap_vs_iter": [[min(m["iteration"] + 1, args.iters), m["bbox/AP"]] for m in metrics if "bbox/AP" in m],
+            "ap_vs_iter": [
+                [min(m["iteration"] + 1, args.iters), m["bbox/AP"]] for m in metrics if "bbox/AP" in m
+            ],
             "ap50_final": [m["bbox/AP50"] for m in metrics if "bbox/AP50" in m][-1],
             "s_per_iter": statistics.median(times),
             "peak_rss_mib": usage.ru_maxrss / 1024,
@@ -115,13 +127,12 @@ def train(args) -> None:
 # -------------------------------------------------------------------------------------------- memory
 def memory(args) -> None:
     import torch
-
-    from deqdet.memory import SavedTensorMeter
     from detectron2.data import build_detection_train_loader
     from detectron2.modeling import build_model
 
     from deqdet.data.mapper import build_train_mapper
     from deqdet.engine import build_config
+    from deqdet.memory import SavedTensorMeter
 
     torch.set_num_threads(args.threads)
     cases = {
@@ -131,7 +142,8 @@ def memory(args) -> None:
         "deqdet_official_schedule": (DEQDET, ["MODEL.DEQDET.REFINEMENT_STEPS", "20",
                                               "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 3, 6, 9, 12, 20)"]),
         "deqdet_official_schedule_all_in_graph": (DEQDET, [
-            "MODEL.DEQDET.REFINEMENT_STEPS", "20", "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 3, 6, 9, 12, 20)",
+            "MODEL.DEQDET.REFINEMENT_STEPS", "20",
+            "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 3, 6, 9, 12, 20)",
             "MODEL.DEQDET.GRAD_STASH", "False"]),
     }
     cfg0 = build_config(DEQDET, ["MODEL.DEQDET.PERTURB_CONTENT_PROB", "0.0", "DATALOADER.NUM_WORKERS", "0"])
@@ -159,8 +171,8 @@ def memory(args) -> None:
         results[name] = {"peak_saved_mib": max(peaks) / 2**20, "s_per_iter": statistics.median(seconds),
                          "overrides": opts, "config": os.path.relpath(config, ROOT)}
         print(name, results[name], flush=True)
-    results["_note"] = (f"{args.batches} training iterations of batch {cfg0.SOLVER.IMS_PER_BATCH} from shapes_train "
-                        f"(the same batches for every model), {args.threads} thread(s)")
+    results["_note"] = (f"{args.batches} training iterations of batch {cfg0.SOLVER.IMS_PER_BATCH} from "
+                        f"shapes_train (the same batches for every model), {args.threads} thread(s)")
     _save("memory.json", results)
 
 
@@ -181,20 +193,17 @@ def inference(args) -> None:
     residual_curves = None
     for tol in args.tols:
         cfg = build_config(DEQDET, ["MODEL.DEVICE", "cpu", "MODEL.DEQDET.TOL", str(tol),
-                                    "MODEL.DEQDET.MAX_ITERS", str(args.max_iters), "MODEL.DEQDET.SOLVER", args.solver,
+                                    "MODEL.DEQDET.MAX_ITERS", str(args.max_iters),
+                                    "MODEL.DEQDET.SOLVER", args.solver,
                                     "DATALOADER.NUM_WORKERS", "0"])
         model = build_model(cfg).eval()
         DetectionCheckpointer(model).load(weights)
-        steps, residuals, seconds = [], [], []
-
-        def record(module, inputs, outputs):
-            for o in outputs:
-                steps.append(int(o["steps"]))
-                residuals.append(o["residuals"].tolist())
-
-        handle = model.register_forward_hook(record)
+        steps, residuals = [], []
+        handle = model.register_forward_hook(_recorder(steps, residuals))
         loader = Trainer.build_test_loader(cfg, "shapes_val")
-        evaluator = COCOEvaluator("shapes_val", output_dir=None, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+        evaluator = COCOEvaluator(
+            "shapes_val", output_dir=None, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE
+        )
         start = time.perf_counter()
         metrics = inference_on_dataset(model, loader, evaluator)["bbox"]
         seconds = time.perf_counter() - start
@@ -206,11 +215,24 @@ def inference(args) -> None:
         if tol == 0:
             residual_curves = residuals
     results["_note"] = (f"shapes_val ({len(DatasetCatalog.get('shapes_val'))} images), batch 1, "
-                        f"{args.threads} thread(s); steps = applications of the refinement stage incl. the output one")
+                        f"{args.threads} thread(s); steps = applications of the refinement stage incl. the "
+                        "output one")
     tag = f"_{args.tag}" if args.tag else ""
     _save(f"inference_{args.solver}{tag}.json", results)
     if residual_curves is not None:
-        _plot_residuals(np.array(residual_curves, dtype=float), os.path.join(RESULTS, f"residual_per_iteration{tag}.png"))
+        _plot_residuals(np.array(residual_curves, dtype=float),
+                        os.path.join(RESULTS, f"residual_per_iteration{tag}.png"))
+
+
+def _recorder(steps: list, residuals: list):
+    """A forward hook that appends each output's DEQ steps and residuals to the lists."""
+
+    def record(module, inputs, outputs):
+        for o in outputs:
+            steps.append(int(o["steps"]))
+            residuals.append(o["residuals"].tolist())
+
+    return record
 
 
 def _plot_residuals(curves, path: str) -> None:
@@ -252,50 +274,62 @@ def _last_prediction_loss(variant: str):
 
 
 def report(args) -> None:
-    lines = ["# DEQDet vs AdaMixer on `shapes` (2-core CPU)", ""]
+    """Rewrite the tables at the end of REPORT (after TABLES) from the JSON files."""
+    lines = [TABLES, "", "## The tables (2-core CPU)", ""]
     train_res = _load("train.json") or {}
     if train_res:
-        lines += ["## Training (same backbone, queries, dims, batch, iterations; `@mini`: the fit-speed probe; "
-                  "`@pretrained`: ResNet initialised from the RetinaNet demo's)", "",
-                  "| variant | AP vs iteration | final AP50 | s/iter (median) | peak RSS (MiB) |", "|---|---|---|---|---|"]
+        lines += ["### Training (same backbone, queries, dims, batch, iterations; `@mini`: the fit-speed "
+                  "probe; `@pretrained`: ResNet initialised from the RetinaNet demo's)", "",
+                  "| variant | AP vs iteration | final AP50 | s/iter (median) | peak RSS (MiB) |",
+                  "|---|---|---|---|---|"]
         for name, r in train_res.items():
             curve = ", ".join(f"{i}: {ap:.1f}" for i, ap in r["ap_vs_iter"])
-            lines.append(f"| {name} | {curve} | {r['ap50_final']:.1f} | {r['s_per_iter']:.2f} | {r['peak_rss_mib']:.0f} |")
-        lines += ["", "Loss of the last supervised prediction (cls + L1 + GIoU; AdaMixer: stage 6, DEQDet: last "
-                  "RAG segment), by iteration:", "", "| variant | loss by iteration |", "|---|---|"]
-        for name in train_res:
-            if any(other.startswith(f"{name} (resumed") for other in train_res):
-                continue  # its run was continued: the continuation's row shows the whole curve
-            curve = ", ".join(f"{i}: {v:.2f}" for i, v in _last_prediction_loss(name))
-            lines.append(f"| {name} | {curve} |")
+            lines.append(f"| {name} | {curve} | {r['ap50_final']:.1f} | {r['s_per_iter']:.2f} | "
+                         f"{r['peak_rss_mib']:.0f} |")
+        losses = {name: _last_prediction_loss(name) for name in train_res
+                  # a run that was continued: the continuation's row shows the whole curve
+                  if not any(other.startswith(f"{name} (resumed") for other in train_res)}
+        losses = {name: curve for name, curve in losses.items() if curve}  # metrics.json on this machine
+        if losses:
+            lines += ["", "Loss of the last supervised prediction (cls + L1 + GIoU; AdaMixer: stage 6, "
+                      "DEQDet: last RAG segment), by iteration:", "",
+                      "| variant | loss by iteration |", "|---|---|"]
+            lines += [f"| {name} | " + ", ".join(f"{i}: {v:.2f}" for i, v in curve) + " |"
+                      for name, curve in losses.items()]
         lines += ["", "Commands:", ""] + [f"    python {r['command']}" for r in train_res.values()] + [""]
     mem = _load("memory.json")
     if mem:
-        lines += ["## Training activation memory (peak bytes saved for backward)", "", mem.pop("_note"), "",
+        lines += ["### Training activation memory (peak bytes saved for backward)", "", mem.pop("_note"), "",
                   "| model | peak saved activations (MiB) | s/iter |", "|---|---|---|"]
-        lines += [f"| {n} | {r['peak_saved_mib']:.1f} | {r['s_per_iter']:.2f} |" for n, r in mem.items()] + [""]
+        lines += [f"| {n} | {r['peak_saved_mib']:.1f} | {r['s_per_iter']:.2f} |" for n, r in mem.items()]
+        lines += [""]
     for name in sorted(f for f in os.listdir(RESULTS) if f.startswith("inference_") and f.endswith(".json")):
         inf, solver = _load(name), name[len("inference_"):-len(".json")]
         if inf:
-            lines += [f"## Adaptive inference ({solver}, MAX_ITERS {inf['max_iters']}, {inf['weights']})", "",
+            heading = f"### Adaptive inference ({solver}, MAX_ITERS {inf['max_iters']}, {inf['weights']})"
+            lines += [heading, "",
                       inf["_note"], "", "| TOL | AP | AP50 | mean steps | s/image |", "|---|---|---|---|---|"]
-            lines += [f"| {r['tol']:g} | {r['AP']:.2f} | {r['AP50']:.2f} | {r['mean_steps']:.2f} | {r['s_per_image']:.3f} |"
-                      for r in inf["runs"]] + [""]
-    path = os.path.join(RESULTS, "results.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+            lines += [f"| {r['tol']:g} | {r['AP']:.2f} | {r['AP50']:.2f} | {r['mean_steps']:.2f} | "
+                      f"{r['s_per_image']:.3f} |" for r in inf["runs"]] + [""]
+    with open(REPORT) as f:
+        summary = f.read().partition(TABLES)[0]
+    with open(REPORT, "w") as f:
+        f.write(summary + "\n".join(lines))
     print("\n".join(lines))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="phase", required=True)
     p = sub.add_parser("train")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--iters", type=int, default=150)
     p.add_argument("--eval-period", type=int, default=75)
     p.add_argument("--mini", action="store_true", help="the fit-speed probe on shapes_mini_train (see MINI)")
-    p.add_argument("--backbone", default="", help="initialise the ResNet from this checkpoint (variant@pretrained)")
+    p.add_argument("--backbone", default="",
+                   help="initialise the ResNet from this checkpoint (variant@pretrained)")
     p.add_argument("--lr", type=float, default=0.0, help="SOLVER.BASE_LR (default: the config's)")
     p.add_argument("--resume", action="store_true", help="continue the variant's last run to --iters (its "
                    "metrics.json keeps the earlier evaluations; s/iter and RSS are of the continuation)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of Dynamic Head on ATSS R50: parameters, FLOPs (fvcore) and CPU latency per image.
 
-    python benchmarks/dyhead_cost.py                       # all rows, 800x1333, results to benchmarks/results/
+    python benchmarks/dyhead_cost.py       # all rows, 800x1333, results to benchmarks/results/
     python benchmarks/dyhead_cost.py --size 800 1216 --rows dyhead6_torchvision dyhead6_sampling
 
 Rows: ATSS with its 4-conv GN towers and no block (the usual ATSS), no tower and no block, and 2 / 6
@@ -17,6 +17,7 @@ row is recorded); with ``--threads 1`` the CPU time is what the image costs one 
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -37,8 +38,14 @@ from deqdet.engine import build_config  # noqa: E402
 ROWS = {
     "atss_tower4": ("configs/atss_r50_fpn_1x.yaml", []),
     "atss_no_tower": ("configs/atss_r50_fpn_1x.yaml", ["MODEL.ATSS.NUM_CONVS", "0"]),
-    "dyhead2_torchvision": ("configs/dyhead_r50_atss_fpn_1x.yaml", ["MODEL.DYHEAD.NUM_CONVS", "2", "MODEL.DYHEAD.DCN_IMPL", "torchvision"]),
-    "dyhead2_sampling": ("configs/dyhead_r50_atss_fpn_1x.yaml", ["MODEL.DYHEAD.NUM_CONVS", "2", "MODEL.DYHEAD.DCN_IMPL", "sampling"]),
+    "dyhead2_torchvision": (
+        "configs/dyhead_r50_atss_fpn_1x.yaml",
+        ["MODEL.DYHEAD.NUM_CONVS", "2", "MODEL.DYHEAD.DCN_IMPL", "torchvision"],
+    ),
+    "dyhead2_sampling": (
+        "configs/dyhead_r50_atss_fpn_1x.yaml",
+        ["MODEL.DYHEAD.NUM_CONVS", "2", "MODEL.DYHEAD.DCN_IMPL", "sampling"],
+    ),
     "dyhead6_torchvision": ("configs/dyhead_r50_atss_fpn_1x.yaml", ["MODEL.DYHEAD.DCN_IMPL", "torchvision"]),
     "dyhead6_sampling": ("configs/dyhead_r50_atss_fpn_1x.yaml", ["MODEL.DYHEAD.DCN_IMPL", "sampling"]),
 }
@@ -48,7 +55,7 @@ def _deform_conv_flops(inputs, outputs):
     """torchvision::deform_conv2d(input, weight, offset, mask, bias, ...): C_in * 9 MACs per output."""
     weight_shape = inputs[1].type().sizes()
     out_shape = outputs[0].type().sizes()
-    return out_shape[0] * out_shape[1] * out_shape[2] * out_shape[3] * weight_shape[1] * weight_shape[2] * weight_shape[3]
+    return math.prod(out_shape) * math.prod(weight_shape[1:])
 
 
 def build(row: str):
@@ -69,7 +76,8 @@ def measure(row: str, size, repeat: int) -> dict:
             flops.set_op_handle("torchvision::deform_conv2d", _deform_conv_flops)
             flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             result["gflops"] = round(flops.total() / 1e9, 1)
-            result["gflops_dyhead_tower"] = round(flops.by_module().get("model.backbone.dyhead_tower", 0) / 1e9, 1)
+            tower = flops.by_module().get("model.backbone.dyhead_tower", 0)
+            result["gflops_dyhead_tower"] = round(tower / 1e9, 1)
         model(inputs)  # warm-up
         times, cpu_times = [], []
         for _ in range(repeat):
@@ -84,7 +92,9 @@ def measure(row: str, size, repeat: int) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"))
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--repeat", type=int, default=3)

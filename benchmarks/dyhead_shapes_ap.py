@@ -28,18 +28,21 @@ def run(config: str, iters: int, out: str, extra) -> dict:
     args = train_net.default_argument_parser().parse_args([
         "--config-file", os.path.join(ROOT, config),
         "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * 0.75)}, {int(iters * 0.92)})",
-        "SOLVER.WARMUP_ITERS", str(min(100, iters // 5)), "SEED", "0", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", out,
+        "SOLVER.WARMUP_ITERS", str(min(100, iters // 5)), "SEED", "0", "MODEL.DEVICE", "cpu",
+        "OUTPUT_DIR", out,
         *extra,
     ])
     train_net.main(args)
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
     final = [m for m in metrics if "bbox/AP" in m][-1]  # the evaluation after the last iteration
-    return {"config": config, "iters": iters, "AP": round(final["bbox/AP"], 2), "AP50": round(final["bbox/AP50"], 2),
-            "wall_s": round(time.perf_counter() - start)}
+    return {"config": config, "iters": iters, "AP": round(final["bbox/AP"], 2),
+            "AP50": round(final["bbox/AP50"], 2), "wall_s": round(time.perf_counter() - start)}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--iters", type=int, default=600)
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "output", "dyhead_shapes_ap"))
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "dyhead_shapes_ap.json"))
@@ -47,7 +50,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = {}
     for name, config in CONFIGS.items():
-        rows[name] = run(config, args.iters, os.path.join(args.output_dir, os.path.basename(config)[:-5]), args.opts)
+        output_dir = os.path.join(args.output_dir, os.path.basename(config)[:-5])
+        rows[name] = run(config, args.iters, output_dir, args.opts)
         print(name, json.dumps(rows[name]), flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -28,7 +28,9 @@ is the `shapes` test size) it measures
 
 Writes ``benchmarks/results/<tag>.json``, ``<tag>.md`` and ``<tag>.png`` (tag ``bench``, or
 ``bench_quick`` with ``--quick``), stamped with the machine, versions, command line, the seconds each
-phase took and the 1-minute load average before and after it.
+phase took and the 1-minute load average before and after it. The JSON holds a list of runs: one,
+or with ``--append`` the tag's earlier runs too (a run with the same command is replaced), so that
+runs of different models or phases on one machine share one file, each under its own heading.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -80,7 +83,9 @@ MODELS = {
     "retinanet_r50": ("zoo:COCO-Detection/retinanet_R_50_FPN_1x.yaml", [], "RetinaNet R50-FPN"),
 }
 # DEQDet R50 variants that differ from it at inference only: no train / memory rows of their own.
-INFERENCE_VARIANTS = {"deqdet_r50_tol", "deqdet_r50_compiled", "deqdet_r50_graph", "deqdet_r50_compiled_graph"}
+INFERENCE_VARIANTS = {
+    "deqdet_r50_tol", "deqdet_r50_compiled", "deqdet_r50_graph", "deqdet_r50_compiled_graph"
+}
 # Measured on CUDA only: the CUDA graphs, and DyHead with the sampling DCN (the CPU default of
 # MODEL.DYHEAD.DCN_IMPL auto, which picks torchvision's kernel on CUDA).
 CUDA_ONLY = {"deqdet_r50_graph", "deqdet_r50_compiled_graph", "atss_dyhead_r50_sampling"}
@@ -100,7 +105,9 @@ def parse_size(text: str):
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes: expected HxW or one of {list(SIZES)}, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--sizes: expected HxW or one of {list(SIZES)}, got {text!r}"
+        ) from None
     return h, w
 
 
@@ -247,7 +254,10 @@ def latency(models: dict, hw, batches, repeat: int, device: str, first_size: boo
         timed_models = {k: m for k, m in models.items() if not (short and k in INFERENCE_VARIANTS)}
         with torch.no_grad():
             times = interleaved(
-                {k: (lambda m=m: m(inputs)) for k, m in timed_models.items()}, repeat, device, warm_up=not short
+                {k: (lambda m=m, x=inputs: m(x)) for k, m in timed_models.items()},
+                repeat,
+                device,
+                warm_up=not short,
             )
         out[f"batch{batch}"] = {k: summary(v) for k, v in times.items()}
         print(
@@ -440,7 +450,8 @@ def targets(record: dict) -> list:
             if step and key in step:
                 rows.append(
                     (
-                        f"{size}: one refinement step ({step['queries']} queries{label}) / R50 backbone <= 0.05",
+                        f"{size}: one refinement step ({step['queries']} queries{label}) / R50 backbone "
+                        "<= 0.05",
                         step[key],
                         step[key] <= 0.05,
                     )
@@ -454,17 +465,30 @@ def targets(record: dict) -> list:
     return rows
 
 
-def markdown(record: dict) -> str:
+def markdown(runs: list) -> str:
+    """The Markdown of a tag's runs: one run's header and tables, or each run under its own heading."""
+    lines = [f"# Benchmark: {runs[0]['tag']}", ""]
+    if len(runs) == 1:
+        return "\n".join(lines + run_markdown(runs[0], "##")) + "\n"
+    lines += [f"{len(runs)} runs, each with its own command, machine and load.", ""]
+    for i, record in enumerate(runs, 1):
+        lines += [f"## Run {i}: " + ", ".join(record["load"]), "", *run_markdown(record, "###")]
+        if lines[-1]:
+            lines.append("")
+    return "\n".join(lines)
+
+
+def run_markdown(record: dict, heading: str) -> list:
+    """One run's lines: command, machine, versions, load, then a table per size and the targets, under
+    ``heading`` ("##": level 2)."""
     m = record["machine"]
     lines = [
-        f"# Benchmark: {record['tag']}",
-        "",
         f"Command: `{record['command']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), GPU: {m['gpu']}; device "
         f"`{record['device']}`  ",
         f"Versions: python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, "
         f"detectron2 {m['detectron2']}  ",
-        f"1-minute load average per phase (before -> after): "
+        "1-minute load average per phase (before -> after): "
         + "; ".join(f"{k} {v[0]} -> {v[1]}" for k, v in record["load"].items())
         + "  ",
         *(
@@ -480,13 +504,14 @@ def markdown(record: dict) -> str:
         + (f" Timed phases under `torch.autocast({record['autocast']})`; memory in float32."
            if record.get("autocast") else ""),
         "",
+        *([record["note"], ""] if record.get("note") else []),
     ]
     if record.get("skipped"):
         lines += [f"Not measured: {record['skipped']}", ""]
     for size, res in record["sizes"].items():
         lat = res.get("latency", {})
         ref = lat.get("batch1", {}).get(REFERENCE, {}).get("median_s")
-        lines += [f"## {size} ({res['hw'][0]}x{res['hw'][1]})", ""]
+        lines += [f"{heading} {size} ({res['hw'][0]}x{res['hw'][1]})", ""]
         head = (
             ["model", "params (M)", "GFLOPs"]
             + [f"latency {b} (s)" for b in lat]
@@ -547,22 +572,24 @@ def markdown(record: dict) -> str:
         lines.append("")
     rows = targets(record)
     if rows:
-        lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"{heading} Targets", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t} | {v} | {'yes' if ok else 'no'} |" for t, v, ok in rows]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def chart(record: dict, path: str) -> None:
+def chart(runs: list, path: str) -> None:
+    """Batch-1 latency bars, one panel per run and size that measured it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [s for s, r in record["sizes"].items() if r.get("latency", {}).get("batch1")]
-    if not sizes:
+    panels = [(i, record, size) for i, record in enumerate(runs, 1)
+              for size, r in record["sizes"].items() if r.get("latency", {}).get("batch1")]
+    if not panels:
         return
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    for ax, (i, record, size) in zip(axes[0], panels):
         lat = record["sizes"][size]["latency"]["batch1"]
         names = [n for n in record["models"] if n in lat]
         med = [lat[n]["median_s"] for n in names]
@@ -573,10 +600,19 @@ def chart(record: dict, path: str) -> None:
         ax.barh([model_label(n) for n in names], med, xerr=err, color="tab:blue")
         ax.invert_yaxis()
         ax.set_xlabel("inference latency, batch 1 (s)")
-        ax.set_title(f"{size}, {record['device']}, {record['machine']['cores']} cores")
+        run = f"run {i}: " if len(runs) > 1 else ""
+        ax.set_title(f"{run}{size}, {record['device']}, {record['machine']['cores']} cores")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def load_runs(path: str) -> list:
+    """The runs stored in a result JSON (none if the file does not exist)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -612,6 +648,12 @@ def main(argv=None) -> None:
         "table) at the first size only; no interleaved training rounds",
     )
     parser.add_argument("--tag", default=None, help="result file name (default bench / bench_quick)")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the earlier runs in <tag>.json and add this one (replacing a run with the same command)",
+    )
+    parser.add_argument("--note", default="", help="a sentence printed with this run's figures")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -636,7 +678,7 @@ def main(argv=None) -> None:
             [
                 "python",
                 os.path.relpath(os.path.abspath(__file__), ROOT),
-                *(argv if argv is not None else sys.argv[1:]),
+                *map(shlex.quote, argv if argv is not None else sys.argv[1:]),
             ]
         ),
         "device": args.device,
@@ -645,6 +687,7 @@ def main(argv=None) -> None:
         "train_batch": args.train_batch,
         "models": names,
         "skipped": ", ".join(f"{n} ({why})" for n, why in skipped.items()),
+        "note": args.note,
         "machine": machine(),
         "load": {},
         "phase_s": {},
@@ -663,14 +706,18 @@ def main(argv=None) -> None:
         record["phase_s"][key] = round(time.perf_counter() - start, 1)
         return result
 
+    base = os.path.join(RESULTS, tag)
+    earlier = load_runs(base + ".json") if args.append else []
+    slot = next((i for i, r in enumerate(earlier) if r["command"] == record["command"]), len(earlier))
+    runs = earlier[:slot] + [record] + earlier[slot + 1:]
+
     def save():  # after every phase, so that an interrupted run leaves what it measured
         os.makedirs(RESULTS, exist_ok=True)
-        base = os.path.join(RESULTS, tag)
         with open(base + ".json", "w") as f:
-            json.dump(record, f, indent=1)
+            json.dump(runs, f, indent=1)
         with open(base + ".md", "w") as f:
-            f.write(markdown(record))
-        chart(record, base + ".png")
+            f.write(markdown(runs))
+        chart(runs, base + ".png")
         return base
 
     for i, hw in enumerate(sizes):
@@ -683,7 +730,9 @@ def main(argv=None) -> None:
             save()
         if "latency" in args.only:
             batches = [1] if args.quick else args.batches
-            res["latency"] = phase(f"{name} latency", latency, models, hw, batches, repeat, args.device, first)
+            res["latency"] = phase(
+                f"{name} latency", latency, models, hw, batches, repeat, args.device, first
+            )
             save()
         if "step" in args.only and "deqdet_r50" in models:
             res["step"] = phase(

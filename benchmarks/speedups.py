@@ -34,7 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "projects", "DEQDet"), os.path.join(ROOT, "benchmarks")]
 
 import torch  # noqa: E402
-
 from run import build, images, interleaved, load, machine, summary  # noqa: E402
 
 STRIDES = (4, 8, 16, 32)
@@ -59,8 +58,13 @@ def _diff(a, b) -> float:
 
 
 def case_sample_3d(repeat):
-    from deqdet.modeling.query.sampling import _sample_levels_gather, _sample_levels_grid, level_weights
-    from deqdet.modeling.query.sampling import sample_3d, sampling_points
+    from deqdet.modeling.query.sampling import (
+        _sample_levels_gather,
+        _sample_levels_grid,
+        level_weights,
+        sample_3d,
+        sampling_points,
+    )
 
     nchw = _pyramid()
     last = [f.contiguous(memory_format=torch.channels_last) for f in nchw]

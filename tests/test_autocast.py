@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from deq_helpers import TINY, tiny_cfg, tiny_model
 from deqdet.autocast import AutocastInference, with_inference_autocast
 from deqdet.engine import Trainer, build_config
 from deqdet.errors import UserInputError
 from deqdet.predictor import Predictor
+from tests.helpers import TINY, tiny_cfg, tiny_model
 
 
 def _predict(*opts):
@@ -60,7 +60,8 @@ def test_trainer_evaluates_under_autocast(monkeypatch):
         seen.append(model)
         return {}
 
-    monkeypatch.setattr("detectron2.engine.DefaultTrainer.test", classmethod(lambda cls, *a, **k: fake_test(*a, **k)))
+    monkeypatch.setattr("detectron2.engine.DefaultTrainer.test",
+                        classmethod(lambda cls, *a, **k: fake_test(*a, **k)))
     model = torch.nn.Linear(2, 2)
     Trainer.test(tiny_cfg("TEST.AUTOCAST", "float16"), model)
     Trainer.test(tiny_cfg(), model)

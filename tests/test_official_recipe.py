@@ -12,7 +12,7 @@ from detectron2.modeling.backbone.resnet import ResNet
 from deqdet.engine import Trainer, build_config
 from deqdet.errors import UserInputError
 from deqdet.modeling.norm import FrozenStatsBatchNorm2d
-from deqdet.solver import build_optimizer
+from deqdet.optim import build_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUERY_R50_CONFIGS = ["deqdet_r50_1x.yaml", "deqdet_r50_2x.yaml", "adamixer_r50_1x.yaml",

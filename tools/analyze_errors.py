@@ -42,6 +42,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _xyxy(anns: list) -> np.ndarray:
+    """(N, 4) float32 XYXY boxes of COCO annotations or results."""
+    boxes = [BoxMode.convert(a["bbox"], BoxMode.XYWH_ABS, BoxMode.XYXY_ABS) for a in anns]
+    return np.array(boxes, np.float32).reshape(-1, 4)
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,15 +106,11 @@ def analyze(coco_gt, coco_dt, score_threshold: float):
     for image_id in coco_gt.getImgIds():
         gts = [a for a in coco_gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
         dets = [d for d in coco_dt.imgToAnns.get(image_id, []) if d["score"] >= score_threshold]
-        xyxy = lambda anns: np.array(
-            [BoxMode.convert(a["bbox"], BoxMode.XYWH_ABS, BoxMode.XYXY_ABS) for a in anns],  # noqa: E731
-            np.float32,
-        ).reshape(-1, 4)
         classify_detections(
             breakdown,
-            xyxy(gts),
+            _xyxy(gts),
             [index[a["category_id"]] for a in gts],
-            xyxy(dets),
+            _xyxy(dets),
             [index[d["category_id"]] for d in dets],
             [d["score"] for d in dets],
         )

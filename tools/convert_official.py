@@ -20,7 +20,9 @@ from deqdet.errors import UserInputError, one_line
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--source", required=True, choices=available_sources())
     parser.add_argument("input")
     parser.add_argument("output")
@@ -40,7 +42,11 @@ def main(argv=None) -> int:
     for key in conversion.dropped:
         print(f"dropped (unused by the official forward): {key}")
     torch.save(
-        {"model": conversion.state_dict, "__author__": f"official {args.source}", "matching_heuristics": False},
+        {
+            "model": conversion.state_dict,
+            "__author__": f"official {args.source}",
+            "matching_heuristics": False,
+        },
         args.output,
     )
     print(f"wrote {len(conversion.state_dict)} tensors to {args.output}")

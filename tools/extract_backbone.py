@@ -2,7 +2,8 @@
 """Write the backbone of a trained detector as a checkpoint another detector can start from.
 
     python tools/extract_backbone.py output/retinanet_demo/model_final.pth output/shapes_backbone.pth
-    python train_net.py --config-file configs/shapes/adamixer_r18.yaml MODEL.WEIGHTS output/shapes_backbone.pth
+    python train_net.py --config-file configs/shapes/adamixer_r18.yaml \
+        MODEL.WEIGHTS output/shapes_backbone.pth
 
 By default it takes the bottom-up ResNet of an FPN detector (``backbone.bottom_up.*``, e.g. the
 RetinaNet demo) and names it as the plain ResNet of the query detectors (``backbone.*``). The two
@@ -20,7 +21,9 @@ from deqdet.errors import UserInputError, one_line
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("input")
     parser.add_argument("output")
     parser.add_argument("--from-prefix", default="backbone.bottom_up.")
@@ -35,7 +38,8 @@ def main(argv=None) -> int:
     except UserInputError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    torch.save({"model": backbone, "__author__": f"backbone of {args.input}", "matching_heuristics": False}, args.output)
+    checkpoint = {"model": backbone, "__author__": f"backbone of {args.input}", "matching_heuristics": False}
+    torch.save(checkpoint, args.output)
     print(f"wrote {len(backbone)} tensors to {args.output}")
     return 0
 

@@ -126,7 +126,10 @@ def main() -> None:
         run("create .venv", [sys.executable, "-m", "venv", str(VENV)])
     pip = [str(venv_python()), "-m", "pip", "--disable-pip-version-check"]
     run("upgrade pip", pip + ["install", "--quiet", "--upgrade", "pip"])
-    run("install pinned requirements (requirements.txt)", pip + ["install", "-r", str(ROOT / "requirements.txt")])
+    run(
+        "install pinned requirements (requirements.txt)",
+        pip + ["install", "-r", str(ROOT / "requirements.txt")],
+    )
     source = os.environ.get("D2_SOURCE")
     if source:
         install_detectron2_from_source(pip, source)

@@ -5,8 +5,8 @@ from detectron2.config import CfgNode as CN
 
 from .modeling.backbone import add_basic_resnet_config
 from .modeling.deq.config import add_deqdet_decoder_config
-from .modeling.query.config import add_query_config
 from .modeling.dyhead.config import add_dyhead_config
+from .modeling.query.config import add_query_config
 
 __all__ = ["add_deqdet_config", "add_dense_query_config"]
 
@@ -27,11 +27,11 @@ def add_deqdet_config(cfg: CN) -> CN:
     # torch.autocast with this dtype: "" (off, float32), "bfloat16" or "float16" (deqdet.autocast).
     cfg.TEST.AUTOCAST = ""
 
-    # Optimizer built by deqdet.solver.build_optimizer: "SGD" (Detectron2's) or "AdamW".
+    # Optimizer built by deqdet.optim.build_optimizer: "SGD" (Detectron2's) or "AdamW".
     cfg.SOLVER.OPTIMIZER = "SGD"
     # AdamW betas (ignored by SGD).
     cfg.SOLVER.BETAS = (0.9, 0.999)
-    # Learning-rate / weight-decay multipliers by parameter name (deqdet.solver): a list of
+    # Learning-rate / weight-decay multipliers by parameter name (deqdet.optim): a list of
     # (regex, lr_mult, decay_mult); a parameter takes the first rule whose regex re.search-es its name in
     # model.named_parameters() (e.g. "decoder.refine_stage.fc_cls.weight"), no rule: 1, 1. They multiply
     # the lr / decay of Detectron2's default groups (BIAS_LR_FACTOR, WEIGHT_DECAY_NORM, ...). Like

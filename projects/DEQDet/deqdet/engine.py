@@ -32,9 +32,14 @@ from .env import collect_env
 from .errors import NonFiniteLossError, UserInputError
 from .evaluation import CheckedCOCOEvaluator
 from .modeling.deq.stash import ObservedLossScale
-from .resume import AtomicCheckpointer, ReseedAtCheckpoints, inexact_resume_reasons, loss_normalizers
-from .resume import same_graphs_every_call
-from .solver import build_optimizer
+from .optim import build_optimizer
+from .resume import (
+    AtomicCheckpointer,
+    ReseedAtCheckpoints,
+    inexact_resume_reasons,
+    loss_normalizers,
+    same_graphs_every_call,
+)
 
 __all__ = ["FiniteLossGuard", "Trainer", "build_config", "set_float32_matmul_precision", "setup"]
 

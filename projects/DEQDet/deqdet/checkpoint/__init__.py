@@ -93,7 +93,6 @@ def convert_official(state_dict: Dict[str, torch.Tensor], source: str) -> Conver
     return _CONVERTERS[source](dict(state_dict))
 
 
-from . import adamixer  # noqa: E402,F401  (registers the "adamixer" converter)
-from . import dyhead  # noqa: E402,F401  (registers the "dyhead" converter)
-from . import deqdet  # noqa: E402,F401  (registers the "deqdet" converter)
+# Each converter module registers itself ("adamixer", "deqdet", "dyhead") in _CONVERTERS.
+from . import adamixer, deqdet, dyhead  # noqa: E402,F401
 from .transfer import read_state_dict, transfer_backbone  # noqa: E402

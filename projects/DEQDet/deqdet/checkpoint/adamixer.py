@@ -101,7 +101,7 @@ def convert_adamixer(state_dict: Dict[str, torch.Tensor]) -> Conversion:
     Raises:
         KeyError: a key this converter does not know (named in the message).
     """
-    return convert_by_renaming(
-        state_dict, _rename, lambda name: name.startswith("backbone.") and name.endswith(".num_batches_tracked"),
-        "AdaMixer",
-    )
+    def unused(name: str) -> bool:
+        return name.startswith("backbone.") and name.endswith(".num_batches_tracked")
+
+    return convert_by_renaming(state_dict, _rename, unused, "AdaMixer")

@@ -3,7 +3,8 @@
 Official module -> ours (``QueryDetector`` with ``DEQDecoder``):
 
 - ``backbone.*`` (mmdetection / torchvision ResNet) -> Detectron2 ``ResNet``, as for AdaMixer.
-- ``neck.convs.{l}.conv`` (ChannelMapper's 3x3 ConvModule) -> ``neck.convs.{l}``, ``neck.gn_out`` -> ``neck.norm``.
+- ``neck.convs.{l}.conv`` (ChannelMapper's 3x3 ConvModule) -> ``neck.convs.{l}``, ``neck.gn_out`` ->
+  ``neck.norm``.
 - ``rpn_head.init_proposal_bboxes.weight`` -> ``queries.init_boxes`` (frozen, read by the forward),
   ``rpn_head.init_proposal_features.weight`` -> ``queries.content.weight``.
 - ``roi_head.bbox_head.0.*`` (init stage) -> ``decoder.init_stage.*``, ``roi_head.bbox_head.1.*``
@@ -63,4 +64,5 @@ def convert_deqdet(state_dict: Dict[str, torch.Tensor]) -> Conversion:
 
 
 def _unused(name: str) -> bool:
-    return bool(_UNUSED.fullmatch(name)) or (name.startswith("backbone.") and name.endswith(".num_batches_tracked"))
+    batch_count = name.startswith("backbone.") and name.endswith(".num_batches_tracked")
+    return bool(_UNUSED.fullmatch(name)) or batch_count

@@ -27,7 +27,9 @@ _KNOWN = re.compile(
 )
 _BLOCK = re.compile(r"^backbone\.dyhead_tower\.(\d+)\.")
 # Tensors of one official DyConv block (dyhead/dyhead.py + dyhead/dyrelu.py).
-_BLOCK_KEYS = {f"DyConv.{j}.{m}.{p}" for j in range(3) for m in ("conv", "bn") for p in ("weight", "bias")} | {
+_BLOCK_KEYS = {
+    f"DyConv.{j}.{m}.{p}" for j in range(3) for m in ("conv", "bn") for p in ("weight", "bias")
+} | {
     "AttnConv.1.weight", "AttnConv.1.bias", "relu.fc.0.weight", "relu.fc.0.bias", "relu.fc.2.weight",
     "relu.fc.2.bias", "offset.weight", "offset.bias",
 }

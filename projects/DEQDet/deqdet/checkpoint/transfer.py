@@ -41,7 +41,9 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 
 def transfer_backbone(
-    state_dict: Dict[str, torch.Tensor], from_prefix: str = "backbone.bottom_up.", to_prefix: str = "backbone."
+    state_dict: Dict[str, torch.Tensor],
+    from_prefix: str = "backbone.bottom_up.",
+    to_prefix: str = "backbone.",
 ) -> Dict[str, torch.Tensor]:
     """The tensors under ``from_prefix``, renamed to start with ``to_prefix``; nothing else.
 

@@ -38,7 +38,8 @@ def ensure_shapes(name: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f".{name}.lock")):
         if not json_path.exists():
-            print(f"[deqdet] generating {name} ({SPLITS[name].num_images} images) into {root / name}", flush=True)
+            print(f"[deqdet] generating {name} ({SPLITS[name].num_images} images) into {root / name}",
+                  flush=True)
             generate_split(name, SPLITS[name], root)
     return json_path
 

@@ -57,7 +57,9 @@ def detr_augmentations(cfg) -> List[T.Augmentation]:
     return [
         T.RandomFlip(horizontal=True),
         T.RandomApply(crop, prob=c.PROB),
-        T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING),
+        T.ResizeShortestEdge(
+            cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+        ),
     ]
 
 

@@ -128,7 +128,8 @@ def _shape_mask(rng: np.random.Generator, cls: str, h: int, w: int, cx: float, c
     if cls == "triangle":
         rot = rng.uniform(0, 2 * math.pi)
         r = s / math.sqrt(3) * 1.2
-        pts = [(cx + r * math.cos(rot + k * 2 * math.pi / 3), cy + r * math.sin(rot + k * 2 * math.pi / 3)) for k in range(3)]
+        angles = [rot + k * 2 * math.pi / 3 for k in range(3)]
+        pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
         cv2.fillPoly(mask, [np.round(np.array(pts)).astype(np.int32)], 1, lineType=cv2.LINE_8)
         return mask
     if cls == "cross":
@@ -158,7 +159,8 @@ def _clutter_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1, lineType=cv2.LINE_8)
     else:
         for _ in range(int(rng.integers(5, 20))):
-            cv2.circle(mask, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(1, 3)), 1, -1)
+            centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+            cv2.circle(mask, centre, int(rng.integers(1, 3)), 1, -1)
     return mask
 
 
@@ -172,7 +174,9 @@ def _paint(img: np.ndarray, mask: np.ndarray, color: np.ndarray, rng: np.random.
     img[ys, xs] = color + np.clip(shade, -35, 35)[:, None]
 
 
-def compose_image(seed: int, spec: ShapesSplit) -> tuple[np.ndarray, list[tuple[np.ndarray, int]], list[np.ndarray]]:
+def compose_image(
+    seed: int, spec: ShapesSplit
+) -> tuple[np.ndarray, list[tuple[np.ndarray, int]], list[np.ndarray]]:
     """Draw one image and return how it was composed.
 
     Returns:
@@ -207,7 +211,7 @@ def compose_image(seed: int, spec: ShapesSplit) -> tuple[np.ndarray, list[tuple[
         mask, _ = layers[i]
         visible[i] = mask & (1 - covered)
         covered |= mask
-    for mask, cls in layers:
+    for mask, _ in layers:
         _paint(img, mask, _random_color(rng, avoid=bg_mean), rng)
 
     img += rng.normal(0, 6, size=img.shape).astype(np.float32)

@@ -46,7 +46,9 @@ class PatchStem(CNNBlockBase):
 
     def __init__(self, in_channels: int = 3, out_channels: int = 64, norm: str = "BN"):
         super().__init__(in_channels, out_channels, 4)
-        self.conv1 = Conv2d(in_channels, out_channels, 4, stride=4, bias=False, norm=get_norm(norm, out_channels))
+        self.conv1 = Conv2d(
+            in_channels, out_channels, 4, stride=4, bias=False, norm=get_norm(norm, out_channels)
+        )
 
     def forward(self, x):
         return F.relu_(self.conv1(x))

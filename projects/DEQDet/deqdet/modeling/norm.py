@@ -15,7 +15,7 @@ project's ResNet builders (:mod:`.backbone`) accept the names of :data:`PROJECT_
 BatchNorm layer (:meth:`FrozenStatsBatchNorm2d.convert`, as Detectron2 converts frozen stages into
 ``FrozenBN``) and then freezes the stages up to ``FREEZE_AT``.
 
-Detectron2's ``WEIGHT_DECAY_NORM`` reaches these norms through :mod:`deqdet.solver`.
+Detectron2's ``WEIGHT_DECAY_NORM`` reaches these norms through :mod:`deqdet.optim`.
 """
 
 from typing import Callable, Union

@@ -48,11 +48,11 @@ def add_deqdet_decoder_config(cfg: CN) -> None:
     # Anderson acceleration: number of past iterates mixed.
     d.ANDERSON_WINDOW = 5
     # Run the inference applications of the refinement stage through torch.compile (opt-in). The first
-    # inference compiles (about a minute on a 2-core CPU; once more when the input shape first changes,
-    # then shape-generic); after that a step is about 1.5x faster on CPU (benchmarks/results/bench.md).
+    # inference compiles (once more when the input shape first changes, then shape-generic); the
+    # compile time and the speed-up are in benchmarks/results/speed_and_memory.md.
     # Training and tools/export.py use the plain stage.
     d.COMPILE = False
     # On CUDA with TOL 0: record the init stage and the 20 + 1 steps as a CUDA graph per input shape
-    # and replay it (4.8x faster on an H100, benchmarks/results/bench_cuda_800x1333.md). Each new
-    # padded input shape records once more; ignored on CPU. tools/export.py turns it off.
+    # and replay it, without the kernel launch gaps (speed-up: benchmarks/results/bench_cuda_800x1333.md).
+    # Each new padded input shape records once more; ignored on CPU. tools/export.py turns it off.
     d.CUDA_GRAPH = False

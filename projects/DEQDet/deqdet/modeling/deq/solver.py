@@ -1,18 +1,21 @@
 """Per-image fixed-point solvers for the equilibrium iteration at inference.
 
-``solve(f, z0, ...)`` iterates ``z_{k+1} = f(z_k)`` (or its Anderson-accelerated form) for a batch of
-flattened states, each image on its own: an image stops once its relative residual
-``||f(z_k) - z_k|| / ||z_k||`` is below ``tol`` (never with ``tol = 0``), after ``max_iters``
-evaluations of ``f``, or when ``f`` returns a non-finite state for it (the image then keeps its last
-finite state, with a warning).
+Both iterate ``z_{k+1} = f(z_k)`` (or its Anderson-accelerated form) for a batch of flattened states,
+each image on its own, and stop an image after ``max_iters`` evaluations of ``f`` or when ``f``
+returns a non-finite state for it (the image then keeps its last finite state, with a warning):
 
-Host-device synchronisation: with ``tol = 0`` (the official schedule) the loop has none: every
-image is evaluated at every step (``f(z, index)`` with all images) and stopped images are masked
-with ``torch.where``; the images that hit a non-finite state are looked up once, after the loop,
-for the warning. With ``tol > 0`` the adaptive stop needs host values: each step reads the active
-images (``active.nonzero()``, one synchronisation per step) so that ``f(z, index)`` evaluates only
-those and finished images cost nothing. tests/test_cuda_safety.py runs the ``tol = 0`` loop on
-PyTorch's ``meta`` device, where any host read of a tensor value fails.
+- :func:`fixed_steps` (``MODEL.DEQDET.TOL 0``, the official schedule) has no host-device
+  synchronisation: every image is evaluated at every step (``f(z, index)`` with all images) and
+  stopped images are masked with ``torch.where``; the images that hit a non-finite state are looked
+  up once, after the loop, by :func:`warn_non_finite`. tests/modeling/test_cuda_safety.py runs it
+  on PyTorch's ``meta`` device, where any host read of a tensor value fails.
+- :func:`solve` (``TOL > 0``) also stops an image once its relative residual
+  ``||f(z_k) - z_k|| / ||z_k||`` is below ``tol``. That adaptive stop needs host values: each step
+  reads the active images (``active.nonzero()``, one synchronisation per step) so that
+  ``f(z, index)`` evaluates only those and finished images cost nothing.
+
+The decoder (:class:`~deqdet.modeling.deq.decoder.DEQDecoder`) validates ``SOLVER``, ``TOL`` and
+``MAX_ITERS`` when it is built and picks the loop by ``TOL``.
 """
 
 import logging
@@ -101,15 +104,8 @@ def solve(
     anderson_window: int = 5,
     eps: float = 1e-12,
 ) -> SolverResult:
-    """Iterate ``f`` from ``z0`` (B, d) per image; see the module docstring."""
-    if method not in SOLVERS:
-        raise ValueError(f"MODEL.DEQDET.SOLVER must be one of {SOLVERS}, got {method!r}")
-    if tol < 0 or max_iters < 0:
-        raise ValueError(f"MODEL.DEQDET.TOL and MAX_ITERS must be >= 0, got {tol}, {max_iters}")
-    if tol == 0:
-        result = fixed_steps(f, z0, max_iters=max_iters, method=method, anderson_window=anderson_window, eps=eps)
-        warn_non_finite(result.iterations, max_iters)
-        return result
+    """Iterate ``f`` from ``z0`` (B, d) per image until each image's residual is below ``tol`` (> 0),
+    with a host synchronisation per step; see the module docstring."""
     z = z0.clone()
     residuals, iterations, active, history = _start(z0, max_iters, method, anderson_window)
     for k in range(max_iters):
@@ -144,8 +140,8 @@ def fixed_steps(
     anderson_window: int = 5,
     eps: float = 1e-12,
 ) -> SolverResult:
-    """The ``tol = 0`` loop of :func:`solve` (``max_iters`` evaluations of ``f`` on every image),
-    without host-device synchronisation (module docstring), so a CUDA graph can record it; images whose
+    """The ``TOL 0`` loop (``max_iters`` evaluations of ``f`` on every image), without host-device
+    synchronisation (module docstring), so a CUDA graph can record it; images whose
     ``f`` turned non-finite stop (fewer ``iterations``, see :func:`warn_non_finite`)."""
     z = z0
     residuals, iterations, active, history = _start(z0, max_iters, method, anderson_window)
@@ -170,4 +166,5 @@ def warn_non_finite(iterations: torch.Tensor, max_iters: int) -> None:
     stopped = iterations < max_iters
     if stopped.any():
         images = stopped.nonzero().flatten().tolist()
-        logger.warning(f"DEQ iteration: non-finite state for images {images}; they keep their last finite state")
+        logger.warning(f"DEQ iteration: non-finite state for images {images}; they keep their last finite "
+                       "state")

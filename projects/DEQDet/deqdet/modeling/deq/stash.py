@@ -15,7 +15,7 @@ Nothing is written to ``.grad`` during the forward (the official code does, with
 features; here that would break: Detectron2's trainers call ``zero_grad`` after the forward). DDP's
 gradient hooks and AMP's ``GradScaler`` therefore only see the ordinary backward, in which every
 trainable parameter receives its gradient once, so Detectron2's DDP settings
-(``find_unused_parameters=False``) work unchanged (tests/test_deqdet_ddp.py). The
+(``find_unused_parameters=False``) work unchanged (tests/modeling/deq/test_ddp.py). The
 gradient arriving at the wrapped value is the trainer's loss scale (1, or the ``GradScaler`` scale
 under AMP); the stash is multiplied by it, so the result equals backpropagating every segment in the
 same backward. To keep fp16 gradients of the segments from underflowing, each segment is
@@ -80,7 +80,10 @@ class GradientStash:
         self.grads: List[Optional[torch.Tensor]] = [None] * (len(self.leaves) + len(self.params))
 
     def backward(
-        self, loss: torch.Tensor, outputs: Sequence[torch.Tensor] = (), output_grads: Sequence[torch.Tensor] = (),
+        self,
+        loss: torch.Tensor,
+        outputs: Sequence[torch.Tensor] = (),
+        output_grads: Sequence[torch.Tensor] = (),
         wrt: Sequence[torch.Tensor] = (),
     ) -> List[Optional[torch.Tensor]]:
         """Backpropagate one segment, the scalar ``loss`` plus ``outputs`` receiving ``output_grads``
