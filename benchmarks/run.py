@@ -275,7 +275,8 @@ def refinement_step(model, hw, repeat: int, device: str, compiled=None) -> dict:
         batch = model.preprocess_image(images(1, hw, device))
         features = model.neck(model.backbone(batch.tensor))
         content, xyzr = model.queries(batch.image_sizes)
-        content, xyzr = model.decoder.init_stage(content, xyzr, features)[:2]
+        init = model.decoder.init_stage(content, xyzr, features)
+        content, xyzr = init.content, init.xyzr
         fns = {
             "backbone": lambda: model.backbone(batch.tensor),
             "neck": lambda: model.neck(model.backbone(batch.tensor)),

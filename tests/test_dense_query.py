@@ -109,7 +109,7 @@ def test_dense_topk_queries_start_at_distinct_dense_boxes():
         images, features, predictions = model._dense_forward(batch)
         dense_features = [features[f] for f in model.dense.head_in_features]
         proposals = model.dense_proposals(images, dense_features, predictions)
-        _, _, xyzr, _, _ = model.initial_queries(batch)
+        xyzr = model.initial_queries(batch).xyzr
     for i, (p, (h, w)) in enumerate(zip(proposals, images.image_sizes)):
         n = len(p)
         assert 0 < n <= 8
@@ -128,10 +128,10 @@ def test_whole_image_queries_are_the_papers():
     model = _model("MODEL.DENSE_QUERY.QUERY_INIT", "whole_image", "MODEL.DENSE_QUERY.QUERY_CONTENT", "embedding").eval()
     batch = _inputs()
     with torch.no_grad():
-        images, content, xyzr, features, prior = model.initial_queries(batch)
-    for boxes, (h, w) in zip(xyzr_to_xyxy(xyzr), images.image_sizes):
+        queries = model.initial_queries(batch)
+    for boxes, (h, w) in zip(xyzr_to_xyxy(queries.xyzr), queries.images.image_sizes):
         torch.testing.assert_close(boxes, torch.tensor([[0.0, 0.0, w, h]]).expand(8, 4), atol=1e-3, rtol=0)
-    assert content.shape == (2, 8, 64) and len(features) == 3 and prior is None
+    assert queries.content.shape == (2, 8, 64) and len(queries.features) == 3 and queries.prior is None
 
 
 def test_both_inference_sources_from_one_checkpoint():
@@ -184,7 +184,7 @@ def test_retinanet_dense_detector_trains_and_seeds_the_queries():
     with torch.no_grad():
         images, features, predictions = model._dense_forward(batch)
         proposals = model.dense_proposals(images, [features[f] for f in model.dense.head_in_features], predictions)
-        _, _, xyzr, _, _ = model.initial_queries(batch)
+        xyzr = model.initial_queries(batch).xyzr
     # the first queries start at RetinaNet's distinct top boxes (no centerness: scores are class probabilities)
     for i, p in enumerate(proposals):
         torch.testing.assert_close(xyzr_to_xyxy(xyzr[i, : len(p)]), p.pred_boxes.tensor, atol=1e-3, rtol=0)
@@ -209,10 +209,10 @@ def test_class_prior_adds_the_dense_log_odds():
         torch.testing.assert_close(prior[i, : len(p)].sigmoid(), p.class_scores.clamp(1e-4, 1 - 1e-4))
         assert torch.allclose(prior[i, len(p):].sigmoid(), torch.tensor(1e-4))
     plain = _model("MODEL.DENSE_QUERY.CLASS_PRIOR", "False").eval()
-    _, _, plain_xyzr, _, no_prior = plain.initial_queries(batch)
-    torch.testing.assert_close(plain_xyzr, xyzr)  # the prior changes scores, not boxes
-    assert no_prior is None
-    torch.testing.assert_close(model.initial_queries(batch)[4], prior)  # what tools see is what forward adds
+    plain_queries = plain.initial_queries(batch)
+    torch.testing.assert_close(plain_queries.xyzr, xyzr)  # the prior changes scores, not boxes
+    assert plain_queries.prior is None
+    torch.testing.assert_close(model.initial_queries(batch).prior, prior)  # what tools see is what forward adds
 
 
 @pytest.mark.parametrize("decoder", ["AdaMixerDecoder", "DEQDecoder"])

@@ -100,8 +100,8 @@ def test_deq_refinement_loop_has_no_host_synchronisation_at_tol_0(method):
 
     def step(z, index):
         calls.append(1)
-        c, b = model.decoder.refine_stage(*z.view(2, -1, dim + 4).split([dim, 4], dim=-1), features)[:2]
-        return torch.cat([c, b], dim=-1).flatten(1)
+        out = model.decoder.refine_stage(*z.view(2, -1, dim + 4).split([dim, 4], dim=-1), features)
+        return torch.cat([out.content, out.xyzr], dim=-1).flatten(1)
 
     z0 = torch.cat([content, xyzr], dim=-1).flatten(1)
     result = solver.fixed_steps(step, z0, max_iters=3, method=method, anderson_window=2)

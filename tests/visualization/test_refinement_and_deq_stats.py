@@ -33,9 +33,10 @@ def test_trace_follows_the_inference_iteration(model):
     batch = synthetic_batch(2)
     with torch.no_grad():
         out = model([{"image": x["image"]} for x in batch])
-        _, content, xyzr, features, _ = model.initial_queries(batch)
+        queries = model.initial_queries(batch)
+        content, xyzr, features = queries.content, queries.xyzr, queries.features
         states = model.decoder.trace(content, xyzr, features, 4)
-        last = model.decoder(content, xyzr, features)[-1]
+        last = model.decoder.predict(content, xyzr, features)
     assert (
         len(states) == 5
         and states[0]["logits"].shape == (2, 12, 8)

@@ -20,7 +20,7 @@ DETRs do), ``INFERENCE_SOURCE`` picks which head's detections are returned (both
 one checkpoint). DEQ residuals and steps per image stay in the outputs.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
@@ -30,8 +30,14 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 from torchvision.ops import nms
 
-from .meta_arch import postprocess_outputs, query_targets, set_criterion_from_config, topk_detections
-from .query import InitialQueries, SetCriterion, build_query_decoder
+from .meta_arch import (
+    DecoderInputs,
+    decoder_outputs,
+    postprocess_outputs,
+    query_targets,
+    set_criterion_from_config,
+)
+from .query import InitialQueries, QueryDecoder, SetCriterion, build_query_decoder
 from .query.boxes import xyxy_to_xyzr
 
 __all__ = ["DenseQueryDetector", "DENSE_DETECTORS", "QUERY_INITS", "QUERY_CONTENTS", "INFERENCE_SOURCES"]
@@ -71,7 +77,7 @@ class DenseQueryDetector(nn.Module):
         *,
         dense: DenseDetector,
         queries: InitialQueries,
-        decoder: torch.nn.Module,
+        decoder: QueryDecoder,
         criterion: SetCriterion,
         query_in_features: List[str],
         query_init: str = "dense_topk",
@@ -207,15 +213,14 @@ class DenseQueryDetector(nn.Module):
             results.append(proposals)
         return results
 
-    def initial_queries(
-        self, batched_inputs: List[dict]
-    ) -> Tuple[ImageList, torch.Tensor, torch.Tensor, List[torch.Tensor], Optional[torch.Tensor]]:
-        """Everything the decoder receives: (images, content (B, N, D), xyzr (B, N, 4), decoder features
-        L x (B, C, H_l, W_l)), and the class prior (B, N, K) added to its logits or None, as the forward
-        computes them (for tools that drive the decoder, e.g. the refinement visualisation)."""
+    def initial_queries(self, batched_inputs: List[dict]) -> DecoderInputs:
+        """Everything the decoder receives (:class:`~deqdet.modeling.meta_arch.DecoderInputs`: images,
+        content, xyzr, the decoder's features and the class prior added to its logits or None), as the
+        forward computes them (for tools that drive the decoder, e.g. the refinement visualisation)."""
         images, features, predictions = self._dense_forward(batched_inputs)
-        content, xyzr, prior = self._queries(images, [features[f] for f in self.dense.head_in_features], predictions)
-        return images, content, xyzr, [features[f] for f in self.query_in_features], prior
+        dense_features = [features[f] for f in self.dense.head_in_features]
+        content, xyzr, prior = self._queries(images, dense_features, predictions)
+        return DecoderInputs(images, content, xyzr, [features[f] for f in self.query_in_features], prior)
 
     def _dense_forward(self, batched_inputs: List[dict]):
         images = self.dense.preprocess_image(batched_inputs)
@@ -266,17 +271,11 @@ class DenseQueryDetector(nn.Module):
             def loss_fn(preds):
                 return self.criterion([_with_prior(p, prior) for p in preds], targets)
 
-            if hasattr(self.decoder, "losses"):
-                losses.update(self.decoder.losses(content, xyzr, query_features, loss_fn))
-            else:
-                losses.update(loss_fn(self.decoder(content, xyzr, query_features)))
+            losses.update(self.decoder.losses(content, xyzr, query_features, loss_fn))
             return losses
         if self.inference_source == "dense":
-            results, extras = self.dense.forward_inference(images, dense_features, predictions), {}
-        else:
-            content, xyzr, prior = self._queries(images, dense_features, predictions)
-            last = _with_prior(self.decoder(content, xyzr, query_features)[-1], prior)
-            results = topk_detections(last["logits"], last["boxes"], images.image_sizes,
-                                      self.dense.max_detections_per_image)
-            extras = {k: v for k, v in last.items() if k not in ("logits", "boxes")}
-        return postprocess_outputs(results, extras, batched_inputs, images.image_sizes)
+            results = self.dense.forward_inference(images, dense_features, predictions)
+            return postprocess_outputs(results, {}, batched_inputs, images.image_sizes)
+        content, xyzr, prior = self._queries(images, dense_features, predictions)
+        prediction = _with_prior(self.decoder.predict(content, xyzr, query_features), prior)
+        return decoder_outputs(prediction, batched_inputs, images.image_sizes, self.dense.max_detections_per_image)

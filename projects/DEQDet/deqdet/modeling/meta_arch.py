@@ -4,7 +4,7 @@ AdaMixer and DEQDet differ only in the decoder (``MODEL.QUERY.DECODER``) and the
 (``MODEL.QUERY.NECK_STYLE``).
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from detectron2.config import configurable
@@ -12,9 +12,34 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, de
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
-from .query import ChannelMapper, HungarianMatcher, InitialQueries, SetCriterion, build_query_decoder
+from .query import (
+    ChannelMapper,
+    HungarianMatcher,
+    InitialQueries,
+    QueryDecoder,
+    SetCriterion,
+    build_query_decoder,
+)
 
-__all__ = ["QueryDetector", "postprocess_outputs", "query_targets", "set_criterion_from_config", "topk_detections"]
+__all__ = [
+    "DecoderInputs",
+    "QueryDetector",
+    "decoder_outputs",
+    "postprocess_outputs",
+    "query_targets",
+    "set_criterion_from_config",
+    "topk_detections",
+]
+
+
+class DecoderInputs(NamedTuple):
+    """Everything a query decoder receives, as a detector's ``initial_queries`` computes it."""
+
+    images: ImageList  #: the preprocessed, padded batch
+    content: torch.Tensor  #: (B, N, D) initial query content
+    xyzr: torch.Tensor  #: (B, N, 4) initial query boxes
+    features: List[torch.Tensor]  #: L x (B, C, H_l, W_l), the maps the decoder reads
+    prior: Optional[torch.Tensor]  #: (B, N, K) logits added to the decoder's class logits, or None
 
 
 def set_criterion_from_config(cfg) -> SetCriterion:
@@ -33,8 +58,9 @@ def query_targets(instances: Instances, image_size) -> Dict[str, torch.Tensor]:
     return {"labels": instances.gt_classes, "boxes": boxes, "whwh": boxes.new_tensor([w, h, w, h])}
 
 
-def postprocess_outputs(results: List[Instances], extras: Dict[str, torch.Tensor], batched_inputs: List[dict],
-                        image_sizes) -> List[dict]:
+def postprocess_outputs(
+    results: List[Instances], extras: Dict[str, torch.Tensor], batched_inputs: List[dict], image_sizes
+) -> List[dict]:
     """Per image ``{"instances": detector_postprocess(...), **{k: extras[k][i]}}`` (extras: (B, ...)
     per-image values such as the DEQ ``residuals`` and ``steps``)."""
     return [
@@ -60,13 +86,24 @@ def topk_detections(logits: torch.Tensor, boxes: torch.Tensor, image_sizes, k: i
     return results
 
 
+def decoder_outputs(
+    prediction: Dict[str, torch.Tensor], batched_inputs: List[dict], image_sizes, detections_per_image: int
+) -> List[dict]:
+    """A decoder's inference prediction (``QueryDecoder.predict``, prior added) -> Detectron2's
+    outputs: per image the top ``detections_per_image`` (query, class) pairs as ``instances`` in
+    original-image pixels, and the prediction's other entries (e.g. DEQ ``residuals``, ``steps``)."""
+    results = topk_detections(prediction["logits"], prediction["boxes"], image_sizes, detections_per_image)
+    extras = {k: v for k, v in prediction.items() if k not in ("logits", "boxes")}
+    return postprocess_outputs(results, extras, batched_inputs, image_sizes)
+
+
 @META_ARCH_REGISTRY.register()
 class QueryDetector(nn.Module):
-    """Sparse query-based detector. Training returns the criterion's losses over every prediction
-    the decoder supervises (a decoder with a ``losses(content, xyzr, features, loss_fn)`` method, such
-    as ``DEQDecoder``, computes them itself); inference scores the last one: sigmoid scores, top-k over
-    all (query, class) pairs, boxes clipped to the image, no NMS. Other entries of the decoder's last
-    prediction (DEQDecoder: ``residuals``, ``steps``) are returned per image next to ``instances``."""
+    """Sparse query-based detector. Training returns the decoder's losses (``QueryDecoder.losses``
+    with the set criterion); inference scores the decoder's prediction (``QueryDecoder.predict``):
+    sigmoid scores, top-k over all (query, class) pairs, boxes clipped to the image, no NMS. Other
+    entries of that prediction (DEQDecoder: ``residuals``, ``steps``) are returned per image next to
+    ``instances``."""
 
     @configurable
     def __init__(
@@ -75,7 +112,7 @@ class QueryDetector(nn.Module):
         backbone: Backbone,
         neck: ChannelMapper,
         queries: InitialQueries,
-        decoder: nn.Module,
+        decoder: QueryDecoder,
         criterion: SetCriterion,
         pixel_mean,
         pixel_std,
@@ -120,28 +157,23 @@ class QueryDetector(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
 
-    def initial_queries(
-        self, batched_inputs: List[dict]
-    ) -> Tuple[ImageList, torch.Tensor, torch.Tensor, List[torch.Tensor], None]:
-        """Everything the decoder receives: (images, content (B, N, D), xyzr (B, N, 4), features
-        L x (B, C, H_l, W_l)), and the prior added to its class logits (none here; see
+    def initial_queries(self, batched_inputs: List[dict]) -> DecoderInputs:
+        """Everything the decoder receives (:class:`DecoderInputs`; no ``prior`` here, see
         ``DenseQueryDetector``). Used by :meth:`forward` and by the refinement visualisation."""
         images = self.preprocess_image(batched_inputs)
         features = self.neck(self.backbone(images.tensor))
         content, xyzr = self.queries(images.image_sizes)
-        return images, content, xyzr, features, None
+        return DecoderInputs(images, content, xyzr, features, None)
 
     def forward(self, batched_inputs: List[dict]):
         """Detectron2's model interface: a list of mapped dicts with ``image`` (C, H, W) and, in
         training, ``instances`` holding ``gt_boxes`` and ``gt_classes``."""
-        images, content, xyzr, features, _ = self.initial_queries(batched_inputs)
+        inputs = self.initial_queries(batched_inputs)
+        image_sizes = inputs.images.image_sizes
         if self.training:
             targets = [query_targets(x["instances"].to(self.device), size)
-                       for x, size in zip(batched_inputs, images.image_sizes)]
-            if hasattr(self.decoder, "losses"):  # a decoder that computes (and may backpropagate) its losses
-                return self.decoder.losses(content, xyzr, features, lambda preds: self.criterion(preds, targets))
-            return self.criterion(self.decoder(content, xyzr, features), targets)
-        last = self.decoder(content, xyzr, features)[-1]
-        results = topk_detections(last["logits"], last["boxes"], images.image_sizes, self.detections_per_image)
-        extras = {k: v for k, v in last.items() if k not in ("logits", "boxes")}  # e.g. DEQ residuals, steps
-        return postprocess_outputs(results, extras, batched_inputs, images.image_sizes)
+                       for x, size in zip(batched_inputs, image_sizes)]
+            return self.decoder.losses(inputs.content, inputs.xyzr, inputs.features,
+                                       lambda preds: self.criterion(preds, targets))
+        prediction = self.decoder.predict(inputs.content, inputs.xyzr, inputs.features)
+        return decoder_outputs(prediction, batched_inputs, image_sizes, self.detections_per_image)

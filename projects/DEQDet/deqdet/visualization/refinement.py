@@ -74,10 +74,10 @@ def trace_refinement(cfg, model, images: Sequence[np.ndarray], num_steps: int, n
     was_training = model.training
     model.eval()
     try:
-        batch, content, xyzr, features, prior = model.initial_queries(inputs)
-        trace = decoder.trace(content, xyzr, features, num_steps)
-        if prior is not None:  # the detector scores its queries with this prior added (class prior)
-            trace = [{**s, "logits": s["logits"] + prior} for s in trace]
+        queries = model.initial_queries(inputs)
+        trace = decoder.trace(queries.content, queries.xyzr, queries.features, num_steps)
+        if queries.prior is not None:  # the detector scores its queries with this prior added (class prior)
+            trace = [{**s, "logits": s["logits"] + queries.prior} for s in trace]
     finally:
         model.train(was_training)
     # the detector's own ranking (top-k over (query, class) pairs), back in original-image pixels
@@ -85,7 +85,7 @@ def trace_refinement(cfg, model, images: Sequence[np.ndarray], num_steps: int, n
         [
             detector_postprocess(r, *image.shape[:2]).to("cpu")
             for r, image in zip(
-                topk_detections(s["logits"], s["boxes"], batch.image_sizes, num_boxes), images
+                topk_detections(s["logits"], s["boxes"], queries.images.image_sizes, num_boxes), images
             )
         ]
         for s in trace

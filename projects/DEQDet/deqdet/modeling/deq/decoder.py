@@ -25,14 +25,13 @@ CUDA inputs) the init stage and the 20 + 1 steps are replayed from a CUDA graph 
 """
 
 import logging
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
-from torch import nn
 
 from ..constants import device_constant
-from ..query.decoder import QUERY_DECODER_REGISTRY, stage_kwargs_from_config
+from ..query.decoder import QUERY_DECODER_REGISTRY, LossFn, QueryDecoder, stage_kwargs_from_config
 from ..query.stage import AdaMixerStage
 from .graphs import CUDAGraphCache
 from .perturb import RefinementPerturbation
@@ -42,8 +41,6 @@ from .stash import GradientStash, ObservedLossScale
 __all__ = ["DEQDecoder", "StateCodec"]
 
 logger = logging.getLogger(__name__)
-
-LossFn = Callable[[List[Dict[str, torch.Tensor]]], Dict[str, torch.Tensor]]
 
 
 class StateCodec:
@@ -67,10 +64,6 @@ class StateCodec:
         return z[..., : self.content_dim], z[..., self.content_dim:] * self.scale
 
 
-def _prediction(logits: torch.Tensor, boxes: torch.Tensor) -> Dict[str, torch.Tensor]:
-    return {"logits": logits, "boxes": boxes}
-
-
 def _renamed(losses: Dict[str, torch.Tensor], prefixes: Sequence[str]) -> Dict[str, torch.Tensor]:
     """``s{i}_loss_x`` (SetCriterion's names for the i-th prediction) -> ``{prefixes[i]}_loss_x``."""
     out = {}
@@ -81,9 +74,10 @@ def _renamed(losses: Dict[str, torch.Tensor], prefixes: Sequence[str]) -> Dict[s
 
 
 @QUERY_DECODER_REGISTRY.register()
-class DEQDecoder(nn.Module):
+class DEQDecoder(QueryDecoder):
     """Init stage + one weight-tied refinement stage iterated towards a fixed point (module docstring).
 
+    Training: :meth:`losses`; inference: :meth:`predict` (= :meth:`forward`'s one prediction).
     Parameter names follow the official release: ``init_stage`` is its ``roi_head.bbox_head.0``,
     ``refine_stage`` its ``roi_head.bbox_head.1``.
     """
@@ -111,19 +105,20 @@ class DEQDecoder(nn.Module):
         positions = sorted(set(int(p) for p in supervision_positions))
         if refinement_steps < 1 or not positions or positions[0] < 1 or positions[-1] > refinement_steps:
             raise ValueError(
-                f"MODEL.DEQDET.SUPERVISION_POSITIONS {tuple(supervision_positions)} must be non-empty and within "
-                f"1..REFINEMENT_STEPS ({refinement_steps})"
+                f"MODEL.DEQDET.SUPERVISION_POSITIONS {tuple(supervision_positions)} must be non-empty and "
+                f"within 1..REFINEMENT_STEPS ({refinement_steps})"
             )
         if rag < 0 or extra_init_supervisions < 0:
-            raise ValueError(f"MODEL.DEQDET.RAG ({rag}) and EXTRA_INIT_SUPERVISIONS ({extra_init_supervisions}) "
-                             "must be >= 0")
+            raise ValueError(f"MODEL.DEQDET.RAG ({rag}) and EXTRA_INIT_SUPERVISIONS "
+                             f"({extra_init_supervisions}) must be >= 0")
         if solver not in SOLVERS:
             raise ValueError(f"MODEL.DEQDET.SOLVER must be one of {SOLVERS}, got {solver!r}")
         if tol < 0 or max_iters < 0:
             raise ValueError(f"MODEL.DEQDET.TOL ({tol}) and MAX_ITERS ({max_iters}) must be >= 0")
         if cuda_graph and tol > 0:
-            raise ValueError(f"MODEL.DEQDET.CUDA_GRAPH needs MODEL.DEQDET.TOL 0, got {tol}: the per-image early "
-                             "stop reads the residuals on the host at every step, which a CUDA graph cannot record")
+            raise ValueError(f"MODEL.DEQDET.CUDA_GRAPH needs MODEL.DEQDET.TOL 0, got {tol}: the per-image "
+                             "early stop reads the residuals on the host at every step, which a CUDA graph "
+                             "cannot record")
         self.init_stage = AdaMixerStage(**stage_kwargs)
         self.refine_stage = AdaMixerStage(**stage_kwargs)
         self.refinement_steps, self.supervision_positions, self.rag = refinement_steps, positions, rag
@@ -133,9 +128,9 @@ class DEQDecoder(nn.Module):
         self.tol, self.max_iters, self.solver, self.anderson_window = tol, max_iters, solver, anderson_window
         self.compile_stage = compile_stage
         self.cuda_graph = cuda_graph
-        # Made on first use, in a dict (not submodules, not in the state_dict): "refine" the compiled
-        # stage, "graphs" the CUDAGraphCache of _refine.
-        self._accelerated = {}
+        # Made on first use (compiled_stage, graph_cache); neither is a submodule nor in the state_dict.
+        self._compiled_stage: Optional[Callable] = None
+        self._graph_cache: Optional[CUDAGraphCache] = None
         self.loss_scale = ObservedLossScale()
         if not init_supervision:  # nothing would ever reach its parameters (refinement starts detached)
             self.init_stage.requires_grad_(False)
@@ -169,19 +164,22 @@ class DEQDecoder(nn.Module):
         on its output content, another."""
         if not self.init_supervision:
             with torch.no_grad():
-                content, xyzr, _, _ = self.init_stage(content, xyzr, features)
-            return {}, (content, xyzr)
-        content, xyzr, logits, boxes = self.init_stage(content, xyzr, features)
-        start = (content.detach(), xyzr.detach())
-        init_losses = _renamed(loss_fn([_prediction(logits, boxes)]), ["init"])
-        state = (start[0].requires_grad_(), start[1]) if stash else (content, xyzr)
+                init = self.init_stage(content, xyzr, features)
+            return {}, (init.content, init.xyzr)
+        init = self.init_stage(content, xyzr, features)
+        content = init.content
+        start = (content.detach(), init.xyzr.detach())
+        init_losses = _renamed(loss_fn([init.prediction()]), ["init"])
+        state = (start[0].requires_grad_(), start[1]) if stash else (content, init.xyzr)
         predictions = []
         for _ in range(self.extra_init_supervisions):
-            state = self.refine_stage(*state[:2], features)
-            predictions.append(_prediction(*state[2:]))
+            step = self.refine_stage(*state, features)
+            state = (step.content, step.xyzr)
+            predictions.append(step.prediction())
         extra_losses = {}
         if predictions:
-            extra_losses = _renamed(loss_fn(predictions), [f"init^{j}" for j in range(1, len(predictions) + 1)])
+            names = [f"init^{j}" for j in range(1, len(predictions) + 1)]
+            extra_losses = _renamed(loss_fn(predictions), names)
         losses = {**init_losses, **extra_losses}
         if stash:
             if extra_losses:
@@ -214,13 +212,17 @@ class DEQDecoder(nn.Module):
         for i in range(1, self.refinement_steps + 1):
             with torch.no_grad():
                 content, xyzr, iof_boxes = self.perturbation(*state)
-                state = self.refine_stage(content, xyzr, features, iof_boxes=iof_boxes)[:2]
+                step = self.refine_stage(content, xyzr, features, iof_boxes=iof_boxes)
+                state = (step.content, step.xyzr)
             if i not in self.supervision_positions:
                 continue
-            segment = state if self.rag else self.refine_stage(content, xyzr, features, iof_boxes=iof_boxes)
-            for _ in range(self.rag):
-                segment = self.refine_stage(*segment[:2], features)
-            segment_losses = _renamed(loss_fn([_prediction(*segment[2:])]), [f"iter{i}"])
+            if self.rag:  # RAG applications of f with gradient from the no-grad state
+                segment = self.refine_stage(*state, features)
+                for _ in range(self.rag - 1):
+                    segment = self.refine_stage(segment.content, segment.xyzr, features)
+            else:  # the one-step gradient: the position's own step again, with gradient
+                segment = self.refine_stage(content, xyzr, features, iof_boxes=iof_boxes)
+            segment_losses = _renamed(loss_fn([segment.prediction()]), [f"iter{i}"])
             if stash:
                 stash.backward(sum(segment_losses.values()))
                 segment_losses = {k: v.detach() for k, v in segment_losses.items()}
@@ -268,16 +270,32 @@ class DEQDecoder(nn.Module):
             z = z_next
         return states
 
+    @property
+    def compiled_stage(self) -> Optional[Callable]:
+        """The ``torch.compile``-d refinement stage that inference runs with ``COMPILE``; None without
+        ``COMPILE`` or before the first inference."""
+        return self._compiled_stage
+
+    @property
+    def graph_cache(self) -> Optional[CUDAGraphCache]:
+        """The CUDA graphs that inference replays with ``CUDA_GRAPH`` on CUDA inputs (``graphs``: one
+        per input signature recorded); None without ``CUDA_GRAPH`` or before the first CUDA inference."""
+        return self._graph_cache
+
     def _inference_stage(self) -> Callable:
         """The refinement stage for inference: ``torch.compile``-d with ``COMPILE`` (shape-generic after
         the first change of shape), else the module itself."""
         if not self.compile_stage:
             return self.refine_stage
-        if "refine" not in self._accelerated:
-            self._accelerated["refine"] = torch.compile(self.refine_stage)
-        return self._accelerated["refine"]
+        if self._compiled_stage is None:
+            # set past nn.Module.__setattr__, which would make the compiled module a submodule (and put
+            # its parameters a second time in the state_dict)
+            object.__setattr__(self, "_compiled_stage", torch.compile(self.refine_stage))
+        return self._compiled_stage
 
-    def _refine(self, content: torch.Tensor, xyzr: torch.Tensor, *features: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def _refine(
+        self, content: torch.Tensor, xyzr: torch.Tensor, *features: torch.Tensor
+    ) -> Tuple[torch.Tensor, ...]:
         """The init stage, the iterations and the output step (what ``CUDA_GRAPH`` records) ->
         ``(init_logits, init_boxes, logits, boxes, residuals, iterations)``, see :meth:`forward`."""
         features = list(features)
@@ -287,7 +305,8 @@ class DEQDecoder(nn.Module):
 
         def step(z: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             feats = features if len(index) == len(content) else [f[index] for f in features]
-            return codec.flatten(*stage(*codec.unflatten(z), feats)[:2])
+            out = stage(*codec.unflatten(z), feats)
+            return codec.flatten(out.content, out.xyzr)
 
         z0 = codec.flatten(content, xyzr)
         options = {"method": self.solver, "anderson_window": self.anderson_window}
@@ -306,9 +325,9 @@ class DEQDecoder(nn.Module):
         image stopped), "steps": (B,) applications of f including the output one}]``."""
         refine = self._refine
         if self.cuda_graph and content.is_cuda:
-            if "graphs" not in self._accelerated:
-                self._accelerated["graphs"] = CUDAGraphCache(self._refine)
-            refine = self._accelerated["graphs"]
+            if self._graph_cache is None:
+                self._graph_cache = CUDAGraphCache(self._refine)
+            refine = self._graph_cache
         init_logits, init_boxes, logits, boxes, residuals, iterations = refine(content, xyzr, *features)
         if self.tol == 0:
             warn_non_finite(iterations, self.max_iters)

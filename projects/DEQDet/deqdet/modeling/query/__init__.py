@@ -3,11 +3,11 @@ decoders, the channel mapper, initial queries, the Hungarian matcher and the set
 
 from .config import add_query_config
 from .criterion import SetCriterion
-from .decoder import QUERY_DECODER_REGISTRY, AdaMixerDecoder, build_query_decoder
+from .decoder import QUERY_DECODER_REGISTRY, AdaMixerDecoder, QueryDecoder, build_query_decoder
 from .matcher import HungarianMatcher
 from .neck import ChannelMapper
 from .query_init import InitialQueries
-from .stage import AdaMixerStage
+from .stage import AdaMixerStage, StageOutput
 
 __all__ = [
     "add_query_config",
@@ -17,6 +17,8 @@ __all__ = [
     "HungarianMatcher",
     "InitialQueries",
     "QUERY_DECODER_REGISTRY",
+    "QueryDecoder",
     "SetCriterion",
+    "StageOutput",
     "build_query_decoder",
 ]

@@ -1,7 +1,7 @@
 """One AdaMixer decoder stage, a standalone module without hidden state."""
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -10,7 +10,20 @@ from .boxes import pairwise_iof, refine_xyzr, xyzr_position_embedding, xyzr_to_x
 from .mixing import AdaptiveMixing
 from .sampling import sample_3d, sampling_points
 
-__all__ = ["AdaMixerStage"]
+__all__ = ["AdaMixerStage", "StageOutput"]
+
+
+class StageOutput(NamedTuple):
+    """What :class:`AdaMixerStage` returns: the refined queries and their prediction."""
+
+    content: torch.Tensor  #: (B, N, D) query content
+    xyzr: torch.Tensor  #: (B, N, 4) refined boxes (xyzr)
+    logits: torch.Tensor  #: (B, N, K) class logits
+    boxes: torch.Tensor  #: (B, N, 4) the refined boxes as xyxy input-image pixels
+
+    def prediction(self) -> Dict[str, torch.Tensor]:
+        """``{"logits": ..., "boxes": ...}``, the form a decoder's predictions take (``query.decoder``)."""
+        return {"logits": self.logits, "boxes": self.boxes}
 
 
 def _linear_ln_relu(dim: int) -> nn.Sequential:
@@ -20,7 +33,7 @@ def _linear_ln_relu(dim: int) -> nn.Sequential:
 class AdaMixerStage(nn.Module):
     """Self-attention with IoF bias -> adaptive 3D sampling + mixing -> FFN -> class and box heads.
 
-    ``forward(content, xyzr, features) -> (content, xyzr, cls_logits, boxes)``::
+    ``forward(content, xyzr, features) -> StageOutput(content, xyzr, logits, boxes)``::
 
         q = LN(q + pe + MHA(q + pe, bias = tau_h * log(IoF + 1e-7)))     # pe = embedding of xyzr
         q = LN(q + AdaptiveMixing(sample_3d(points(q, xyzr)), q))
@@ -55,7 +68,9 @@ class AdaMixerStage(nn.Module):
         self.sampling_offsets = nn.Linear(content_dim, num_groups * in_points * 3)
         self.mixing = AdaptiveMixing(content_dim, feat_channels, in_points, out_points, num_groups)
         self.mixing_norm = nn.LayerNorm(content_dim)
-        self.ffn = nn.Sequential(nn.Linear(content_dim, ffn_dim), nn.ReLU(inplace=True), nn.Linear(ffn_dim, content_dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(content_dim, ffn_dim), nn.ReLU(inplace=True), nn.Linear(ffn_dim, content_dim)
+        )
         self.ffn_norm = nn.LayerNorm(content_dim)
         self.cls_fcs = _linear_ln_relu(content_dim)
         self.fc_cls = nn.Linear(content_dim, num_classes)
@@ -115,7 +130,7 @@ class AdaMixerStage(nn.Module):
     def forward(
         self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor],
         iof_boxes: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> StageOutput:
         """
         Args:
             content: (B, N, D) query content.
@@ -125,8 +140,8 @@ class AdaMixerStage(nn.Module):
                 (DEQDet's official box jitter, whose corners may cross); None: the decoded xyzr.
 
         Returns:
-            content (B, N, D), refined xyzr (B, N, 4), class logits (B, N, K), boxes (B, N, 4) xyxy
-            in input-image pixels (the refined xyzr decoded).
+            :class:`StageOutput`: content (B, N, D), refined xyzr (B, N, 4), class logits (B, N, K),
+            boxes (B, N, 4) xyxy in input-image pixels (the refined xyzr decoded).
         """
         xyzr = xyzr.detach()
         content = self.self_attention(content, xyzr, iof_boxes)
@@ -134,4 +149,4 @@ class AdaMixerStage(nn.Module):
         content = self.ffn_norm(content + self.ffn(content))
         logits = self.fc_cls(self.cls_fcs(content))
         xyzr = refine_xyzr(xyzr, self.fc_reg(self.reg_fcs(content)))
-        return content, xyzr, logits, xyzr_to_xyxy(xyzr)
+        return StageOutput(content, xyzr, logits, xyzr_to_xyxy(xyzr))
