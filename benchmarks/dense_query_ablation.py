@@ -26,7 +26,7 @@ import sys
 import time
 from datetime import datetime
 
-from deqdet_vs_adamixer import ROOT, RESULTS, _env, _load, _save
+from deqdet_vs_adamixer import RESULTS, ROOT, _env, _load, _save
 
 DEMO = os.path.join(ROOT, "configs", "shapes", "demo.yaml")
 RETINANET = os.path.join(ROOT, "configs", "shapes", "retinanet_demo.yaml")
@@ -35,8 +35,9 @@ PAPER_DEQDET = os.path.join(ROOT, "configs", "shapes", "deqdet_r18.yaml")
 DEMO_DECODER = [
     "MODEL.QUERY.NUM_QUERIES", "20", "MODEL.QUERY.CONTENT_DIM", "64", "MODEL.QUERY.FFN_DIM", "256",
     "MODEL.QUERY.FEAT_CHANNELS", "64", "MODEL.QUERY.NECK_NORM_GROUPS", "16", "MODEL.QUERY.IN_POINTS", "16",
-    "MODEL.QUERY.OUT_POINTS", "32", "MODEL.DEQDET.REFINEMENT_STEPS", "2", "MODEL.DEQDET.SUPERVISION_POSITIONS",
-    "(2,)", "MODEL.DEQDET.RAG", "1", "MODEL.DEQDET.EXTRA_INIT_SUPERVISIONS", "1", "SOLVER.IMS_PER_BATCH", "4",
+    "MODEL.QUERY.OUT_POINTS", "32", "MODEL.DEQDET.REFINEMENT_STEPS", "2",
+    "MODEL.DEQDET.SUPERVISION_POSITIONS", "(2,)", "MODEL.DEQDET.RAG", "1",
+    "MODEL.DEQDET.EXTRA_INIT_SUPERVISIONS", "1", "SOLVER.IMS_PER_BATCH", "4",
     "MODEL.DEQDET.TOL", "0.1", "MODEL.DEQDET.MAX_ITERS", "8", "DATALOADER.NUM_WORKERS", "0",
     "INPUT.MIN_SIZE_TEST", "288", "INPUT.MAX_SIZE_TEST", "480", "SOLVER.WEIGHT_DECAY", "0.05",
     "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "10.0",
@@ -116,8 +117,9 @@ def train(args) -> None:
             "load_avg_1min_end": os.getloadavg()[0],
         }
         if variant in DENSE_QUERY:
-            dense_cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--eval-only", "--config-file", config,
-                         *opts, "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "MODEL.DEVICE", "cpu",
+            dense_cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--eval-only",
+                         "--config-file", config, *opts,
+                         "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "MODEL.DEVICE", "cpu",
                          "MODEL.DENSE_QUERY.INFERENCE_SOURCE", "dense", "OUTPUT_DIR", out + "_dense"]
             _run(dense_cmd, out + "_dense.log")
             text = open(out + "_dense.log").read()
@@ -133,11 +135,12 @@ def report(args) -> None:
     import matplotlib.pyplot as plt
 
     results = _load(RESULT_FILE) or {}
-    lines = ["| variant | AP | AP50 | AP75 | dense head AP | s/iter | peak RSS MiB | command |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | AP | AP50 | AP75 | dense head AP | s/iter | peak RSS MiB | command |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         dense = f"{r['dense_ap']:.1f}" if "dense_ap" in r else "-"
-        lines.append(f"| {name} | {r['ap']:.1f} | {r['ap50']:.1f} | {r['ap75']:.1f} | {dense} | {r['s_per_iter']:.3f} "
-                     f"| {r['peak_rss_mib']:.0f} | `{r['command']}` |")
+        lines.append(f"| {name} | {r['ap']:.1f} | {r['ap50']:.1f} | {r['ap75']:.1f} | {dense} "
+                     f"| {r['s_per_iter']:.3f} | {r['peak_rss_mib']:.0f} | `{r['command']}` |")
     with open(os.path.join(RESULTS, "dense_query_ablation.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -155,7 +158,9 @@ def report(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -165,7 +170,8 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the variant's name in the results (e.g. @1000)")
     p.set_defaults(func=train)
     p = sub.add_parser("report")
-    p.add_argument("--curves", nargs="+", default=["demo", "retinanet"], help="result names drawn in ap_vs_time.png")
+    p.add_argument("--curves", nargs="+", default=["demo", "retinanet"],
+                   help="result names drawn in ap_vs_time.png")
     p.set_defaults(func=report)
     args = parser.parse_args()
     args.func(args)

@@ -51,7 +51,9 @@ def per_level_state_dict(state: dict, num_levels: int, num_convs: int) -> dict:
 @torch.no_grad()
 def reestimate(model, cfg, batches: int) -> None:
     """Cumulative running statistics of the per-level tower norms over ``batches`` training batches."""
-    norms = [m for n, m in model.head.named_modules() if "norms." in n and isinstance(m, torch.nn.BatchNorm2d)]
+    norms = [
+        m for n, m in model.head.named_modules() if "norms." in n and isinstance(m, torch.nn.BatchNorm2d)
+    ]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
@@ -67,21 +69,26 @@ def reestimate(model, cfg, batches: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--weights", required=True)
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    base = ["MODEL.DEVICE", "cpu", "MODEL.ATSS.NORM", "BN", "SEED", "1", "OUTPUT_DIR", "output/level_norm_diagnosis"]
+    base = ["MODEL.DEVICE", "cpu", "MODEL.ATSS.NORM", "BN", "SEED", "1",
+            "OUTPUT_DIR", "output/level_norm_diagnosis"]
     state = torch.load(args.weights, map_location="cpu", weights_only=False)["model"]
     results = {}
     for per_level in (False, True):
-        cfg = setup(argparse.Namespace(config_file=args.config_file, opts=[*args.opts, *base, "MODEL.ATSS.NORM_PER_LEVEL",
-                                                                         str(per_level)], eval_only=True))
+        opts = [*args.opts, *base, "MODEL.ATSS.NORM_PER_LEVEL", str(per_level)]
+        cfg = setup(argparse.Namespace(config_file=args.config_file, opts=opts, eval_only=True))
         model = Trainer.build_model(cfg)
         if per_level:
-            model.load_state_dict(per_level_state_dict(state, len(cfg.MODEL.ATSS.IN_FEATURES), cfg.MODEL.ATSS.NUM_CONVS))
+            model.load_state_dict(
+                per_level_state_dict(state, len(cfg.MODEL.ATSS.IN_FEATURES), cfg.MODEL.ATSS.NUM_CONVS)
+            )
             reestimate(model, cfg, args.batches)
         else:
             model.load_state_dict(state)

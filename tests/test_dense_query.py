@@ -72,7 +72,8 @@ def test_training_losses_have_both_heads_and_fall():
             total.backward()
             optimizer.step()
             totals.append(total.item())
-    assert {"dense_loss_cls", "dense_loss_box_reg", "dense_loss_ctr", "init_loss_cls", "iter2_loss_giou"} <= set(losses)
+    expected = {"dense_loss_cls", "dense_loss_box_reg", "dense_loss_ctr", "init_loss_cls", "iter2_loss_giou"}
+    assert expected <= set(losses)
     assert totals[-1] < 0.8 * totals[0], totals
     # every part of the model got a gradient: the decoder's losses reach the shared pyramid too
     for part in (model.backbone, model.dense.head, model.content_proj, model.decoder):
@@ -83,8 +84,8 @@ def test_dense_loss_weight_scales_only_the_dense_losses():
     batch = _inputs()
     out = {}
     for weight in ("1.0", "0.5"):
-        model = _model("MODEL.DENSE_QUERY.DENSE_LOSS_WEIGHT", weight, "MODEL.DEQDET.PERTURB_CONTENT_PROB", "0.0",
-                       "MODEL.DEQDET.PERTURB_POSITION_PROB", "0.0")
+        model = _model("MODEL.DENSE_QUERY.DENSE_LOSS_WEIGHT", weight, "MODEL.DEQDET.PERTURB_CONTENT_PROB",
+                       "0.0", "MODEL.DEQDET.PERTURB_POSITION_PROB", "0.0")
         model.train()
         with EventStorage(0):
             out[weight] = {k: v.item() for k, v in model(batch).items()}
@@ -121,11 +122,14 @@ def test_dense_topk_queries_start_at_distinct_dense_boxes():
         expected = p.pred_boxes.tensor.clone()
         expected[:, 2:] = torch.maximum(expected[:, 2:], expected[:, :2] + 1)
         torch.testing.assert_close(boxes[:n], expected, atol=1e-3, rtol=1e-4)
-        torch.testing.assert_close(boxes[n:], torch.tensor([[0.0, 0.0, w, h]]).expand(8 - n, 4), atol=1e-3, rtol=0)
+        whole_image = torch.tensor([[0.0, 0.0, w, h]]).expand(8 - n, 4)
+        torch.testing.assert_close(boxes[n:], whole_image, atol=1e-3, rtol=0)
 
 
 def test_whole_image_queries_are_the_papers():
-    model = _model("MODEL.DENSE_QUERY.QUERY_INIT", "whole_image", "MODEL.DENSE_QUERY.QUERY_CONTENT", "embedding").eval()
+    model = _model(
+        "MODEL.DENSE_QUERY.QUERY_INIT", "whole_image", "MODEL.DENSE_QUERY.QUERY_CONTENT", "embedding"
+    ).eval()
     batch = _inputs()
     with torch.no_grad():
         queries = model.initial_queries(batch)
@@ -176,16 +180,19 @@ def test_retinanet_dense_detector_trains_and_seeds_the_queries():
     assert type(model.dense).__name__ == "RetinaNet" and model.num_classes == 8
     with EventStorage(0):
         losses = model(_inputs())
-    assert {"dense_loss_cls", "dense_loss_box_reg"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    assert {"dense_loss_cls", "dense_loss_box_reg"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert model.dense.head.cls_score.weight.grad.abs().sum() > 0
     model.eval()
     batch = _inputs()
     with torch.no_grad():
         images, features, predictions = model._dense_forward(batch)
-        proposals = model.dense_proposals(images, [features[f] for f in model.dense.head_in_features], predictions)
+        dense_features = [features[f] for f in model.dense.head_in_features]
+        proposals = model.dense_proposals(images, dense_features, predictions)
         xyzr = model.initial_queries(batch).xyzr
-    # the first queries start at RetinaNet's distinct top boxes (no centerness: scores are class probabilities)
+    # the first queries start at RetinaNet's distinct top boxes (no centerness: scores are class
+    # probabilities)
     for i, p in enumerate(proposals):
         torch.testing.assert_close(xyzr_to_xyxy(xyzr[i, : len(p)]), p.pred_boxes.tensor, atol=1e-3, rtol=0)
         assert (p.scores <= 1).all() and (p.scores[:-1] >= p.scores[1:]).all()
@@ -203,8 +210,9 @@ def test_class_prior_adds_the_dense_log_odds():
     batch = _inputs()
     with torch.no_grad():
         images, features, predictions = model._dense_forward(batch)
-        content, xyzr, prior = model._queries(images, [features[f] for f in model.dense.head_in_features], predictions)
-        proposals = model.dense_proposals(images, [features[f] for f in model.dense.head_in_features], predictions)
+        dense_features = [features[f] for f in model.dense.head_in_features]
+        content, xyzr, prior = model._queries(images, dense_features, predictions)
+        proposals = model.dense_proposals(images, dense_features, predictions)
     for i, p in enumerate(proposals):
         torch.testing.assert_close(prior[i, : len(p)].sigmoid(), p.class_scores.clamp(1e-4, 1 - 1e-4))
         assert torch.allclose(prior[i, len(p):].sigmoid(), torch.tensor(1e-4))
@@ -212,7 +220,8 @@ def test_class_prior_adds_the_dense_log_odds():
     plain_queries = plain.initial_queries(batch)
     torch.testing.assert_close(plain_queries.xyzr, xyzr)  # the prior changes scores, not boxes
     assert plain_queries.prior is None
-    torch.testing.assert_close(model.initial_queries(batch).prior, prior)  # what tools see is what forward adds
+    # what tools see is what forward adds
+    torch.testing.assert_close(model.initial_queries(batch).prior, prior)
 
 
 @pytest.mark.parametrize("decoder", ["AdaMixerDecoder", "DEQDecoder"])
@@ -241,7 +250,8 @@ def test_coco_config_trains_a_step_and_infers():
         "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 2)", "MODEL.DEQDET.MAX_ITERS", "2"])
     model = build_model(cfg)
     assert isinstance(model, DenseQueryDetector) and len(model.backbone.dyhead_tower) == 6
-    assert model.decoder.refine_stage.strides == (8, 16, 32, 64) and model.queries.content.num_embeddings == 100
+    assert model.decoder.refine_stage.strides == (8, 16, 32, 64)
+    assert model.queries.content.num_embeddings == 100
     model.train()
     with EventStorage(0):
         losses = model(_inputs())
@@ -264,7 +274,8 @@ def test_decoder_feature_grad_scales_what_the_decoder_sends_into_the_pyramid():
         model.train()
         with EventStorage(0):
             losses = model(_inputs())
-        sum(v for k, v in losses.items() if not k.startswith("dense_")).backward()  # the decoder's losses only
+        # the decoder's losses only
+        sum(v for k, v in losses.items() if not k.startswith("dense_")).backward()
         values[scale] = {k: v.item() for k, v in losses.items()}
         grads[scale] = model.backbone.backbone.bottom_up.stem.conv1.weight.grad
     assert values["0.25"] == pytest.approx(values["1.0"]) and values["0.0"] == pytest.approx(values["1.0"])

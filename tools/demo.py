@@ -33,7 +33,9 @@ AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", default="configs/shapes/demo.yaml", metavar="FILE")
     parser.add_argument("--vis-images", type=int, default=8, help="validation images to draw")
     parser.add_argument("--vis-threshold", type=float, default=0.3, help="score threshold for drawing")
@@ -61,7 +63,8 @@ def draw_predictions(cfg, dataset_name: str, out_path: str, num_images: int, sco
         image = read_image(record["file_name"], format="BGR")
         instances = predictor(image)["instances"].to("cpu")
         instances = instances[instances.scores >= score_thresh]
-        tiles.append(Visualizer(image[:, :, ::-1], metadata, scale=2.0).draw_instance_predictions(instances).get_image())
+        visualizer = Visualizer(image[:, :, ::-1], metadata, scale=2.0)
+        tiles.append(visualizer.draw_instance_predictions(instances).get_image())
     height = max(t.shape[0] for t in tiles)
     width = max(t.shape[1] for t in tiles)
     tiles = [np.pad(t, ((0, height - t.shape[0]), (0, width - t.shape[1]), (0, 0))) for t in tiles]
@@ -97,17 +100,20 @@ def main(argv=None) -> None:
         lines.append(f"dense head ({type(model.dense).__name__}) " + ap_line(dataset, dense["bbox"]))
     if "deq" in results:  # DEQStatisticsEvaluator, over the same evaluation
         deq = results["deq"]
+        final_residual = deq.get("mean_final_residual", float("nan"))
         lines.append(f"DEQ refinement steps per image (TOL {cfg.MODEL.DEQDET.TOL}, at most "
-                     f"{cfg.MODEL.DEQDET.MAX_ITERS} + 1): mean {deq['mean_steps']:.2f}, median {deq['steps_p50']:.0f}, "
-                     f"max {deq['max_steps']:.0f}; mean final residual {deq.get('mean_final_residual', float('nan')):.3f}")
+                     f"{cfg.MODEL.DEQDET.MAX_ITERS} + 1): mean {deq['mean_steps']:.2f}, "
+                     f"median {deq['steps_p50']:.0f}, max {deq['max_steps']:.0f}; "
+                     f"mean final residual {final_residual:.3f}")
     outputs = [draw_predictions(
         cfg, dataset, os.path.join(cfg.OUTPUT_DIR, "predictions.png"), args.vis_images, args.vis_threshold
     )]
     if hasattr(getattr(model, "decoder", None), "trace") and args.refine_images > 0:
         records = DatasetCatalog.get(dataset)[: args.refine_images]
         images = [read_image(r["file_name"], format=cfg.INPUT.FORMAT) for r in records]
+        names = [os.path.basename(r["file_name"]) for r in records]
         drawn = render_refinement(cfg, model, images, os.path.join(cfg.OUTPUT_DIR, "refinement"),
-                                  MetadataCatalog.get(dataset), names=[os.path.basename(r["file_name"]) for r in records])
+                                  MetadataCatalog.get(dataset), names=names)
         outputs += [drawn["grid"], drawn["curves"], drawn["gif"]]
     print("\n=== deqdet demo ===")
     print("\n".join(lines))

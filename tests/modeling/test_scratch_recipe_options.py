@@ -75,7 +75,9 @@ def test_per_level_norms_train_like_the_shared_norm_but_keep_each_levels_statist
     # holds only its own level's: 0.1 x the batch mean of the first conv's output on that level
     for level, feature in enumerate(features):
         conv_out = per_level.cls_tower[0](feature)
-        torch.testing.assert_close(per_level.cls_norms[level][0].running_mean, 0.1 * conv_out.mean(dim=(0, 2, 3)))
+        torch.testing.assert_close(
+            per_level.cls_norms[level][0].running_mean, 0.1 * conv_out.mean(dim=(0, 2, 3))
+        )
     means = torch.stack([per_level.cls_norms[lv][0].running_mean for lv in range(3)])
     assert not torch.allclose(means[0], means[2])
 
@@ -112,7 +114,9 @@ def test_iou_target_is_the_quality_focal_loss_hand_computed():
 def test_one_hot_target_is_the_papers_focal_loss():
     logits, boxes, targets = _one_query_case()
     loss = _criterion("one_hot").single(logits, boxes, targets, num_matched=1.0)["loss_cls"]
-    expected = sigmoid_focal_loss(logits, torch.tensor([[[1.0, 0.0]]]), alpha=0.25, gamma=2.0, reduction="sum")
+    expected = sigmoid_focal_loss(
+        logits, torch.tensor([[[1.0, 0.0]]]), alpha=0.25, gamma=2.0, reduction="sum"
+    )
     torch.testing.assert_close(loss, 2.0 * expected)
 
 
@@ -123,7 +127,9 @@ def test_iou_target_rewards_the_better_box():
     crit = _criterion("iou")
     # with a high score the loss is lower for the better box (its target is near 1)
     high = torch.tensor([[[4.0, -4.0]]])
-    assert crit.single(high, good, targets, 1.0)["loss_cls"] < crit.single(high, bad, targets, 1.0)["loss_cls"]
+    assert (
+        crit.single(high, good, targets, 1.0)["loss_cls"] < crit.single(high, bad, targets, 1.0)["loss_cls"]
+    )
     with pytest.raises(ValueError, match="MODEL.QUERY.CLS_TARGET"):
         _criterion("soft")
 
@@ -131,19 +137,23 @@ def test_iou_target_rewards_the_better_box():
 # ------------------------------------------------------------------------- query content from features
 def test_dense_feature_content_is_the_projected_feature_at_the_boxs_anchor():
     torch.manual_seed(0)
-    model = build_model(build_config(COMBINED, SMALL + ["MODEL.DENSE_QUERY.QUERY_CONTENT", "dense_feature"])).eval()
+    cfg = build_config(COMBINED, SMALL + ["MODEL.DENSE_QUERY.QUERY_CONTENT", "dense_feature"])
+    model = build_model(cfg).eval()
     images = model.dense.preprocess_image([{"image": torch.rand(3, 96, 128) * 255}])
     sizes = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]  # P3-P7 of a 96 x 128 input
     # every feature says where it is: channels 0, 1, 2 = level, row, column
     dense = []
     for level, (h, w) in enumerate(sizes):
         f = torch.zeros(1, 64, h, w)
-        f[0, 0], f[0, 1], f[0, 2] = float(level), *torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)),
-                                                                   indexing="ij")
+        f[0, 0], f[0, 1], f[0, 2] = float(level), *torch.meshgrid(
+            torch.arange(float(h)), torch.arange(float(w)), indexing="ij"
+        )
         dense.append(f)
     logits = [torch.full((1, 8, h, w), -10.0) for h, w in sizes]
     logits[1][0, 5, 2, 3] = 10.0  # one confident anchor: level 1 (stride 16), row 2, column 3, class 5
-    predictions = (logits, [torch.zeros(1, 4, h, w) for h, w in sizes], [torch.zeros(1, 1, h, w) for h, w in sizes])
+    predictions = (
+        logits, [torch.zeros(1, 4, h, w) for h, w in sizes], [torch.zeros(1, 1, h, w) for h, w in sizes]
+    )
     with torch.no_grad():
         proposals = model.dense_proposals(images, dense, predictions)[0]
         content, xyzr, _ = model._queries(images, dense, predictions)
@@ -180,7 +190,9 @@ def test_dense_feature_content_needs_dense_topk():
 # ------------------------------------------------------------------------------ ATSS loss normaliser
 def _atss(momentum):
     torch.manual_seed(0)
-    cfg_opts = SMALL[:2] + ["MODEL.META_ARCHITECTURE", "ATSS", "MODEL.ATSS.LOSS_NORMALIZER_MOMENTUM", str(momentum)]
+    cfg_opts = SMALL[:2] + [
+        "MODEL.META_ARCHITECTURE", "ATSS", "MODEL.ATSS.LOSS_NORMALIZER_MOMENTUM", str(momentum)
+    ]
     return build_model(build_config(COMBINED, cfg_opts))
 
 
@@ -189,7 +201,10 @@ def _loss_inputs(num_pos, num_anchors=12):
     labels = torch.full((1, num_anchors), 8)
     labels[0, :num_pos] = 0
     boxes = torch.tensor([[2.0, 2.0, 12.0, 14.0]]).repeat(1, num_anchors, 1)
-    return anchors, torch.zeros(1, num_anchors, 8), torch.zeros(1, num_anchors, 4), torch.zeros(1, num_anchors), labels, boxes
+    return (
+        anchors, torch.zeros(1, num_anchors, 8), torch.zeros(1, num_anchors, 4), torch.zeros(1, num_anchors),
+        labels, boxes,
+    )
 
 
 def test_moving_average_loss_normalizer_as_detectron2_retinanet():

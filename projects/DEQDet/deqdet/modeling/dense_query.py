@@ -57,7 +57,9 @@ def _scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x.detach() if scale == 0.0 else x * scale + x.detach() * (1.0 - scale)
 
 
-def _with_prior(prediction: Dict[str, torch.Tensor], prior: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _with_prior(
+    prediction: Dict[str, torch.Tensor], prior: Optional[torch.Tensor]
+) -> Dict[str, torch.Tensor]:
     """A decoder prediction with the (B, N, K) prior logits added to its ``logits`` (unchanged if None)."""
     return prediction if prior is None else {**prediction, "logits": prediction["logits"] + prior}
 
@@ -95,7 +97,8 @@ class DenseQueryDetector(nn.Module):
             raise ValueError(f"MODEL.DENSE_QUERY.QUERY_INIT must be one of {QUERY_INITS}, got {query_init!r}")
         if inference_source not in INFERENCE_SOURCES:
             raise ValueError(
-                f"MODEL.DENSE_QUERY.INFERENCE_SOURCE must be one of {INFERENCE_SOURCES}, got {inference_source!r}"
+                f"MODEL.DENSE_QUERY.INFERENCE_SOURCE must be one of {INFERENCE_SOURCES}, "
+                f"got {inference_source!r}"
             )
         self.queries = queries
         self.decoder = decoder
@@ -107,7 +110,9 @@ class DenseQueryDetector(nn.Module):
         self.proposal_topk_per_level = proposal_topk_per_level
         self.class_prior = class_prior
         if decoder_feature_grad < 0:
-            raise ValueError(f"MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD must be >= 0, got {decoder_feature_grad}")
+            raise ValueError(
+                f"MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD must be >= 0, got {decoder_feature_grad}"
+            )
         self.decoder_feature_grad = decoder_feature_grad
         self.inference_source = inference_source
         if content_proj is not None and query_init != "dense_topk":
@@ -139,18 +144,21 @@ class DenseQueryDetector(nn.Module):
         shapes = dense.backbone.output_shape()
         missing = [f for f in q.IN_FEATURES if f not in shapes]
         if missing:
-            raise ValueError(f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the backbone ({sorted(shapes)})")
+            raise ValueError(
+                f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the backbone ({sorted(shapes)})"
+            )
         channels = {shapes[f].channels for f in q.IN_FEATURES}
         if channels != {q.FEAT_CHANNELS}:
             raise ValueError(
-                f"MODEL.QUERY.FEAT_CHANNELS ({q.FEAT_CHANNELS}) must equal the channels of MODEL.QUERY.IN_FEATURES "
-                f"({sorted(channels)}): the decoder reads the pyramid directly"
+                f"MODEL.QUERY.FEAT_CHANNELS ({q.FEAT_CHANNELS}) must equal the channels of "
+                f"MODEL.QUERY.IN_FEATURES ({sorted(channels)}): the decoder reads the pyramid directly"
             )
         if q.NUM_CLASSES != dense.num_classes:
-            raise ValueError(f"MODEL.QUERY.NUM_CLASSES ({q.NUM_CLASSES}) and {DENSE_DETECTORS[dq.DENSE_DETECTOR]} "
-                             f"({dense.num_classes}) must be equal")
+            raise ValueError(f"MODEL.QUERY.NUM_CLASSES ({q.NUM_CLASSES}) and "
+                             f"{DENSE_DETECTORS[dq.DENSE_DETECTOR]} ({dense.num_classes}) must be equal")
         if dq.QUERY_CONTENT not in QUERY_CONTENTS:
-            raise ValueError(f"MODEL.DENSE_QUERY.QUERY_CONTENT must be one of {QUERY_CONTENTS}, got {dq.QUERY_CONTENT!r}")
+            raise ValueError(f"MODEL.DENSE_QUERY.QUERY_CONTENT must be one of {QUERY_CONTENTS}, "
+                             f"got {dq.QUERY_CONTENT!r}")
         head_channels = shapes[dense.head_in_features[0]].channels
         return dict(
             dense=dense,
@@ -170,7 +178,9 @@ class DenseQueryDetector(nn.Module):
         )
 
     @torch.no_grad()
-    def dense_proposals(self, images: ImageList, features: List[torch.Tensor], predictions) -> List[Instances]:
+    def dense_proposals(
+        self, images: ImageList, features: List[torch.Tensor], predictions
+    ) -> List[Instances]:
         """The dense head's distinct boxes per image, best first: per level the
         ``proposal_topk_per_level`` anchors of highest score ``max_k p_k`` (``x centerness`` where the
         head predicts it, as ATSS ranks), decoded, clipped to the image, class-agnostic NMS at
@@ -202,10 +212,13 @@ class DenseQueryDetector(nn.Module):
                 boxes.append(dense.box2box_transform.apply_deltas(d[i][index], level_anchors.tensor[index]))
                 class_scores.append(probs[index])
                 cells.append(start + index // anchors_per_cell)
-            proposals = Instances(image_size, pred_boxes=Boxes(torch.cat(boxes)), class_scores=torch.cat(class_scores))
+            proposals = Instances(
+                image_size, pred_boxes=Boxes(torch.cat(boxes)), class_scores=torch.cat(class_scores)
+            )
             proposals.pred_boxes.clip(image_size)
             proposals.scores = proposals.class_scores.amax(dim=1)
-            proposal_boxes = proposals.pred_boxes.tensor  # float32 (Detectron2's Boxes) whatever the scores' dtype
+            # float32 (Detectron2's Boxes) whatever the scores' dtype
+            proposal_boxes = proposals.pred_boxes.tensor
             scores = proposals.scores.to(proposal_boxes.dtype)
             keep = nms(proposal_boxes, scores, self.proposal_nms_thresh)[:num_queries]
             proposals = proposals[keep]
@@ -260,7 +273,9 @@ class DenseQueryDetector(nn.Module):
         """Detectron2's model interface (see ``QueryDetector.forward``)."""
         images, features, predictions = self._dense_forward(batched_inputs)
         dense_features = [features[f] for f in self.dense.head_in_features]
-        query_features = [_scale_gradient(features[f], self.decoder_feature_grad) for f in self.query_in_features]
+        query_features = [
+            _scale_gradient(features[f], self.decoder_feature_grad) for f in self.query_in_features
+        ]
         if self.training:
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
             dense = self.dense.forward_training(images, dense_features, predictions, gt_instances)
@@ -278,4 +293,6 @@ class DenseQueryDetector(nn.Module):
             return postprocess_outputs(results, {}, batched_inputs, images.image_sizes)
         content, xyzr, prior = self._queries(images, dense_features, predictions)
         prediction = _with_prior(self.decoder.predict(content, xyzr, query_features), prior)
-        return decoder_outputs(prediction, batched_inputs, images.image_sizes, self.dense.max_detections_per_image)
+        return decoder_outputs(
+            prediction, batched_inputs, images.image_sizes, self.dense.max_detections_per_image
+        )

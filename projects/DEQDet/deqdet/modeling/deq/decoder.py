@@ -338,7 +338,8 @@ class DEQDecoder(QueryDecoder):
 def _finite_prediction(logits, boxes, init_logits, init_boxes, padded_hw: Tuple[int, int]):
     """Per image: the output step's prediction (logits (B, N, K), boxes (B, N, 4)) if finite, else the
     init stage's if finite, else whole-image boxes (``padded_hw``: the padded input's height and width)
-    with the lowest logit (score 0); each fallback is logged. One host synchronisation (after the refinement loop)."""
+    with the lowest logit (score 0); each fallback is logged. One host synchronisation (after the
+    refinement loop)."""
 
     def bad(lg, bx):
         return ~(torch.isfinite(lg).flatten(1).all(1) & torch.isfinite(bx).flatten(1).all(1))

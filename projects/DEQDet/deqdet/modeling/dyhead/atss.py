@@ -120,7 +120,9 @@ class ATSSHead(nn.Module):
         super().__init__()
         channels = {s.channels for s in input_shape}
         if len(channels) != 1:
-            raise ValueError(f"ATSSHead: all MODEL.ATSS.IN_FEATURES must have the same channels, got {channels}")
+            raise ValueError(
+                f"ATSSHead: all MODEL.ATSS.IN_FEATURES must have the same channels, got {channels}"
+            )
         (channels,) = channels
         if num_convs > 0:
             tower_norm = "" if norm_per_level else norm
@@ -131,7 +133,9 @@ class ATSSHead(nn.Module):
         self.cls_norms = self.bbox_norms = None
         if num_convs > 0 and norm_per_level and norm:
             self.cls_norms, self.bbox_norms = (
-                nn.ModuleList([nn.ModuleList([get_norm(norm, channels) for _ in range(num_convs)]) for _ in input_shape])
+                nn.ModuleList(
+                    [nn.ModuleList([get_norm(norm, channels) for _ in range(num_convs)]) for _ in input_shape]
+                )
                 for _ in range(2)
             )
         self.cls_logits = nn.Conv2d(channels, num_anchors * num_classes, kernel_size=1)
@@ -183,7 +187,9 @@ class ATSSHead(nn.Module):
         logits, deltas, centerness = [], [], []
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             cls_feature = self._run_tower(self.cls_tower, self.cls_norms and self.cls_norms[level], feature)
-            box_feature = self._run_tower(self.bbox_tower, self.bbox_norms and self.bbox_norms[level], feature)
+            box_feature = self._run_tower(
+                self.bbox_tower, self.bbox_norms and self.bbox_norms[level], feature
+            )
             logits.append(self.cls_logits(cls_feature))
             deltas.append(scale(self.bbox_pred(box_feature)))
             centerness.append(self.centerness(box_feature))
@@ -225,7 +231,9 @@ class ATSS(DenseDetector):
         self.focal_loss_gamma = focal_loss_gamma
         self.reg_loss_weight = reg_loss_weight
         if not 0.0 <= loss_normalizer_momentum < 1.0:
-            raise ValueError(f"MODEL.ATSS.LOSS_NORMALIZER_MOMENTUM must be in [0, 1), got {loss_normalizer_momentum}")
+            raise ValueError(
+                f"MODEL.ATSS.LOSS_NORMALIZER_MOMENTUM must be in [0, 1), got {loss_normalizer_momentum}"
+            )
         self.loss_normalizer_momentum = loss_normalizer_momentum
         if loss_normalizer_momentum > 0:  # moving averages of (#positives, sum of centerness targets)
             self.register_buffer("loss_normalizers", torch.zeros(2))
@@ -241,7 +249,9 @@ class ATSS(DenseDetector):
         shapes = backbone.output_shape()
         missing = [f for f in a.IN_FEATURES if f not in shapes]
         if missing:
-            raise ValueError(f"MODEL.ATSS.IN_FEATURES: {missing} not produced by the backbone ({sorted(shapes)})")
+            raise ValueError(
+                f"MODEL.ATSS.IN_FEATURES: {missing} not produced by the backbone ({sorted(shapes)})"
+            )
         feature_shapes = [shapes[f] for f in a.IN_FEATURES]
         anchor_generator = build_anchor_generator(cfg, feature_shapes)
         return {
@@ -282,8 +292,8 @@ class ATSS(DenseDetector):
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         return self.losses(
-            Boxes.cat(anchors).tensor, torch.cat(logits, 1), torch.cat(deltas, 1), torch.cat(centerness, 1)[..., 0],
-            gt_labels, gt_boxes,
+            Boxes.cat(anchors).tensor, torch.cat(logits, 1), torch.cat(deltas, 1),
+            torch.cat(centerness, 1)[..., 0], gt_labels, gt_boxes,
         )
 
     def _normalizer(self, index: int, value: float) -> float:
@@ -297,7 +307,8 @@ class ATSS(DenseDetector):
         return new
 
     def losses(
-        self, anchors: Tensor, logits: Tensor, deltas: Tensor, centerness: Tensor, gt_labels: Tensor, gt_boxes: Tensor
+        self, anchors: Tensor, logits: Tensor, deltas: Tensor, centerness: Tensor, gt_labels: Tensor,
+        gt_boxes: Tensor,
     ):
         """anchors (R, 4); logits (N, R, K); deltas (N, R, 4); centerness (N, R); gt_labels (N, R);
         gt_boxes (N, R, 4)."""
@@ -317,7 +328,9 @@ class ATSS(DenseDetector):
         # torchvision's GIoU loss is fvcore's without its box-order assertion: diverged (NaN) boxes
         # give a NaN loss that the trainer reports by name, not an AssertionError.
         loss_box = (generalized_box_iou_loss(pred_boxes, pos_boxes) * ctr_targets).sum() / ctr_sum
-        loss_ctr = F.binary_cross_entropy_with_logits(centerness[positive], ctr_targets, reduction="sum") / num_pos
+        loss_ctr = (
+            F.binary_cross_entropy_with_logits(centerness[positive], ctr_targets, reduction="sum") / num_pos
+        )
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box * self.reg_loss_weight, "loss_ctr": loss_ctr}
 
     def forward_inference(self, images: ImageList, features, predictions):

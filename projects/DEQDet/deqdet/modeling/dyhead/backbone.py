@@ -37,10 +37,12 @@ class DyHead(Backbone):
         in_channels = {s.channels for s in backbone.output_shape().values()}
         if in_channels != {channels}:
             raise ValueError(
-                f"DyHead: MODEL.DYHEAD.CHANNELS ({channels}) must equal the pyramid's channels {sorted(in_channels)}"
-                " (MODEL.FPN.OUT_CHANNELS)"
+                f"DyHead: MODEL.DYHEAD.CHANNELS ({channels}) must equal the pyramid's channels "
+                f"{sorted(in_channels)} (MODEL.FPN.OUT_CHANNELS)"
             )
-        self.dyhead_tower = nn.Sequential(*[DyConv(channels, channels, **block_kwargs) for _ in range(num_blocks)])
+        self.dyhead_tower = nn.Sequential(
+            *[DyConv(channels, channels, **block_kwargs) for _ in range(num_blocks)]
+        )
         shapes = backbone.output_shape()
         self._out_features = sorted(shapes, key=lambda k: shapes[k].stride)
         self._out_feature_strides = {k: shapes[k].stride for k in self._out_features}

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import deform_conv2d
 
-__all__ = ["DCN_IMPLS", "COARSE_OFFSET_MODES", "modulated_deform_conv3x3", "coarse_level_offsets", "resolve_dcn_impl"]
+__all__ = [
+    "DCN_IMPLS", "COARSE_OFFSET_MODES", "modulated_deform_conv3x3", "coarse_level_offsets", "resolve_dcn_impl"
+]
 
 DCN_IMPLS = ("auto", "sampling", "torchvision")
 COARSE_OFFSET_MODES = ("aligned", "official")
@@ -151,6 +153,7 @@ def coarse_level_offsets(
         raise ValueError(f"MODEL.DYHEAD.COARSE_OFFSETS must be one of {COARSE_OFFSET_MODES}, got {mode!r}")
     if (h, w) != (_output_size(height, 2), _output_size(width, 2)):
         raise ValueError(
-            f"DyHead: level of size {(h, w)} is not the stride-2 successor of a level of size {(height, width)}"
+            f"DyHead: level of size {(h, w)} is not the stride-2 successor of a level of size "
+            f"{(height, width)}"
         )
     return offset[:, :, ::2, ::2], mask[:, :, ::2, ::2]

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .deform import COARSE_OFFSET_MODES, DCN_IMPLS, coarse_level_offsets, modulated_deform_conv3x3, resolve_dcn_impl
+from .deform import (
+    COARSE_OFFSET_MODES,
+    DCN_IMPLS,
+    coarse_level_offsets,
+    modulated_deform_conv3x3,
+    resolve_dcn_impl,
+)
 
 __all__ = ["HSigmoid", "DyReLU", "ModulatedDeformConv3x3", "DeformConvGN", "DyConv"]
 
@@ -119,19 +125,24 @@ class DyConv(nn.Module):
     ):
         super().__init__()
         if coarse_offsets not in COARSE_OFFSET_MODES:
-            raise ValueError(f"MODEL.DYHEAD.COARSE_OFFSETS must be one of {COARSE_OFFSET_MODES}, got {coarse_offsets!r}")
+            raise ValueError(
+                f"MODEL.DYHEAD.COARSE_OFFSETS must be one of {COARSE_OFFSET_MODES}, got {coarse_offsets!r}"
+            )
         if dcn_impl not in DCN_IMPLS:
             raise ValueError(f"MODEL.DYHEAD.DCN_IMPL must be one of {DCN_IMPLS}, got {dcn_impl!r}")
         if in_channels != out_channels:
-            raise ValueError(f"DyHead: the block mixes levels and input, so in ({in_channels}) must equal out "
-                             f"({out_channels}) channels; set MODEL.DYHEAD.CHANNELS = MODEL.FPN.OUT_CHANNELS")
+            raise ValueError(f"DyHead: the block mixes levels and input, so in ({in_channels}) must equal "
+                             f"out ({out_channels}) channels; set MODEL.DYHEAD.CHANNELS = "
+                             "MODEL.FPN.OUT_CHANNELS")
         self.coarse_offsets = coarse_offsets
         self.dcn_impl = dcn_impl
         # [0]: stride 1 on the coarser level, [1]: the level itself, [2]: stride 2 on the finer level.
         self.DyConv = nn.ModuleList(
             [DeformConvGN(in_channels, out_channels, stride, dcn_impl) for stride in (1, 1, 2)]
         )
-        self.AttnConv = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, 1, 1), nn.ReLU(inplace=True))
+        self.AttnConv = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, 1, 1), nn.ReLU(inplace=True)
+        )
         nn.init.normal_(self.AttnConv[1].weight, std=0.01)
         nn.init.zeros_(self.AttnConv[1].bias)
         self.h_sigmoid = HSigmoid()
@@ -166,7 +177,9 @@ class DyConv(nn.Module):
                 coarse = levels[i + 1]
                 c_offset, c_mask = coarse_level_offsets(offset, mask, coarse.shape[-2:], self.coarse_offsets)
                 term = self.DyConv[0](coarse, c_offset, c_mask)
-                terms.append(F.interpolate(term, size=feature.shape[-2:], mode="bilinear", align_corners=True))
+                terms.append(
+                    F.interpolate(term, size=feature.shape[-2:], mode="bilinear", align_corners=True)
+                )
             mean = sum(t * self.scale_gate(t) for t in terms) / len(terms)  # keeps the memory format
             block = self.relu(mean)
             if self.residual_scale is not None:

@@ -33,7 +33,9 @@ class DyHeadBoxHead(nn.Module):
             self._output_shape = self.layers.output_shape
         else:
             self.layers = nn.Flatten()
-            self._output_shape = ShapeSpec(channels=input_shape.channels * input_shape.height * input_shape.width)
+            self._output_shape = ShapeSpec(
+                channels=input_shape.channels * input_shape.height * input_shape.width
+            )
 
     @property
     def output_shape(self) -> ShapeSpec:

@@ -10,7 +10,9 @@ import torch
 
 from ..constants import device_constant
 
-__all__ = ["xyzr_to_xyxy", "xyxy_to_xyzr", "xyzr_wh", "refine_xyzr", "pairwise_iof", "xyzr_position_embedding"]
+__all__ = [
+    "xyzr_to_xyxy", "xyxy_to_xyzr", "xyzr_wh", "refine_xyzr", "pairwise_iof", "xyzr_position_embedding"
+]
 
 
 def xyzr_wh(xyzr: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,8 @@ def xyzr_position_embedding(xyzr: torch.Tensor, dim: int, temperature: float = 1
     per_coord = dim // 4
     scaled = xyzr / device_constant([1000.0, 1000.0, 1.0, 1.0], xyzr)
     freq = torch.exp(
-        -math.log(temperature) * 2 * torch.arange(per_coord // 2, device=xyzr.device, dtype=xyzr.dtype) / per_coord
+        -math.log(temperature) * 2
+        * torch.arange(per_coord // 2, device=xyzr.device, dtype=xyzr.dtype) / per_coord
     )
     angles = scaled[..., None] * freq  # (B, N, 4, per_coord / 2)
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(2)

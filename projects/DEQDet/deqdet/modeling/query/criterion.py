@@ -89,7 +89,9 @@ class SetCriterion:
             "loss_giou": self.giou_weight * loss_giou / num_matched,
         }
 
-    def __call__(self, predictions: List[Dict[str, torch.Tensor]], targets: List[dict]) -> Dict[str, torch.Tensor]:
+    def __call__(
+        self, predictions: List[Dict[str, torch.Tensor]], targets: List[dict]
+    ) -> Dict[str, torch.Tensor]:
         """predictions: supervised outputs in order; targets: per image ``{"labels" (M,) int64,
         "boxes" (M, 4) xyxy pixels, "whwh" (4,) image size}``."""
         logits = predictions[0]["logits"]

@@ -90,7 +90,9 @@ def build_query_decoder(cfg, strides: Sequence[int]) -> QueryDecoder:
         )
     decoder = QUERY_DECODER_REGISTRY.get(name)(cfg, strides)
     if not isinstance(decoder, QueryDecoder):
-        raise TypeError(f"MODEL.QUERY.DECODER {name!r} must build a QueryDecoder, got {type(decoder).__name__}")
+        raise TypeError(
+            f"MODEL.QUERY.DECODER {name!r} must build a QueryDecoder, got {type(decoder).__name__}"
+        )
     return decoder
 
 

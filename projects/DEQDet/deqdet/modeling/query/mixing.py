@@ -21,7 +21,9 @@ class AdaptiveMixing(nn.Module):
     the same for every query.
     """
 
-    def __init__(self, content_dim: int, feat_channels: int, in_points: int, out_points: int, num_groups: int):
+    def __init__(
+        self, content_dim: int, feat_channels: int, in_points: int, out_points: int, num_groups: int
+    ):
         super().__init__()
         if feat_channels % num_groups:
             raise ValueError(f"feature channels ({feat_channels}) must divide into {num_groups} groups")
@@ -31,7 +33,9 @@ class AdaptiveMixing(nn.Module):
         self.num_groups = num_groups
         self.channel_params = self.group_channels**2
         self.point_params = in_points * out_points
-        self.parameter_generator = nn.Linear(content_dim, num_groups * (self.channel_params + self.point_params))
+        self.parameter_generator = nn.Linear(
+            content_dim, num_groups * (self.channel_params + self.point_params)
+        )
         self.out_proj = nn.Linear(num_groups * out_points * self.group_channels, content_dim)
 
     def mixing_matrices(self, content: torch.Tensor):

@@ -29,7 +29,9 @@ class ChannelMapper(nn.Module):
             raise ValueError(f"MODEL.QUERY.NECK_STYLE must be one of {sorted(NECK_STYLES)}, got {style!r}")
         missing = [f for f in in_features if f not in input_shapes]
         if missing:
-            raise ValueError(f"MODEL.QUERY.IN_FEATURES {missing} are not backbone outputs {sorted(input_shapes)}")
+            raise ValueError(
+                f"MODEL.QUERY.IN_FEATURES {missing} are not backbone outputs {sorted(input_shapes)}"
+            )
         kernel_size, self.relu = NECK_STYLES[style]
         self.in_features = list(in_features)
         self.strides = [input_shapes[f].stride for f in in_features]

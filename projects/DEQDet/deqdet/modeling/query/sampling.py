@@ -90,7 +90,8 @@ def _sample_levels_gather(points, features, strides, num_groups, weights) -> tor
 
 
 def sample_3d(
-    points: torch.Tensor, features: List[torch.Tensor], strides: Sequence[int], num_groups: int, tau: float = 2.0
+    points: torch.Tensor, features: List[torch.Tensor], strides: Sequence[int], num_groups: int,
+    tau: float = 2.0,
 ) -> torch.Tensor:
     """Read grouped features at 3D points.
 
