@@ -100,6 +100,7 @@ def test_graphed_deq_inference_equals_eager(solver, monkeypatch):
             torch.testing.assert_close(ab, eb, rtol=1e-4, atol=1e-3)
             assert torch.equal(ac, ec)
     assert len(recordings) == 2  # one recording per input shape
+    assert len(graphed.decoder.graph_cache.graphs) == 2 and eager.decoder.graph_cache is None
 
 
 @cuda
@@ -116,9 +117,9 @@ def test_graphed_deq_inference_under_bfloat16_autocast():
 
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         inputs = decoder_inputs(1)
-        expected = eager.decoder(*inputs)[0]
-        graphed.decoder(*decoder_inputs(0))  # records
-        actual = graphed.decoder(*inputs)[0]  # replays
+        expected = eager.decoder.predict(*inputs)
+        graphed.decoder.predict(*decoder_inputs(0))  # records
+        actual = graphed.decoder.predict(*inputs)  # replays
     assert actual["logits"].dtype == expected["logits"].dtype
     for key in ("logits", "boxes", "residuals"):
         assert torch.isfinite(expected[key]).all(), key
