@@ -12,8 +12,8 @@ from tests.helpers import ATSS_DYHEAD, synthetic_batch, tiny_model
 
 
 def _scale_outputs(factor):
-    def hook(module, args, output):
-        return tuple(t * factor for t in output)
+    def hook(module, args, output):  # a stage's output is a StageOutput (a NamedTuple): keep its type
+        return output._make(t * factor for t in output)
     return hook
 
 

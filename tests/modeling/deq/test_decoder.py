@@ -217,8 +217,8 @@ def test_non_finite_state_stops_with_the_last_finite_state(caplog):
 
     def poison_image_1_from_call_4(module, args, output):
         calls.append(1)
-        if len(calls) >= 4 and output[0].shape[0] == 2:
-            output[0][1] = output[2][1] = float("nan")  # content (part of the state) and logits
+        if len(calls) >= 4 and output.content.shape[0] == 2:
+            output.content[1] = output.logits[1] = float("nan")  # part of the state, and the scores
         return output
 
     stage.register_forward_hook(poison_image_1_from_call_4)
