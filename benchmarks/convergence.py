@@ -10,6 +10,8 @@ Every detector trains from scratch on the CPU (``OUTPUT_DIR output/convergence/<
 ``shapes_val`` every ``--eval-period`` iterations (``TEST.EVAL_PERIOD``, a checkpoint each time); for the
 combined detector each checkpoint is evaluated again with its dense head's boxes
 (``MODEL.DENSE_QUERY.INFERENCE_SOURCE dense``), so decoder and dense head come from the same weights.
+A detector whose ``model_final.pth`` exists is not trained again, and evaluations whose logs hold a
+result are not repeated: calling ``train`` again collects the results of finished runs.
 The time axis is iterations x the run's median s/iter (training only, evaluation excluded).
 """
 
@@ -62,9 +64,10 @@ class Run:
         self.args = ["--config-file", config, *opts, *DEMO_INPUT, *_schedule(iters, eval_period)]
         self.pending = [] if not self.has_dense else list(range(eval_period, iters + 1, eval_period))
         self.dense = {}
-        self.proc = _python([os.path.join(ROOT, "train_net.py"), *self.args, "OUTPUT_DIR", self.out],
-                            os.path.join(self.out, "train.log"))
-        self.phase, self.start = "train", time.perf_counter()
+        self.phase, self.proc = "train", None
+        if not os.path.isfile(os.path.join(self.out, "model_final.pth")):  # otherwise collect what is there
+            self.proc = _python([os.path.join(ROOT, "train_net.py"), *self.args, "OUTPUT_DIR", self.out],
+                                os.path.join(self.out, "train.log"))
 
     def _checkpoint(self, iteration: int) -> str:
         name = "model_final.pth" if iteration == self.iters else f"model_{iteration - 1:07d}.pth"
@@ -72,20 +75,24 @@ class Run:
 
     def poll(self):
         """None while running; the result dict when done. Raises SystemExit when a process failed."""
-        if self.proc.poll() is None:
-            return None
-        if self.proc.returncode != 0:
-            raise SystemExit(f"{self.name}: {self.phase} failed, see its log in {self.out}")
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                return None
+            if self.proc.returncode != 0:
+                raise SystemExit(f"{self.name}: {self.phase} failed, see its log in {self.out}")
         if self.phase.startswith("dense@"):
             self.dense[int(self.phase[6:])] = _last_ap(os.path.join(self.out, f"{self.phase}.log"))
-        if self.pending:
+        while self.pending:
             iteration = self.pending.pop(0)
             self.phase = f"dense@{iteration}"
+            log = os.path.join(self.out, f"{self.phase}.log")
+            if os.path.isfile(log) and "copypaste: AP," in open(log).read():  # evaluated by an earlier call
+                self.dense[iteration] = _last_ap(log)
+                continue
             self.proc = _python([os.path.join(ROOT, "train_net.py"), "--eval-only", *self.args,
                                  "MODEL.WEIGHTS", self._checkpoint(iteration),
                                  "MODEL.DENSE_QUERY.INFERENCE_SOURCE", "dense",
-                                 "OUTPUT_DIR", os.path.join(self.out, self.phase)],
-                                os.path.join(self.out, f"{self.phase}.log"))
+                                 "OUTPUT_DIR", os.path.join(self.out, self.phase)], log)
             return None
         return self._result()
 
@@ -93,14 +100,14 @@ class Run:
         metrics = [json.loads(line) for line in open(os.path.join(self.out, "metrics.json"))]
         times = [m["time"] for m in metrics if "time" in m and m["iteration"] >= 20]
         s_per_iter = statistics.median(times)
-        curve = [{"iteration": m["iteration"] + 1, "train_s": round((m["iteration"] + 1) * s_per_iter, 1),
-                  "ap": m["bbox/AP"], "ap50": m["bbox/AP50"], "ap75": m["bbox/AP75"]}
-                 for m in metrics if "bbox/AP" in m]
+        # evaluations are logged at iteration k * period - 1, the last one (after training) at MAX_ITER
+        done = [(min(m["iteration"] + 1, self.iters), m) for m in metrics if "bbox/AP" in m]
+        curve = [{"iteration": it, "train_s": round(it * s_per_iter, 1), "ap": m["bbox/AP"],
+                  "ap50": m["bbox/AP50"], "ap75": m["bbox/AP75"]} for it, m in done]
         for point in curve:
             if point["iteration"] in self.dense:
                 point["dense_ap"], point["dense_ap50"], point["dense_ap75"] = self.dense[point["iteration"]]
         return {"s_per_iter": s_per_iter, "load_avg_end": os.getloadavg()[0], "curve": curve,
-                "wall_s": round(time.perf_counter() - self.start, 1),
                 "command": "OMP_NUM_THREADS=1 python train_net.py " + " ".join(
                     os.path.relpath(a, ROOT) if a.startswith(ROOT) else a for a in self.args)}
 
