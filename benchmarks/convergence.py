@@ -163,13 +163,25 @@ def report(args) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "convergence.png"), dpi=100)
+    iterations = sorted({p["iteration"] for run in data.values() for p in run["curve"]})
+    points = ["| detector | " + " | ".join(f"@{i}" for i in iterations) + " |",
+              "|---|" + "---|" * len(iterations)]
+    for key, run in data.items():
+        by_iter = {p["iteration"]: p for p in run["curve"]}
+        cells = [f"{by_iter[i]['ap']:.1f}" if i in by_iter else "" for i in iterations]
+        points.append(f"| {key} | " + " | ".join(cells) + " |")
+        if "dense_ap" in run["curve"][-1]:
+            cells = [f"{by_iter[i]['dense_ap']:.1f}" if "dense_ap" in by_iter.get(i, {}) else ""
+                     for i in iterations]
+            points.append(f"| {key}, its dense head | " + " | ".join(cells) + " |")
     commands = "\n".join(f"- {key}: `{run['command']}`" for key, run in data.items())
     with open(os.path.join(RESULTS, "convergence.md"), "w") as f:
         f.write("# The combined detector against its parts on one schedule\n\n"
                 "Written by `python benchmarks/convergence.py report` from `convergence.json`; protocol in "
                 "`benchmarks/convergence.py` (seed 1, batch 4, from scratch, 2-core CPU, 1 thread per run, "
                 "two runs side by side). AP at the last iteration; the curve is `convergence.png`.\n\n"
-                + "\n".join(lines) + "\n\n![AP against training time](convergence.png)\n\n## Commands\n\n"
+                + "\n".join(lines) + "\n\nAP at each evaluation:\n\n" + "\n".join(points)
+                + "\n\n![AP against training time](convergence.png)\n\n## Commands\n\n"
                 + commands + "\n")
     print("\n".join(lines))
 
