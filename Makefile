@@ -17,7 +17,8 @@ data: setup  ## generate the embedded `shapes` dataset into the cache
 demo: setup  ## train + evaluate the demo detector on `shapes`, draw its predictions
 	$(PY) tools/demo.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
 
-test: setup  ## run the test suite
+test: setup  ## lint (the pinned ruff, configured in pyproject.toml), then run the test suite
+	.venv/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 bench: setup  ## speed and memory side by side (benchmarks/run.py; BENCH_ARGS=--quick for the short run)
