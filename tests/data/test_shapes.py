@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from deqdet.data.shapes import CLASSES, SPLITS, compose_image, generate_split, render_image
+from deqdet.data.shapes import CLASSES, GENERATOR_VERSION, SPLITS, compose_image, generate_split, render_image
 
 
 def test_same_seed_gives_identical_json_and_pixels(tmp_path):
@@ -68,3 +68,20 @@ def test_default_splits_cover_all_classes_sizes_and_empty_images(default_splits)
         areas = np.array([a["bbox"][2] * a["bbox"][3] for r in records for a in r["annotations"]])
         for lo, hi in ((0, 32**2), (32**2, 96**2), (96**2, np.inf)):
             assert ((areas >= lo) & (areas < hi)).mean() > 0.05, (name, lo, hi)
+
+
+def test_a_split_is_generated_on_first_use_through_the_checked_loader(tmp_path):
+    """On a machine without the data (an empty DEQDET_DATA), loading a split through the checks that
+    training, evaluation and the tools use generates it instead of failing on its missing JSON."""
+    import subprocess
+    import sys
+
+    from tests.helpers import subprocess_env
+
+    code = ("from deqdet.data.loading import load_dataset; "
+            "print(len(load_dataset('shapes_mini_val')))")
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(DEQDET_DATA=str(tmp_path)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(SPLITS["shapes_mini_val"].num_images)
+    assert (tmp_path / f"shapes-v{GENERATOR_VERSION}" / "shapes_mini_val" / "annotations.json").is_file()

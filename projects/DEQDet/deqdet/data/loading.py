@@ -35,6 +35,8 @@ from tqdm import tqdm
 from ..errors import UserInputError
 from .annotation_file import check_coco_dict, log_report
 from .checks import clean_record_boxes, image_problem
+from .datasets import ensure_shapes
+from .shapes import SPLITS
 
 __all__ = [
     "NUM_CLASSES_KEYS", "check_annotation_file", "check_num_classes", "checked_dataset_dicts", "load_dataset",
@@ -61,6 +63,8 @@ def load_dataset(name: str) -> list[dict]:
     one), with a missing or malformed annotation file as a clear error."""
     if name not in DatasetCatalog.list():
         raise UserInputError(f"dataset {name!r} is not registered (DATASETS.TRAIN / DATASETS.TEST)")
+    if name in SPLITS:
+        ensure_shapes(name)  # generated on first use: its annotation file exists only afterwards
     json_file = MetadataCatalog.get(name).get("json_file")
     try:
         if json_file:
