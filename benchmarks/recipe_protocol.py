@@ -5,7 +5,7 @@
     python benchmarks/recipe_protocol.py report            # recipe_protocol.md from the JSON
     python benchmarks/recipe_protocol.py list              # the variants and their overrides
 
-Every run is a ``train_net.py`` process on the CPU from scratch (``OUTPUT_DIR output/protocol/<name>/s<seed>``)
+Every run is a ``train_net.py`` process on the CPU from scratch (``OUTPUT_DIR output/protocol/<name><tag>@<iters>/s<seed>``)
 with ``OMP_NUM_THREADS=1``, ``--jobs`` processes side by side (2 on 2 cores), batch 4, ``--iters``
 iterations (warm-up 100, lr x0.1 at 75 % and 93 %), ``SEED <seed>``, evaluated once on ``shapes_val``
 at the end. Recorded per run: AP / AP50 / AP75 (the decoder's for the combined detector, with the dense
@@ -115,12 +115,12 @@ def _last_ap(log_path: str) -> tuple:
 class Run:
     """One (variant, seed) training process, then (for the combined detector) its dense-head evaluation."""
 
-    def __init__(self, variant: str, seed: int, iters: int, extra: list):
+    def __init__(self, variant: str, seed: int, iters: int, extra: list, tag: str = ""):
         self.variant, self.seed, self.iters = variant, seed, iters
         config, opts = VARIANTS[variant]
         if config == FLAGSHIP:
             opts = [*PINNED, *opts]
-        self.out = os.path.join(ROOT, "output", "protocol", f"{variant}@{iters}", f"s{seed}")
+        self.out = os.path.join(ROOT, "output", "protocol", f"{variant}{tag}@{iters}", f"s{seed}")
         os.makedirs(self.out, exist_ok=True)
         self.config, self.opts = config, [*opts, *extra]
         self.train_cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", config, *self.opts,
@@ -182,7 +182,7 @@ def train(args) -> None:
     while pending or running:
         while pending and len(running) < args.jobs:
             variant, seed = pending.pop(0)
-            run = Run(variant, seed, args.iters, args.opts)
+            run = Run(variant, seed, args.iters, args.opts, args.tag)
             run.launch()
             print(f"started {variant} seed {seed}: {' '.join(run.train_cmd[2:])}", flush=True)
             running.append(run)
