@@ -23,11 +23,10 @@ from typing import Callable, Dict, List
 import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
 import numpy as np
 import torch
-from detectron2.data.detection_utils import read_image
 
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
-from deqdet.inference import find_inputs
+from deqdet.inference import read_inputs
 from deqdet.predictor import Predictor
 
 
@@ -84,18 +83,8 @@ def main(argv=None) -> int:
     if args.warmup < 0 or args.repeat < 1:
         print("error: --warmup must be >= 0 and --repeat >= 1", file=sys.stderr)
         return 2
-    paths, missing = find_inputs(args.input)
-    for pattern in missing:
-        print(f"skipped {pattern}: no such file, folder with images, or matching glob", file=sys.stderr)
-    images = []
-    for path in paths:
-        try:
-            images.append(read_image(path, format="BGR"))
-        except Exception as e:  # PIL / OS errors: any reason the file is not a readable image
-            print(f"skipped {path}: cannot read image: {' '.join(str(e).split())}", file=sys.stderr)
     try:
-        if not images:
-            raise UserInputError(f"no readable image among --input {' '.join(args.input)}")
+        images = read_inputs(args.input, "BGR")
         cfg = build_config(args.config_file, args.opts)
         predictor = Predictor(cfg)
     except UserInputError as e:

@@ -17,11 +17,10 @@ import argparse
 import sys
 
 import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
-from detectron2.data.detection_utils import read_image
 
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
-from deqdet.inference import build_inference_model, find_inputs
+from deqdet.inference import build_inference_model, read_inputs
 from deqdet.visualization import render_refinement
 
 
@@ -50,17 +49,7 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     try:
         cfg = build_config(args.config_file, args.opts)
-        paths, missing = find_inputs(args.input)
-        for pattern in missing:
-            print(f"skipped {pattern}: no such file, folder with images, or matching glob", file=sys.stderr)
-        images = []
-        for path in paths:
-            try:
-                images.append(read_image(path, format=cfg.INPUT.FORMAT))
-            except Exception as e:  # PIL / OS errors: any reason the file is not a readable image
-                print(f"skipped {path}: cannot read image: {' '.join(str(e).split())}", file=sys.stderr)
-        if not images:
-            raise UserInputError(f"no readable image among --input {' '.join(args.input)}")
+        images = read_inputs(args.input, cfg.INPUT.FORMAT)
         model, classes = build_inference_model(cfg)  # the training data's class names, from the checkpoint
         metadata = classes.metadata() if classes else None
         written = render_refinement(

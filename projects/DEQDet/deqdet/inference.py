@@ -1,5 +1,6 @@
-"""What the inference tools (``tools/predict.py``, ``visualize_refinement.py``, ``export.py``) share:
-expanding ``--input`` into image files and building a model with its weights and class names, with
+"""What the inference tools (``tools/predict.py``, ``visualize_refinement.py``, ``measure_latency.py``,
+``export.py``) share: expanding ``--input`` into image files (and reading them, skipping what cannot be
+read), and building a model with its weights and class names, with
 one-line errors."""
 
 from __future__ import annotations
@@ -7,17 +8,20 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import sys
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 
 from .checkpoint.classes import CHECKPOINT_KEY as CLASSES_KEY
 from .checkpoint.classes import ClassNames, resolve_classes
 from .errors import UserInputError
 
-__all__ = ["IMAGE_EXTENSIONS", "find_inputs", "check_weights", "build_inference_model"]
+__all__ = ["IMAGE_EXTENSIONS", "find_inputs", "read_inputs", "check_weights", "build_inference_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,24 @@ def find_inputs(patterns: Sequence[str]) -> Tuple[List[str], List[str]]:
             missing.append(pattern)
         paths.extend(found)
     return paths, missing
+
+
+def read_inputs(patterns: Sequence[str], image_format: str) -> List[np.ndarray]:
+    """The readable images of ``--input`` patterns (:func:`find_inputs`), (H, W, 3) in
+    ``image_format``; a pattern that names no file and a file that is not a readable image are named
+    on stderr (``skipped ...``) and left out. Raises UserInputError when none is left."""
+    paths, missing = find_inputs(patterns)
+    for pattern in missing:
+        print(f"skipped {pattern}: no such file, folder with images, or matching glob", file=sys.stderr)
+    images = []
+    for path in paths:
+        try:
+            images.append(read_image(path, format=image_format))
+        except Exception as e:  # PIL / OS errors: any reason the file is not a readable image
+            print(f"skipped {path}: cannot read image: {' '.join(str(e).split())}", file=sys.stderr)
+    if not images:
+        raise UserInputError(f"no readable image among --input {' '.join(patterns)}")
+    return images
 
 
 def check_weights(path: str) -> None:
