@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis): box encodings round-trip, the Hungarian matcher finds the
 minimum-cost assignment (against brute force), ATSS assignments obey their definition, and the 3D
-sampling points stay inside their boxes with level weights summing to 1."""
+sampling points stay inside their boxes with level weights summing to 1; NMS read over a prefix of the
+candidates keeps what NMS over all of them keeps first."""
 
 import itertools
 import math
@@ -9,7 +10,9 @@ import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torchvision.ops import nms
 
+from deqdet.modeling.dense_query import first_kept
 from deqdet.modeling.dyhead.atss import atss_assign
 from deqdet.modeling.query.boxes import xyxy_to_xyzr, xyzr_to_xyxy
 from deqdet.modeling.query.matcher import HungarianMatcher
@@ -152,3 +155,16 @@ def test_sampling_points_stay_in_the_box_and_level_weights_sum_to_1(boxes, seed)
     weights = level_weights(points[..., 2], (4, 8, 16, 32))
     assert (weights >= 0).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights[..., 0]))
+
+
+@EXAMPLES
+@given(n=st.integers(0, 400), k=st.integers(1, 30), thresh=st.sampled_from([0.3, 0.5, 0.7, 0.9]),
+       seed=st.integers(0, 2**16), spread=st.sampled_from([20.0, 400.0]))
+def test_first_kept_is_the_full_nms_first_k(n, k, thresh, seed, spread):
+    """Clustered boxes (spread 20: most suppressed, so the prefix must grow) and spread ones; distinct
+    scores."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * spread
+    boxes = torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 40], dim=1)
+    scores = torch.randperm(n, generator=g).float() / max(n, 1)
+    assert torch.equal(first_kept(boxes, scores, thresh, k), nms(boxes, scores, thresh)[:k])

@@ -3,10 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.modeling import build_backbone
+from detectron2.structures import ImageList
 from torchvision.ops import deform_conv2d
 
+from deqdet.engine import build_config
 from deqdet.modeling.dyhead.deform import coarse_level_offsets, modulated_deform_conv3x3, resolve_dcn_impl
 from deqdet.modeling.dyhead.dyconv import DyConv, DyReLU
+from tests.helpers import config_file
 
 
 def test_auto_dcn_impl_is_the_sampling_form_on_cpu_and_torchvision_on_cuda():
@@ -216,3 +220,26 @@ def test_dyhead_box_head_applies_task_attention_to_pooled_features():
         head.attention[1].fc[2].bias.fill_(3.0)  # second: max(2x + 0.5, x + 0.5) per RoI and channel
     expected = torch.maximum(2 * pooled.clamp(min=0) + 0.5, pooled.clamp(min=0) + 0.5)
     assert torch.allclose(head(pooled), expected.flatten(1))
+
+
+@pytest.mark.parametrize("divisibility, padded", [(0, (256, 384)), (32, (224, 320)), (64, (256, 320))])
+def test_size_divisibility_pads_less_and_keeps_levels_stride_two_successors(divisibility, padded):
+    """0 pads to the coarsest stride (128, official); 32 is enough for the block: every level is still the
+    stride-2 successor of the one below, and the block runs on the unequal halvings (P6 7x10 -> P7 4x5)."""
+    cfg = build_config(config_file("shapes", "dyhead_deqdet_r18.yaml"),
+                       ["MODEL.DEVICE", "cpu", "MODEL.DYHEAD.SIZE_DIVISIBILITY", str(divisibility)])
+    backbone = build_backbone(cfg)
+    assert backbone.size_divisibility == (divisibility or 128)
+    images = ImageList.from_tensors([torch.zeros(3, 200, 300)], backbone.size_divisibility)
+    assert tuple(images.tensor.shape[-2:]) == padded
+    out = backbone(images.tensor)
+    sizes = [tuple(out[f"p{level}"].shape[-2:]) for level in range(3, 8)]
+    for fine, coarse in zip(sizes, sizes[1:]):
+        assert coarse == ((fine[0] + 1) // 2, (fine[1] + 1) // 2)
+
+
+def test_size_divisibility_not_a_multiple_of_the_backbones_is_named():
+    cfg = build_config(config_file("shapes", "dyhead_deqdet_r18.yaml"),
+                       ["MODEL.DEVICE", "cpu", "MODEL.DYHEAD.SIZE_DIVISIBILITY", "48"])
+    with pytest.raises(ValueError, match="MODEL.DYHEAD.SIZE_DIVISIBILITY"):
+        build_backbone(cfg)

@@ -27,11 +27,14 @@ class DyHead(Backbone):
     """A pyramid backbone followed by ``MODEL.DYHEAD.NUM_CONVS`` :class:`DyConv` blocks.
 
     Outputs the same names and strides as the wrapped backbone, ``MODEL.DYHEAD.CHANNELS`` channels.
-    The input is padded to a multiple of the coarsest stride, so every level is exactly half the
-    size of the one below.
+    The input is padded to a multiple of ``size_divisibility`` (0: the coarsest output stride, as the
+    official code), at least the wrapped backbone's own, so every level is the stride-2 successor of
+    the one below.
     """
 
-    def __init__(self, backbone: Backbone, num_blocks: int, channels: int, **block_kwargs):
+    def __init__(
+        self, backbone: Backbone, num_blocks: int, channels: int, size_divisibility: int = 0, **block_kwargs
+    ):
         super().__init__()
         self.backbone = backbone
         in_channels = {s.channels for s in backbone.output_shape().values()}
@@ -47,7 +50,12 @@ class DyHead(Backbone):
         self._out_features = sorted(shapes, key=lambda k: shapes[k].stride)
         self._out_feature_strides = {k: shapes[k].stride for k in self._out_features}
         self._out_feature_channels = {k: channels for k in self._out_features}
-        self._size_divisibility = self._out_feature_strides[self._out_features[-1]]
+        if size_divisibility < 0 or (size_divisibility and size_divisibility % backbone.size_divisibility):
+            raise ValueError(
+                f"MODEL.DYHEAD.SIZE_DIVISIBILITY ({size_divisibility}) must be 0 or a multiple of the "
+                f"backbone's size divisibility ({backbone.size_divisibility})"
+            )
+        self._size_divisibility = size_divisibility or self._out_feature_strides[self._out_features[-1]]
 
     @property
     def size_divisibility(self) -> int:
@@ -66,6 +74,7 @@ def _wrap(cfg, bottom_up: Backbone, top_block) -> DyHead:
         fpn,
         d.NUM_CONVS,
         d.CHANNELS,
+        size_divisibility=d.SIZE_DIVISIBILITY,
         coarse_offsets=d.COARSE_OFFSETS,
         dcn_impl=d.DCN_IMPL,
         task_attention=d.TASK_ATTENTION,

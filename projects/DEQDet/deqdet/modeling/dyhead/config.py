@@ -32,6 +32,11 @@ def add_dyhead_config(cfg: CN) -> CN:
     # Make every block residual, F + gamma * block(F), with a per-channel gamma initialised to zero: the
     # blocks start as the identity (for training from scratch). False: the official block (no residual).
     cfg.MODEL.DYHEAD.IDENTITY_INIT = False
+    # Pad inputs to a multiple of this many pixels; 0: of the coarsest output stride (128 for P3-P7, as
+    # microsoft/DynamicHead). The blocks only need each level to be the stride-2 successor of the one
+    # below, which the bottom-up network's coarsest stride (32) already gives; on small inputs padding to
+    # 128 costs up to a third more pixels.
+    cfg.MODEL.DYHEAD.SIZE_DIVISIBILITY = 0
 
     cfg.MODEL.ATSS = CN()
     # Candidates per level (times anchors per location) closest to a box centre.
