@@ -51,6 +51,7 @@ def test_builds_from_config_with_shared_pyramid():
     (["MODEL.QUERY.NUM_CLASSES", "5"], "MODEL.ATSS.NUM_CLASSES"),
     (["MODEL.DENSE_QUERY.QUERY_INIT", "anchors"], "MODEL.DENSE_QUERY.QUERY_INIT"),
     (["MODEL.DENSE_QUERY.INFERENCE_SOURCE", "both"], "MODEL.DENSE_QUERY.INFERENCE_SOURCE"),
+    (["MODEL.DENSE_QUERY.DECODER_NMS_THRESH", "0.0"], "MODEL.DENSE_QUERY.DECODER_NMS_THRESH"),
 ])
 def test_bad_config_names_the_key(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -153,6 +154,30 @@ def test_both_inference_sources_from_one_checkpoint():
         assert out["steps"].item() >= 1 and out["residuals"].shape == (3,)
     for out in dense_out:
         assert "steps" not in out and isinstance(out["instances"], Instances)
+
+
+def test_decoder_nms_removes_same_class_overlaps_and_keeps_the_rest():
+    """DECODER_NMS_THRESH 0.5: the detections are the no-NMS ones minus those a higher-scored detection
+    of the same class overlaps by IoU > 0.5 (checked pair by pair); 1.0 (default) is no NMS."""
+    model = _model().eval()
+    assert model.decoder_nms_thresh == 1.0
+    batch = _inputs()
+    with torch.no_grad():
+        plain = model(batch)
+        model.decoder_nms_thresh = 0.5
+        filtered = model(batch)
+    for a, b in zip(plain, filtered):
+        a, b = a["instances"], b["instances"]
+        iou = pairwise_iou(a.pred_boxes, a.pred_boxes)
+        same = a.pred_classes[:, None] == a.pred_classes[None, :]
+        # greedy: walk best first, drop what a kept same-class detection overlaps
+        kept = []
+        for i in range(len(a)):
+            if not any(same[i, j] and iou[i, j] > 0.5 for j in kept):
+                kept.append(i)
+        assert 0 < len(kept) < len(a)
+        torch.testing.assert_close(b.scores, a.scores[kept])
+        torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor[kept])
 
 
 RETINANET = ["MODEL.DENSE_QUERY.DENSE_DETECTOR", "RetinaNet", "MODEL.RETINANET.NUM_CLASSES", "8",

@@ -65,6 +65,10 @@ def add_dense_query_config(cfg: CN) -> None:
     # candidates per level (by max class probability x centerness) that enter it.
     d.PROPOSAL_NMS_THRESH = 0.7
     d.PROPOSAL_TOPK_PER_LEVEL = 1000
+    # Class-wise NMS at this IoU on the decoder's detections at inference (1.0: none, as the papers'
+    # query decoders). One-to-one training suppresses a query that duplicates a better one only slowly:
+    # on a short schedule the duplicates left by the proposal NMS cost AP50 (flagship_recipe.md).
+    d.DECODER_NMS_THRESH = 1.0
     # "dense_topk": add to the decoder's class logits, per query, the detached log-odds of the dense head's
     # score (class probability x centerness) of the box that initialised it, so that refinement starts
     # from the dense head's ranking and learns a residual (PRIOR_EPS for the whole-image queries).

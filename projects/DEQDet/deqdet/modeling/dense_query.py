@@ -17,7 +17,8 @@ inference unchanged. It does not know a decoder exists; the decoder receives con
 class owns the wiring: ``MODEL.DENSE_QUERY.QUERY_INIT`` picks the decoder's initial boxes (``whole_image``
 as in the papers, or ``dense_topk``: the dense head's distinct top-scoring boxes, as DDQ / two-stage
 DETRs do), ``INFERENCE_SOURCE`` picks which head's detections are returned (both can be evaluated from
-one checkpoint). DEQ residuals and steps per image stay in the outputs.
+one checkpoint), ``DECODER_NMS_THRESH`` < 1 removes the decoder's same-class duplicates at inference.
+DEQ residuals and steps per image stay in the outputs.
 """
 
 from typing import Dict, List, Optional
@@ -116,6 +117,7 @@ class DenseQueryDetector(nn.Module):
         class_prior: bool = False,
         decoder_feature_grad: float = 1.0,
         inference_source: str = "decoder",
+        decoder_nms_thresh: float = 1.0,
         content_proj: Optional[nn.Module] = None,
     ):
         super().__init__()
@@ -142,6 +144,11 @@ class DenseQueryDetector(nn.Module):
             )
         self.decoder_feature_grad = decoder_feature_grad
         self.inference_source = inference_source
+        if not 0.0 < decoder_nms_thresh <= 1.0:
+            raise ValueError(
+                f"MODEL.DENSE_QUERY.DECODER_NMS_THRESH must be in (0, 1], got {decoder_nms_thresh}"
+            )
+        self.decoder_nms_thresh = decoder_nms_thresh
         if content_proj is not None and query_init != "dense_topk":
             raise ValueError('MODEL.DENSE_QUERY.QUERY_CONTENT "dense_feature" needs QUERY_INIT "dense_topk"')
         self.content_proj = content_proj
@@ -202,6 +209,7 @@ class DenseQueryDetector(nn.Module):
             class_prior=dq.CLASS_PRIOR,
             decoder_feature_grad=dq.DECODER_FEATURE_GRAD,
             inference_source=dq.INFERENCE_SOURCE,
+            decoder_nms_thresh=dq.DECODER_NMS_THRESH,
         )
 
     @torch.no_grad()
@@ -321,5 +329,6 @@ class DenseQueryDetector(nn.Module):
         content, xyzr, prior = self._queries(images, dense_features, predictions)
         prediction = _with_prior(self.decoder.predict(content, xyzr, query_features), prior)
         return decoder_outputs(
-            prediction, batched_inputs, images.image_sizes, self.dense.max_detections_per_image
+            prediction, batched_inputs, images.image_sizes, self.dense.max_detections_per_image,
+            self.decoder_nms_thresh,
         )

@@ -8,6 +8,7 @@ from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from detectron2.config import configurable
+from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
@@ -70,9 +71,12 @@ def postprocess_outputs(
     ]
 
 
-def topk_detections(logits: torch.Tensor, boxes: torch.Tensor, image_sizes, k: int) -> List[Instances]:
+def topk_detections(
+    logits: torch.Tensor, boxes: torch.Tensor, image_sizes, k: int, nms_thresh: float = 1.0
+) -> List[Instances]:
     """logits (B, N, K), boxes (B, N, 4) -> per image the top ``k`` (query, class) pairs by sigmoid
-    score, boxes clipped to the image (no NMS)."""
+    score, boxes clipped to the image; with ``nms_thresh`` < 1, of those the ones a class-wise NMS at
+    that IoU keeps (best first), else no NMS."""
     results = []
     num_classes = logits.shape[-1]
     for scores, boxes_i, size in zip(logits.sigmoid(), boxes, image_sizes):
@@ -82,17 +86,26 @@ def topk_detections(logits: torch.Tensor, boxes: torch.Tensor, image_sizes, k: i
         out.pred_boxes.clip(size)
         out.scores = top_scores
         out.pred_classes = top_idx % num_classes
+        if nms_thresh < 1.0:
+            out = out[batched_nms(out.pred_boxes.tensor, out.scores, out.pred_classes, nms_thresh)]
         results.append(out)
     return results
 
 
 def decoder_outputs(
-    prediction: Dict[str, torch.Tensor], batched_inputs: List[dict], image_sizes, detections_per_image: int
+    prediction: Dict[str, torch.Tensor],
+    batched_inputs: List[dict],
+    image_sizes,
+    detections_per_image: int,
+    nms_thresh: float = 1.0,
 ) -> List[dict]:
     """A decoder's inference prediction (``QueryDecoder.predict``, prior added) -> Detectron2's
-    outputs: per image the top ``detections_per_image`` (query, class) pairs as ``instances`` in
-    original-image pixels, and the prediction's other entries (e.g. DEQ ``residuals``, ``steps``)."""
-    results = topk_detections(prediction["logits"], prediction["boxes"], image_sizes, detections_per_image)
+    outputs: per image the top ``detections_per_image`` (query, class) pairs (class-wise NMS at
+    ``nms_thresh`` if < 1, see :func:`topk_detections`) as ``instances`` in original-image pixels, and
+    the prediction's other entries (e.g. DEQ ``residuals``, ``steps``)."""
+    results = topk_detections(
+        prediction["logits"], prediction["boxes"], image_sizes, detections_per_image, nms_thresh
+    )
     extras = {k: v for k, v in prediction.items() if k not in ("logits", "boxes")}
     return postprocess_outputs(results, extras, batched_inputs, image_sizes)
 
