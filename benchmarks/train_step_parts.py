@@ -22,16 +22,17 @@ import collections
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "projects", "DEQDet")]
 
-import deqdet  # noqa: E402, F401  (registers models and datasets)
 import torch  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
+import deqdet  # noqa: E402, F401  (registers models and datasets)
 from deqdet.engine import Trainer, build_config  # noqa: E402
 
 PARTS = ("forward", "backward", "optimizer")
@@ -112,11 +113,12 @@ def write(variants, args, loads):
     for row in rows.values():
         row["ms_per_step"]["step"] = sum(row["ms_per_step"][p] for p in PARTS)
     first = variants[0].name
+    base = rows[first]["ms_per_step"]["step"]
     parts = list(PARTS) + sorted({k for r in rows.values() for k in r["ms_per_step"]} - set(PARTS) - {"step"})
     lines = [
         "# Training step parts",
         "",
-        f"Command: `python benchmarks/train_step_parts.py {' '.join(sys.argv[1:])}`  ",
+        f"Command: `python benchmarks/train_step_parts.py {shlex.join(sys.argv[1:])}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; 1-minute load average "
         f"{loads[0]:.2f} before, {loads[1]:.2f} after. {args.steps} steps per variant after {args.warmup} "
@@ -126,14 +128,14 @@ def write(variants, args, loads):
         "|---|" + "---:|" * len(rows),
         "| **step** | " + " | ".join(f"**{r['ms_per_step']['step']:.0f}**" for r in rows.values()) + " |",
         f"| step / {first} | "
-        + " | ".join(f"{r['ms_per_step']['step'] / rows[first]['ms_per_step']['step']:.2f}" for r in rows.values())
+        + " | ".join(f"{r['ms_per_step']['step'] / base:.2f}" for r in rows.values())
         + " |",
     ]
     for part in parts:
-        lines.append(f"| {part} | " + " | ".join(
-            f"{r['ms_per_step'][part]:.1f}" if part in r["ms_per_step"] else "-" for r in rows.values()) + " |")
-    lines += ["", "Parts inside the forward overlap (the pyramid contains the bottom-up network and the blocks).",
-              "", "Variants:", ""]
+        cells = [f"{r['ms_per_step'][part]:.1f}" if part in r["ms_per_step"] else "-" for r in rows.values()]
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    lines += ["", "Parts inside the forward overlap (the pyramid contains the bottom-up network and the",
+              "blocks).", "", "Variants:", ""]
     lines += [f"- `{name}`: `{r['config']}` {' '.join(r['opts'])}" for name, r in rows.items()]
     out = os.path.join(ROOT, "benchmarks", "results", f"train_step_parts{args.tag}")
     with open(out + ".json", "w") as f:
@@ -145,7 +147,9 @@ def write(variants, args, loads):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=CONFIG [KEY VALUE ...]")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
