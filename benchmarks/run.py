@@ -79,12 +79,18 @@ MODELS = {
         "ATSS R50 + 6 DyHead blocks, sampling DCN",
     ),
     "dense_query_r50": ("configs/deqdet_dyhead_r50_1x.yaml", [], "DyHead ATSS + DEQ decoder R50"),
+    "dense_query_r50_2steps": (
+        "configs/deqdet_dyhead_r50_1x.yaml",
+        ["MODEL.DEQDET.TOL", "0.0", "MODEL.DEQDET.MAX_ITERS", "1"],
+        "DyHead ATSS + DEQ decoder R50, init + 2 steps (the shapes flagship's test depth)",
+    ),
     "faster_rcnn_r50": ("zoo:COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", [], "Faster R-CNN R50-FPN"),
     "retinanet_r50": ("zoo:COCO-Detection/retinanet_R_50_FPN_1x.yaml", [], "RetinaNet R50-FPN"),
 }
 # DEQDet R50 variants that differ from it at inference only: no train / memory rows of their own.
 INFERENCE_VARIANTS = {
-    "deqdet_r50_tol", "deqdet_r50_compiled", "deqdet_r50_graph", "deqdet_r50_compiled_graph"
+    "deqdet_r50_tol", "deqdet_r50_compiled", "deqdet_r50_graph", "deqdet_r50_compiled_graph",
+    "dense_query_r50_2steps",
 }
 # Measured on CUDA only: the CUDA graphs, and DyHead with the sampling DCN (the CPU default of
 # MODEL.DYHEAD.DCN_IMPL auto, which picks torchvision's kernel on CUDA).
