@@ -2,6 +2,7 @@
 """The combined detector against its parts on one long schedule: AP against training time on `shapes`.
 
     python benchmarks/convergence.py train --detectors retinanet flagship atss_dyhead --iters 4000
+    python benchmarks/convergence.py record-stopped --detectors deqdet adamixer   # runs killed early
     python benchmarks/convergence.py report     # convergence.md / .png from convergence.json
 
 Every detector trains from scratch on the CPU (``OUTPUT_DIR output/convergence/<name>@<iters>``), batch 4,
@@ -136,6 +137,32 @@ def train(args) -> None:
     report(args)
 
 
+def record_stopped(args) -> None:
+    """Record runs stopped before ``--iters`` (killed for lack of time) with their evaluations so far,
+    marked ``stopped_at`` (the last trained iteration)."""
+    data = _load()
+    for name in args.detectors:
+        out = os.path.join(ROOT, "output", "convergence", f"{name}@{args.iters}")
+        metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+        s_per_iter = statistics.median(m["time"] for m in metrics if "time" in m and m["iteration"] >= 20)
+        curve = [{"iteration": m["iteration"] + 1, "train_s": round((m["iteration"] + 1) * s_per_iter, 1),
+                  "ap": m["bbox/AP"], "ap50": m["bbox/AP50"], "ap75": m["bbox/AP75"]}
+                 for m in metrics if "bbox/AP" in m]
+        if not curve:
+            raise SystemExit(f"{out}: no evaluation logged yet")
+        config, overrides, _ = DETECTORS[name]
+        command = ["--config-file", config, *overrides, *DEMO_INPUT, *_schedule(args.iters, args.eval_period),
+                   "OUTPUT_DIR", out]
+        data[f"{name}@{args.iters}"] = {
+            "s_per_iter": s_per_iter, "load_avg_end": os.getloadavg()[0], "curve": curve,
+            "stopped_at": max(m["iteration"] for m in metrics) + 1,
+            "command": "OMP_NUM_THREADS=1 python train_net.py " + " ".join(
+                os.path.relpath(a, ROOT) if a.startswith(ROOT) else a for a in command)}
+    with open(RESULT_FILE, "w") as f:
+        json.dump(data, f, indent=1)
+    report(args)
+
+
 def report(args) -> None:
     import matplotlib
 
@@ -149,7 +176,8 @@ def report(args) -> None:
     for key, run in data.items():
         last = run["curve"][-1]
         dense = f"{last['dense_ap']:.1f} / {last['dense_ap75']:.1f}" if "dense_ap" in last else "-"
-        lines.append(f"| {key} | {last['iteration']} | {last['ap']:.1f} | {last['ap50']:.1f} "
+        label = f"{key}, stopped at {run['stopped_at']}" if "stopped_at" in run else key
+        lines.append(f"| {label} | {last['iteration']} | {last['ap']:.1f} | {last['ap50']:.1f} "
                      f"| {last['ap75']:.1f} | {dense} | {run['s_per_iter']:.3f} "
                      f"| {last['train_s'] / 60:.0f} min |")
         minutes = [p["train_s"] / 60 for p in run["curve"]]
@@ -197,6 +225,11 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (1 thread each)")
     p.set_defaults(func=train)
     sub.add_parser("report").set_defaults(func=report)
+    p = sub.add_parser("record-stopped", help="record killed runs with their evaluations so far")
+    p.add_argument("--detectors", nargs="+", required=True, choices=list(DETECTORS))
+    p.add_argument("--iters", type=int, default=4000)
+    p.add_argument("--eval-period", type=int, default=1000)
+    p.set_defaults(func=record_stopped)
     args = parser.parse_args()
     args.func(args)
 
