@@ -98,19 +98,28 @@ class Run:
         return self._result()
 
     def _result(self) -> dict:
-        metrics = [json.loads(line) for line in open(os.path.join(self.out, "metrics.json"))]
-        times = [m["time"] for m in metrics if "time" in m and m["iteration"] >= 20]
-        s_per_iter = statistics.median(times)
-        # evaluations are logged at iteration k * period - 1, the last one (after training) at MAX_ITER
-        done = [(min(m["iteration"] + 1, self.iters), m) for m in metrics if "bbox/AP" in m]
-        curve = [{"iteration": it, "train_s": round(it * s_per_iter, 1), "ap": m["bbox/AP"],
-                  "ap50": m["bbox/AP50"], "ap75": m["bbox/AP75"]} for it, m in done]
-        for point in curve:
-            if point["iteration"] in self.dense:
-                point["dense_ap"], point["dense_ap50"], point["dense_ap75"] = self.dense[point["iteration"]]
-        return {"s_per_iter": s_per_iter, "load_avg_end": os.getloadavg()[0], "curve": curve,
-                "command": "OMP_NUM_THREADS=1 python train_net.py " + " ".join(
-                    os.path.relpath(a, ROOT) if a.startswith(ROOT) else a for a in self.args)}
+        return _record(self.out, self.iters, self.args, self.dense)
+
+
+def _record(out: str, iters: int, args: list, dense: dict) -> dict:
+    """A run's entry of convergence.json from its ``metrics.json``: median s/iter, the AP curve (with
+    the dense head's AP at the iterations in ``dense``), the command; ``stopped_at`` if it ended early."""
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+    s_per_iter = statistics.median(m["time"] for m in metrics if "time" in m and m["iteration"] >= 20)
+    # evaluations are logged at iteration k * period - 1, the last one (after training) at MAX_ITER
+    curve = [{"iteration": min(m["iteration"] + 1, iters), "ap": m["bbox/AP"], "ap50": m["bbox/AP50"],
+              "ap75": m["bbox/AP75"]} for m in metrics if "bbox/AP" in m]
+    if not curve:
+        raise SystemExit(f"{out}: no evaluation logged yet")
+    for point in curve:
+        point["train_s"] = round(point["iteration"] * s_per_iter, 1)
+        if point["iteration"] in dense:
+            point["dense_ap"], point["dense_ap50"], point["dense_ap75"] = dense[point["iteration"]]
+    last = max(m["iteration"] for m in metrics) + 1
+    return {"s_per_iter": s_per_iter, "load_avg_end": os.getloadavg()[0], "curve": curve,
+            **({"stopped_at": last} if last < iters else {}),
+            "command": "OMP_NUM_THREADS=1 python train_net.py " + " ".join(
+                os.path.relpath(a, ROOT) if a.startswith(ROOT) else a for a in args)}
 
 
 def _load() -> dict:
@@ -143,21 +152,10 @@ def record_stopped(args) -> None:
     data = _load()
     for name in args.detectors:
         out = os.path.join(ROOT, "output", "convergence", f"{name}@{args.iters}")
-        metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
-        s_per_iter = statistics.median(m["time"] for m in metrics if "time" in m and m["iteration"] >= 20)
-        curve = [{"iteration": m["iteration"] + 1, "train_s": round((m["iteration"] + 1) * s_per_iter, 1),
-                  "ap": m["bbox/AP"], "ap50": m["bbox/AP50"], "ap75": m["bbox/AP75"]}
-                 for m in metrics if "bbox/AP" in m]
-        if not curve:
-            raise SystemExit(f"{out}: no evaluation logged yet")
         config, overrides, _ = DETECTORS[name]
         command = ["--config-file", config, *overrides, *DEMO_INPUT, *_schedule(args.iters, args.eval_period),
                    "OUTPUT_DIR", out]
-        data[f"{name}@{args.iters}"] = {
-            "s_per_iter": s_per_iter, "load_avg_end": os.getloadavg()[0], "curve": curve,
-            "stopped_at": max(m["iteration"] for m in metrics) + 1,
-            "command": "OMP_NUM_THREADS=1 python train_net.py " + " ".join(
-                os.path.relpath(a, ROOT) if a.startswith(ROOT) else a for a in command)}
+        data[f"{name}@{args.iters}"] = _record(out, args.iters, command, {})
     with open(RESULT_FILE, "w") as f:
         json.dump(data, f, indent=1)
     report(args)
