@@ -11,8 +11,9 @@ Every detector trains from scratch on the CPU (``OUTPUT_DIR output/convergence/<
 ``shapes_val`` every ``--eval-period`` iterations (``TEST.EVAL_PERIOD``, a checkpoint each time); for the
 combined detector each checkpoint is evaluated again with its dense head's boxes
 (``MODEL.DENSE_QUERY.INFERENCE_SOURCE dense``), so decoder and dense head come from the same weights.
-A detector whose ``model_final.pth`` exists is not trained again, and evaluations whose logs hold a
-result are not repeated: calling ``train`` again collects the results of finished runs.
+A detector whose ``model_final.pth`` exists is not trained again, one stopped early resumes from its last
+checkpoint (``--resume``), and evaluations whose logs hold a result are not repeated: calling ``train``
+again collects the results of finished runs and completes stopped ones.
 The time axis is iterations x the run's median s/iter (training only, evaluation excluded).
 """
 
@@ -49,8 +50,8 @@ def _schedule(iters: int, eval_period: int) -> list:
             "SOLVER.CHECKPOINT_PERIOD", str(eval_period), "MODEL.DEVICE", "cpu", "SEED", "1"]
 
 
-def _python(args: list, log_path: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=open(log_path, "w"),
+def _python(args: list, log_path: str, mode: str = "w") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=open(log_path, mode),
                             stderr=subprocess.STDOUT, env=_env())
 
 
@@ -67,8 +68,10 @@ class Run:
         self.dense = {}
         self.phase, self.proc = "train", None
         if not os.path.isfile(os.path.join(self.out, "model_final.pth")):  # otherwise collect what is there
-            self.proc = _python([os.path.join(ROOT, "train_net.py"), *self.args, "OUTPUT_DIR", self.out],
-                                os.path.join(self.out, "train.log"))
+            resume = ["--resume"] if os.path.isfile(os.path.join(self.out, "last_checkpoint")) else []
+            self.proc = _python([os.path.join(ROOT, "train_net.py"), *resume, *self.args,
+                                 "OUTPUT_DIR", self.out], os.path.join(self.out, "train.log"),
+                                "a" if resume else "w")
 
     def _checkpoint(self, iteration: int) -> str:
         name = "model_final.pth" if iteration == self.iters else f"model_{iteration - 1:07d}.pth"
