@@ -65,8 +65,16 @@ VARIANTS_RETINANET_COMBINED = ["MODEL.DENSE_QUERY.DENSE_DETECTOR", "RetinaNet", 
                                *IOU_TARGET]
 
 # name -> (config, overrides). One difference at a time from the reference where the name says so.
+# ATSS + 2 DyHead blocks in place of the towers (atss_dyhead_r18.yaml, official block initialisation), by
+# initialisation and pyramid norm: why it does not learn from scratch.
+ATSS_DYHEAD = os.path.join(SHAPES, "atss_dyhead_r18.yaml")
+
 VARIANTS = {
     "retinanet": (RETINANET, []),
+    "atss_dyhead": (ATSS_DYHEAD, []),
+    "atss_dyhead_zero_offset": (ATSS_DYHEAD, ZERO_OFFSET),
+    "atss_dyhead_identity": (ATSS_DYHEAD, IDENTITY),
+    "atss_dyhead_fpn_gn": (ATSS_DYHEAD, ["MODEL.FPN.NORM", "GN"]),
     "atss_shared_bn": (FLAGSHIP, [*ATSS, "MODEL.ATSS.NORM", "BN", "MODEL.ATSS.NORM_PER_LEVEL", "False"]),
     "atss_level_bn": (FLAGSHIP, [*ATSS, "MODEL.ATSS.NORM", "BN", "MODEL.ATSS.NORM_PER_LEVEL", "True"]),
     "atss_gn": (FLAGSHIP, [*ATSS, "MODEL.ATSS.NORM", "GN", "MODEL.ATSS.NORM_PER_LEVEL", "False"]),
