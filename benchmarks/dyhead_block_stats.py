@@ -61,7 +61,7 @@ def block_stats(model, batch: list) -> list:
     def hook(index):
         def record(block, inputs, outputs):
             for name, x in inputs[0].items():
-                offset = block.offset(x)[:, :18]
+                offset = block.offset(block.offset_norm(x))[:, :18]
                 rows.append({
                     "block": index, "level": name, "size": list(x.shape[-2:]),
                     "input_std": x.float().std().item(),
