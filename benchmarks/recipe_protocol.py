@@ -79,6 +79,8 @@ VARIANTS = {
     "atss_dyhead_fpn_gn": (ATSS_DYHEAD, ["MODEL.FPN.NORM", "GN"]),
     "atss_dyhead_offset_lr_0.1": (ATSS_DYHEAD, OFFSET_LR_01),
     "atss_dyhead_normalized_offset_input": (ATSS_DYHEAD, ["MODEL.DYHEAD.NORMALIZED_OFFSET_INPUT", "True"]),
+    "atss_dyhead_identity_normalized_offset_input": (ATSS_DYHEAD, [*IDENTITY, "MODEL.DYHEAD.NORMALIZED_OFFSET_INPUT",
+                                                                   "True"]),
     "atss_dyhead_fpn_gn_offset_lr_0.1": (ATSS_DYHEAD, ["MODEL.FPN.NORM", "GN", *OFFSET_LR_01]),
     "atss_shared_bn": (FLAGSHIP, [*ATSS, "MODEL.ATSS.NORM", "BN", "MODEL.ATSS.NORM_PER_LEVEL", "False"]),
     "atss_level_bn": (FLAGSHIP, [*ATSS, "MODEL.ATSS.NORM", "BN", "MODEL.ATSS.NORM_PER_LEVEL", "True"]),
