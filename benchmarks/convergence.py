@@ -37,7 +37,9 @@ DEMO_INPUT = ["INPUT.MIN_SIZE_TRAIN", "(160, 192, 224)", "INPUT.MIN_SIZE_TEST", 
 # name -> (config, overrides, whether it has a dense head to evaluate on its own)
 DETECTORS = {
     "retinanet": (RETINANET, [], False),
-    "atss_dyhead": (os.path.join(SHAPES, "atss_dyhead_r18.yaml"), [], False),
+    # the published block and initialisation (the config's defaults when this run was recorded)
+    "atss_dyhead": (os.path.join(SHAPES, "atss_dyhead_r18.yaml"),
+                    ["MODEL.DYHEAD.IDENTITY_INIT", "False", "MODEL.DYHEAD.ZERO_INIT_OFFSET", "False"], False),
     "deqdet": (os.path.join(SHAPES, "deqdet_r18.yaml"), [], False),
     "adamixer": (os.path.join(SHAPES, "adamixer_r18.yaml"), [], False),
     "flagship": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"), [], True),

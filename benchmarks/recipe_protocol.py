@@ -135,6 +135,8 @@ class Run:
         config, opts = VARIANTS[variant]
         if config == FLAGSHIP:
             opts = [*PINNED, *opts]
+        elif config == ATSS_DYHEAD:  # the config's initialisation when these variants were recorded
+            opts = [*OFFICIAL_INIT, *opts]
         self.out = os.path.join(ROOT, "output", "protocol", f"{variant}{tag}@{iters}", f"s{seed}")
         os.makedirs(self.out, exist_ok=True)
         self.config, self.opts = config, [*opts, *extra]
