@@ -64,24 +64,22 @@ IOU_TARGET = ["MODEL.QUERY.CLS_TARGET", "iou"]
 VARIANTS_RETINANET_COMBINED = ["MODEL.DENSE_QUERY.DENSE_DETECTOR", "RetinaNet", *RETINANET_HEAD, *IDENTITY, *DDQ_CONTENT,
                                *IOU_TARGET]
 
-# name -> (config, overrides). One difference at a time from the reference where the name says so.
-# ATSS + 2 DyHead blocks in place of the towers (atss_dyhead_r18.yaml, official block initialisation), by
-# initialisation and pyramid norm: why it does not learn from scratch.
+# ATSS + 2 DyHead blocks in place of the towers (atss_dyhead_r18.yaml, pinned to the published block
+# initialisation), by initialisation, pyramid norm and offset input: why it does not learn from scratch.
 ATSS_DYHEAD = os.path.join(SHAPES, "atss_dyhead_r18.yaml")
 # the blocks' offset convs at 0.1x the learning rate (as Deformable DETR's sampling offsets)
 OFFSET_LR_01 = ["SOLVER.PARAM_GROUP_RULES", '[["dyhead_tower[.][0-9]+[.]offset[.]", 0.1, 1.0]]']
 
+# name -> (config, overrides). One difference at a time from the reference where the name says so.
 VARIANTS = {
     "retinanet": (RETINANET, []),
     "atss_dyhead": (ATSS_DYHEAD, []),
-    "atss_dyhead_zero_offset": (ATSS_DYHEAD, ZERO_OFFSET),
     "atss_dyhead_identity": (ATSS_DYHEAD, IDENTITY),
     "atss_dyhead_fpn_gn": (ATSS_DYHEAD, ["MODEL.FPN.NORM", "GN"]),
     "atss_dyhead_offset_lr_0.1": (ATSS_DYHEAD, OFFSET_LR_01),
     "atss_dyhead_normalized_offset_input": (ATSS_DYHEAD, ["MODEL.DYHEAD.NORMALIZED_OFFSET_INPUT", "True"]),
     "atss_dyhead_identity_normalized_offset_input": (ATSS_DYHEAD, [*IDENTITY, "MODEL.DYHEAD.NORMALIZED_OFFSET_INPUT",
                                                                    "True"]),
-    "atss_dyhead_fpn_gn_offset_lr_0.1": (ATSS_DYHEAD, ["MODEL.FPN.NORM", "GN", *OFFSET_LR_01]),
     "atss_shared_bn": (FLAGSHIP, [*ATSS, "MODEL.ATSS.NORM", "BN", "MODEL.ATSS.NORM_PER_LEVEL", "False"]),
     "atss_level_bn": (FLAGSHIP, [*ATSS, "MODEL.ATSS.NORM", "BN", "MODEL.ATSS.NORM_PER_LEVEL", "True"]),
     "atss_gn": (FLAGSHIP, [*ATSS, "MODEL.ATSS.NORM", "GN", "MODEL.ATSS.NORM_PER_LEVEL", "False"]),
