@@ -40,6 +40,8 @@ DETECTORS = {
     # the published block and initialisation (the config's defaults when this run was recorded)
     "atss_dyhead": (os.path.join(SHAPES, "atss_dyhead_r18.yaml"),
                     ["MODEL.DYHEAD.IDENTITY_INIT", "False", "MODEL.DYHEAD.ZERO_INIT_OFFSET", "False"], False),
+    # the config as shipped: blocks that start as the identity
+    "atss_dyhead_identity": (os.path.join(SHAPES, "atss_dyhead_r18.yaml"), [], False),
     "deqdet": (os.path.join(SHAPES, "deqdet_r18.yaml"), [], False),
     "adamixer": (os.path.join(SHAPES, "adamixer_r18.yaml"), [], False),
     "flagship": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"), [], True),
