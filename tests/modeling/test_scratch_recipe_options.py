@@ -1,5 +1,6 @@
 """Options for training the combined detector from scratch: per-level tower norms, identity-initialised
-DyHead blocks, query content from the dense head's features, IoU-aware decoder targets. Each default
+DyHead blocks, query content from the dense head's features, IoU-aware decoder targets, one-to-many
+matching. Each default
 keeps the official behaviour."""
 
 
@@ -132,6 +133,13 @@ def test_iou_target_rewards_the_better_box():
     )
     with pytest.raises(ValueError, match="MODEL.QUERY.CLS_TARGET"):
         _criterion("soft")
+
+
+def test_matches_per_gt_reaches_the_combined_detectors_matcher_and_defaults_to_one_to_one():
+    default = build_model(build_config(COMBINED, SMALL))
+    assert default.criterion.matcher.matches_per_gt == 1
+    model = build_model(build_config(COMBINED, SMALL + ["MODEL.QUERY.MATCHES_PER_GT", "3"]))
+    assert model.criterion.matcher.matches_per_gt == 3
 
 
 # ------------------------------------------------------------------------- query content from features

@@ -103,3 +103,43 @@ def test_losses_are_normalised_by_the_number_of_matched_queries():
     three = criterion.single(logits, boxes, targets, num_matched=3.0)
     for key in one:
         assert three[key].item() == pytest.approx(one[key].item() / 3.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("num_queries,num_gt,k", [(5, 2, 2), (5, 2, 3), (4, 3, 2), (6, 1, 3)])
+def test_one_to_many_matcher_agrees_with_brute_force(num_queries, num_gt, k):
+    """Each ground truth takes at most k queries, each query at most one ground truth, min(N, k * M)
+    queries match, and the assignment's total cost is the minimum over all such assignments."""
+    torch.manual_seed(num_queries * 100 + num_gt * 10 + k)
+    matcher = HungarianMatcher(**WEIGHTS, matches_per_gt=k)
+    whwh = torch.tensor([100.0, 100.0, 100.0, 100.0])
+    for _ in range(3):
+        logits, boxes = torch.randn(num_queries, 3) * 2, _random_boxes(num_queries)
+        labels, gt = torch.randint(0, 3, (num_gt,)), _random_boxes(num_gt)
+        rows, cols = matcher(logits, boxes, labels, gt, whwh)
+        num_matches = min(num_queries, k * num_gt)
+        assert len(rows) == len(cols) == num_matches and len(set(rows.tolist())) == num_matches
+        assert max(torch.bincount(cols, minlength=num_gt).tolist()) <= k
+        cost = matcher.cost(logits, boxes, labels, gt, whwh)
+        slots = [g for g in range(num_gt) for _ in range(k)]  # gt g repeated k times
+        best = min(sum(cost[q, g].item() for q, g in zip(queries, gts))
+                   for gts in set(itertools.permutations(slots, num_matches))
+                   for queries in itertools.permutations(range(num_queries), num_matches))
+        assert cost[rows, cols].sum().item() == pytest.approx(best, rel=1e-5, abs=1e-5)
+
+
+def test_one_to_one_is_one_match_per_gt_and_one_to_many_normalises_by_its_matches():
+    torch.manual_seed(1)
+    logits, boxes = torch.randn(2, 4, 3), _random_boxes(8).view(2, 4, 4)
+    targets = [_target([0, 2], _random_boxes(2).tolist()), _target([1], _random_boxes(1).tolist())]
+    default = _criterion()([{"logits": logits, "boxes": boxes}], targets)
+    explicit = SetCriterion(HungarianMatcher(**WEIGHTS, matches_per_gt=1), **WEIGHTS)(
+        [{"logits": logits, "boxes": boxes}], targets)
+    assert all(torch.equal(default[key], explicit[key]) for key in default)
+    # k = 2: image 1 has 2 objects -> min(4, 4) = 4 matches, image 2 has 1 -> 2; 6 in all
+    assert SetCriterion.num_matched(targets, 4, "cpu", matches_per_gt=2) == 6.0
+    assert SetCriterion.num_matched(targets, 4, "cpu", matches_per_gt=3) == 4.0 + 3.0
+
+
+def test_matches_per_gt_below_one_is_refused():
+    with pytest.raises(ValueError, match="MODEL.QUERY.MATCHES_PER_GT"):
+        HungarianMatcher(**WEIGHTS, matches_per_gt=0)

@@ -49,6 +49,10 @@ def add_query_config(cfg: CN) -> None:
     # Classification target of a matched query: "one_hot" (the papers) or "iou" (the IoU of its box with
     # the ground truth, with GFL's quality focal loss: refined boxes learn to score higher).
     q.CLS_TARGET = "one_hot"
+    # Queries matched to each ground truth in training: 1 is one-to-one matching (the papers); k > 1 is
+    # one-to-many matching (H-DETR), which trains near-duplicates as positives, so use it with a test-time
+    # NMS on the decoder's detections (MODEL.DENSE_QUERY.DECODER_NMS_THRESH).
+    q.MATCHES_PER_GT = 1
 
     # DETR-style augmentation (deqdet.data.mapper.detr_augmentations): with probability PROB, before the final
     # INPUT.MIN_SIZE_TRAIN resize, resize the shortest edge to one of RESIZE_SIZES and crop a random

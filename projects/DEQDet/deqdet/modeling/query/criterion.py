@@ -51,12 +51,15 @@ class SetCriterion:
         self.cls_target = cls_target
 
     @staticmethod
-    def num_matched(targets: List[dict], num_queries: int, device) -> float:
-        """Matched queries per worker, ``sum over images of min(#gt, num_queries)`` (one-to-one
-        matching), averaged over workers, as the official ``reduce_mean(num_pos)``. A batch without
+    def num_matched(targets: List[dict], num_queries: int, device, matches_per_gt: int = 1) -> float:
+        """Matched queries per worker, ``sum over images of min(k * #gt, num_queries)`` (k =
+        ``matches_per_gt``, 1 for one-to-one matching), averaged over workers, as the official
+        ``reduce_mean(num_pos)``. A batch without
         objects on every worker gives 1 (the official ``avg_factor + float32 eps`` would divide the
         negatives' focal loss by about 1.2e-7)."""
-        count = torch.tensor(float(sum(min(len(t["labels"]), num_queries) for t in targets)), device=device)
+        count = torch.tensor(
+            float(sum(min(matches_per_gt * len(t["labels"]), num_queries) for t in targets)), device=device
+        )
         if comm.get_world_size() > 1:
             torch.distributed.all_reduce(count)
             count = count / comm.get_world_size()
@@ -95,7 +98,7 @@ class SetCriterion:
         """predictions: supervised outputs in order; targets: per image ``{"labels" (M,) int64,
         "boxes" (M, 4) xyxy pixels, "whwh" (4,) image size}``."""
         logits = predictions[0]["logits"]
-        num_matched = self.num_matched(targets, logits.shape[1], logits.device)
+        num_matched = self.num_matched(targets, logits.shape[1], logits.device, self.matcher.matches_per_gt)
         losses = {}
         for i, pred in enumerate(predictions):
             for name, value in self.single(pred["logits"], pred["boxes"], targets, num_matched).items():
