@@ -50,7 +50,7 @@ def test_builds_from_config_with_shared_pyramid():
     (["MODEL.QUERY.IN_FEATURES", "['p9']"], "MODEL.QUERY.IN_FEATURES"),
     (["MODEL.QUERY.NUM_CLASSES", "5"], "MODEL.ATSS.NUM_CLASSES"),
     (["MODEL.DENSE_QUERY.QUERY_INIT", "anchors"], "MODEL.DENSE_QUERY.QUERY_INIT"),
-    (["MODEL.DENSE_QUERY.INFERENCE_SOURCE", "both"], "MODEL.DENSE_QUERY.INFERENCE_SOURCE"),
+    (["MODEL.DENSE_QUERY.INFERENCE_SOURCE", "all"], "MODEL.DENSE_QUERY.INFERENCE_SOURCE"),
     (["MODEL.DENSE_QUERY.DECODER_NMS_THRESH", "0.0"], "MODEL.DENSE_QUERY.DECODER_NMS_THRESH"),
 ])
 def test_bad_config_names_the_key(bad, message):
@@ -154,6 +154,25 @@ def test_both_inference_sources_from_one_checkpoint():
         assert out["steps"].item() >= 1 and out["residuals"].shape == (3,)
     for out in dense_out:
         assert "steps" not in out and isinstance(out["instances"], Instances)
+
+
+def test_both_source_returns_the_decoder_and_the_dense_detections_of_one_forward():
+    model = _model().eval()
+    batch = _inputs()
+    with torch.no_grad():
+        decoder_out = model(batch)
+        model.inference_source = "dense"
+        dense_out = model(batch)
+        model.inference_source = "both"
+        both_out = model(batch)
+    for both, decoder, dense in zip(both_out, decoder_out, dense_out):
+        assert set(both) == set(decoder) | {"dense_instances"}
+        for key, expected in (("instances", decoder["instances"]), ("dense_instances", dense["instances"])):
+            torch.testing.assert_close(both[key].pred_boxes.tensor, expected.pred_boxes.tensor)
+            torch.testing.assert_close(both[key].scores, expected.scores)
+            assert torch.equal(both[key].pred_classes, expected.pred_classes)
+        n = len(both["instances"])
+        assert not torch.equal(both["instances"].scores, both["dense_instances"].scores[:n])
 
 
 def test_decoder_nms_removes_same_class_overlaps_and_keeps_the_rest():

@@ -80,5 +80,7 @@ def add_dense_query_config(cfg: CN) -> None:
     # Multiplier of the gradient the decoder's losses send into the shared pyramid (1: all of it, 0: the
     # decoder reads detached features and only the dense head trains the backbone, FPN and DyHead blocks).
     d.DECODER_FEATURE_GRAD = 1.0
-    # Detections returned at inference: "decoder" (the query decoder's) or "dense" (the ATSS head's).
+    # Detections returned at inference: "decoder" (the query decoder's), "dense" (the dense head's) or "both"
+    # (the decoder's as "instances", the dense head's as "dense_instances", from one forward; evaluations then
+    # report the dense head's AP as the task "dense_bbox" next to the decoder's "bbox").
     d.INFERENCE_SOURCE = "decoder"

@@ -30,7 +30,7 @@ from .data.stream import BatchStream, build_stream_loader
 from .deq_evaluator import DEQStatisticsEvaluator
 from .env import collect_env
 from .errors import NonFiniteLossError, UserInputError
-from .evaluation import CheckedCOCOEvaluator
+from .evaluation import CheckedCOCOEvaluator, OutputKeyEvaluator
 from .modeling.deq.stash import ObservedLossScale
 from .optim import build_optimizer
 from .resume import (
@@ -180,13 +180,21 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO AP and DEQ steps (nothing for models without a DEQ decoder); for the combined detector with
+        ``MODEL.DENSE_QUERY.INFERENCE_SOURCE both`` also its dense head's COCO AP (task ``dense_bbox``) from
+        the same pass."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        coco = CheckedCOCOEvaluator(
-            dataset_name,
-            output_dir=output_folder,
-            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
-        )
-        return DatasetEvaluators([coco, DEQStatisticsEvaluator()])  # DEQ steps: nothing for other models
+
+        def coco(folder):
+            return CheckedCOCOEvaluator(dataset_name, output_dir=folder,
+                                        max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+
+        evaluators = [coco(output_folder), DEQStatisticsEvaluator()]
+        both = cfg.MODEL.DENSE_QUERY.INFERENCE_SOURCE == "both"
+        if cfg.MODEL.META_ARCHITECTURE == "DenseQueryDetector" and both:
+            dense = coco(os.path.join(output_folder, "dense_head"))
+            evaluators.append(OutputKeyEvaluator(dense, key="dense_instances", prefix="dense_"))
+        return DatasetEvaluators(evaluators)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

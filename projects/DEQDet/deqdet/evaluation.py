@@ -7,7 +7,8 @@ is slow. :func:`install_fast_coco_eval` puts ``faster_coco_eval.COCOeval_faster`
 ``COCOEvaluator`` in the process, built by this project or by the user, evaluates fast.
 Nothing changes when detectron2's own fast COCOeval is built or ``faster-coco-eval`` is missing.
 
-:class:`CheckedCOCOEvaluator` evaluates against the ground truth that training uses.
+:class:`CheckedCOCOEvaluator` evaluates against the ground truth that training uses;
+:class:`OutputKeyEvaluator` evaluates another output of the model (the combined detector's dense head).
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from detectron2.evaluation import COCOEvaluator, coco_evaluation
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, coco_evaluation
 from pycocotools.cocoeval import COCOeval
 
 from .data.annotation_file import DROPPED, check_coco_dict
 from .data.checks import clean_box
 
-__all__ = ["CheckedCOCOEvaluator", "clean_ground_truth", "install_fast_coco_eval", "coco_eval_backend"]
+__all__ = [
+    "CheckedCOCOEvaluator", "OutputKeyEvaluator", "clean_ground_truth", "install_fast_coco_eval",
+    "coco_eval_backend",
+]
 
 
 _LOGGED = 20  # dropped ground-truth annotations named one by one per kind; the rest only counted
@@ -118,3 +122,23 @@ class CheckedCOCOEvaluator(COCOEvaluator):
             changed = [f"{len(dropped)} ground-truth boxes dropped ({counts})"] if dropped else []
             changed += [f"{clipped} ground-truth boxes clipped"] if clipped else []
             logger.info(f"evaluation of {dataset_name!r}: {', '.join(changed)}, as in training")
+
+
+class OutputKeyEvaluator(DatasetEvaluator):
+    """Runs ``evaluator`` (which reads ``outputs[i]["instances"]``) on ``outputs[i][key]`` instead, and
+    reports its tasks with ``prefix`` in front (``bbox`` -> ``dense_bbox``), so that two heads of one model
+    are evaluated in one pass (``DenseQueryDetector`` with ``INFERENCE_SOURCE both`` returns its dense
+    head's detections as ``dense_instances``)."""
+
+    def __init__(self, evaluator: DatasetEvaluator, key: str, prefix: str):
+        self.evaluator, self.key, self.prefix = evaluator, key, prefix
+
+    def reset(self):
+        self.evaluator.reset()
+
+    def process(self, inputs, outputs):
+        self.evaluator.process(inputs, [{"instances": output[self.key]} for output in outputs])
+
+    def evaluate(self):
+        results = self.evaluator.evaluate()
+        return None if results is None else {self.prefix + task: value for task, value in results.items()}

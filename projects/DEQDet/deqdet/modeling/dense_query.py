@@ -16,9 +16,10 @@ inference unchanged. It does not know a decoder exists; the decoder receives con
 :class:`~deqdet.modeling.meta_arch.QueryDetector` and does not know where its boxes came from. This
 class owns the wiring: ``MODEL.DENSE_QUERY.QUERY_INIT`` picks the decoder's initial boxes (``whole_image``
 as in the papers, or ``dense_topk``: the dense head's distinct top-scoring boxes, as DDQ / two-stage
-DETRs do), ``INFERENCE_SOURCE`` picks which head's detections are returned (both can be evaluated from
-one checkpoint), ``DECODER_NMS_THRESH`` < 1 removes the decoder's same-class duplicates at inference.
-DEQ residuals and steps per image stay in the outputs.
+DETRs do), ``INFERENCE_SOURCE`` picks which head's detections are returned (``both``: the decoder's as
+``instances`` and the dense head's as ``dense_instances``, from one forward), ``DECODER_NMS_THRESH`` < 1
+removes the decoder's same-class duplicates at inference. DEQ residuals and steps per image stay in the
+outputs.
 """
 
 from typing import Dict, List, Optional
@@ -49,7 +50,7 @@ __all__ = [
 DENSE_DETECTORS = {"ATSS": "MODEL.ATSS.NUM_CLASSES", "RetinaNet": "MODEL.RETINANET.NUM_CLASSES"}
 QUERY_INITS = ("whole_image", "dense_topk")
 QUERY_CONTENTS = ("embedding", "dense_feature")
-INFERENCE_SOURCES = ("decoder", "dense")
+INFERENCE_SOURCES = ("decoder", "dense", "both")
 # Class-prior probability of the queries that no dense box initialised (and the logit clamp).
 PRIOR_EPS = 1e-4
 
@@ -328,7 +329,13 @@ class DenseQueryDetector(nn.Module):
             return postprocess_outputs(results, {}, batched_inputs, images.image_sizes)
         content, xyzr, prior = self._queries(images, dense_features, predictions)
         prediction = _with_prior(self.decoder.predict(content, xyzr, query_features), prior)
-        return decoder_outputs(
+        outputs = decoder_outputs(
             prediction, batched_inputs, images.image_sizes, self.dense.max_detections_per_image,
             self.decoder_nms_thresh,
         )
+        if self.inference_source == "both":
+            dense = self.dense.forward_inference(images, dense_features, predictions)
+            dense = postprocess_outputs(dense, {}, batched_inputs, images.image_sizes)
+            for out, dense_out in zip(outputs, dense):
+                out["dense_instances"] = dense_out["instances"]
+        return outputs
