@@ -54,9 +54,8 @@ class SetCriterion:
     def num_matched(targets: List[dict], num_queries: int, device, matches_per_gt: int = 1) -> float:
         """Matched queries per worker, ``sum over images of min(k * #gt, num_queries)`` (k =
         ``matches_per_gt``, 1 for one-to-one matching), averaged over workers, as the official
-        ``reduce_mean(num_pos)``. A batch without
-        objects on every worker gives 1 (the official ``avg_factor + float32 eps`` would divide the
-        negatives' focal loss by about 1.2e-7)."""
+        ``reduce_mean(num_pos)``. A batch without objects on every worker gives 1 (the official
+        ``avg_factor + float32 eps`` would divide the negatives' focal loss by about 1.2e-7)."""
         count = torch.tensor(
             float(sum(min(matches_per_gt * len(t["labels"]), num_queries) for t in targets)), device=device
         )
