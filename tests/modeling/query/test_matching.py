@@ -138,6 +138,10 @@ def test_one_to_one_is_one_match_per_gt_and_one_to_many_normalises_by_its_matche
     # k = 2: image 1 has 2 objects -> min(4, 4) = 4 matches, image 2 has 1 -> 2; 6 in all
     assert SetCriterion.num_matched(targets, 4, "cpu", matches_per_gt=2) == 6.0
     assert SetCriterion.num_matched(targets, 4, "cpu", matches_per_gt=3) == 4.0 + 3.0
+    two = SetCriterion(HungarianMatcher(**WEIGHTS, matches_per_gt=2), **WEIGHTS)
+    losses = two([{"logits": logits, "boxes": boxes}], targets)
+    for name, value in two.single(logits, boxes, targets, num_matched=6.0).items():
+        torch.testing.assert_close(losses[f"s0_{name}"], value)
 
 
 def test_matches_per_gt_below_one_is_refused():
