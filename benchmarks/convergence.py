@@ -2,11 +2,13 @@
 """The combined detector against its parts on one long schedule: AP against training time on `shapes`.
 
     python benchmarks/convergence.py train --detectors retinanet flagship atss_dyhead --iters 4000
+    python benchmarks/convergence.py train --detectors flagship --seed 2 --jobs 1   # another seed
     python benchmarks/convergence.py record-stopped --detectors deqdet adamixer   # runs killed early
     python benchmarks/convergence.py report     # convergence.md / .png from convergence.json
 
-Every detector trains from scratch on the CPU (``OUTPUT_DIR output/convergence/<name>@<iters>``), batch 4,
-``--iters`` iterations (warm-up 100, lr x0.1 at 75 % and 93 %), ``SEED 1``, the demo's input sizes, with
+Every detector trains from scratch on the CPU (``OUTPUT_DIR output/convergence/<run>``, ``<run>`` being
+``<name>@<iters>`` for seed 1 and ``<name>@<iters>_s<seed>`` for another), batch 4, ``--iters`` iterations
+(warm-up 100, lr x0.1 at 75 % and 93 %), ``SEED`` ``--seed`` (default 1), the demo's input sizes, with
 ``OMP_NUM_THREADS=1`` and ``--jobs`` processes side by side (2 on 2 cores). It is evaluated on
 ``shapes_val`` every ``--eval-period`` iterations (``TEST.EVAL_PERIOD``, a checkpoint each time); for the
 combined detector each checkpoint is evaluated again with its dense head's boxes
@@ -48,10 +50,15 @@ DETECTORS = {
 }
 
 
-def _schedule(iters: int, eval_period: int) -> list:
+def _schedule(iters: int, eval_period: int, seed: int) -> list:
     return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * 0.75)}, {int(iters * 0.93)})",
             "SOLVER.WARMUP_ITERS", "100", "SOLVER.IMS_PER_BATCH", "4", "TEST.EVAL_PERIOD", str(eval_period),
-            "SOLVER.CHECKPOINT_PERIOD", str(eval_period), "MODEL.DEVICE", "cpu", "SEED", "1"]
+            "SOLVER.CHECKPOINT_PERIOD", str(eval_period), "MODEL.DEVICE", "cpu", "SEED", str(seed)]
+
+
+def run_key(name: str, iters: int, seed: int) -> str:
+    """The run's key in convergence.json and its folder under output/convergence."""
+    return f"{name}@{iters}" + ("" if seed == 1 else f"_s{seed}")
 
 
 def _python(args: list, log_path: str, mode: str = "w") -> subprocess.Popen:
@@ -62,12 +69,13 @@ def _python(args: list, log_path: str, mode: str = "w") -> subprocess.Popen:
 class Run:
     """One detector's training process, then the dense-head evaluation of each of its checkpoints."""
 
-    def __init__(self, name: str, iters: int, eval_period: int):
+    def __init__(self, name: str, iters: int, eval_period: int, seed: int):
         self.name, self.iters, self.eval_period = name, iters, eval_period
+        self.key = run_key(name, iters, seed)
         config, opts, self.has_dense = DETECTORS[name]
-        self.out = os.path.join(ROOT, "output", "convergence", f"{name}@{iters}")
+        self.out = os.path.join(ROOT, "output", "convergence", self.key)
         os.makedirs(self.out, exist_ok=True)
-        self.args = ["--config-file", config, *opts, *DEMO_INPUT, *_schedule(iters, eval_period)]
+        self.args = ["--config-file", config, *opts, *DEMO_INPUT, *_schedule(iters, eval_period, seed)]
         self.pending = [] if not self.has_dense else list(range(eval_period, iters + 1, eval_period))
         self.dense = {}
         self.phase, self.proc = "train", None
@@ -137,7 +145,7 @@ def train(args) -> None:
     pending, running = list(args.detectors), []
     while pending or running:
         while pending and len(running) < args.jobs:
-            running.append(Run(pending.pop(0), args.iters, args.eval_period))
+            running.append(Run(pending.pop(0), args.iters, args.eval_period, args.seed))
             print(f"started {running[-1].name}: {' '.join(running[-1].args)}", flush=True)
         time.sleep(10)
         for run in list(running):
@@ -145,7 +153,7 @@ def train(args) -> None:
             if result is not None:
                 running.remove(run)
                 data = _load()
-                data[f"{run.name}@{run.iters}"] = result
+                data[run.key] = result
                 os.makedirs(RESULTS, exist_ok=True)
                 with open(RESULT_FILE, "w") as f:
                     json.dump(data, f, indent=1)
@@ -158,11 +166,12 @@ def record_stopped(args) -> None:
     marked ``stopped_at`` (the last trained iteration)."""
     data = _load()
     for name in args.detectors:
-        out = os.path.join(ROOT, "output", "convergence", f"{name}@{args.iters}")
+        key = run_key(name, args.iters, args.seed)
+        out = os.path.join(ROOT, "output", "convergence", key)
         config, overrides, _ = DETECTORS[name]
-        command = ["--config-file", config, *overrides, *DEMO_INPUT, *_schedule(args.iters, args.eval_period),
-                   "OUTPUT_DIR", out]
-        data[f"{name}@{args.iters}"] = _record(out, args.iters, command, {})
+        command = ["--config-file", config, *overrides, *DEMO_INPUT,
+                   *_schedule(args.iters, args.eval_period, args.seed), "OUTPUT_DIR", out]
+        data[key] = _record(out, args.iters, command, {})
     with open(RESULT_FILE, "w") as f:
         json.dump(data, f, indent=1)
     report(args)
@@ -211,7 +220,8 @@ def report(args) -> None:
     with open(os.path.join(RESULTS, "convergence.md"), "w") as f:
         f.write("# The combined detector against its parts on one schedule\n\n"
                 "Written by `python benchmarks/convergence.py report` from `convergence.json`; protocol in "
-                "`benchmarks/convergence.py` (seed 1, batch 4, from scratch, 2-core CPU, 1 thread per run, "
+                "`benchmarks/convergence.py` (seed 1 unless the run's name ends in `_s<seed>`, batch 4, "
+                "from scratch, 2-core CPU, 1 thread per run, "
                 "two runs side by side). AP at the last iteration; the curve is `convergence.png`.\n\n"
                 + "\n".join(lines) + "\n\nAP at each evaluation:\n\n" + "\n".join(points)
                 + "\n\n![AP against training time](convergence.png)\n\n## Commands\n\n"
@@ -228,12 +238,14 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=4000)
     p.add_argument("--eval-period", type=int, default=1000)
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (1 thread each)")
+    p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=train)
     sub.add_parser("report").set_defaults(func=report)
     p = sub.add_parser("record-stopped", help="record killed runs with their evaluations so far")
     p.add_argument("--detectors", nargs="+", required=True, choices=list(DETECTORS))
     p.add_argument("--iters", type=int, default=4000)
     p.add_argument("--eval-period", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=record_stopped)
     args = parser.parse_args()
     args.func(args)
