@@ -139,24 +139,9 @@ def test_whole_image_queries_are_the_papers():
     assert queries.content.shape == (2, 8, 64) and len(queries.features) == 3 and queries.prior is None
 
 
-def test_both_inference_sources_from_one_checkpoint():
-    model = _model().eval()
-    batch = _inputs()
-    with torch.no_grad():
-        decoder_out = model(batch)
-        model.inference_source = "dense"
-        dense_out = model(batch)
-    for out, (h, w) in zip(decoder_out, [(96, 128), (80, 112)]):
-        inst = out["instances"]
-        assert len(inst) == 50  # top-k over (query, class) pairs: 8 queries x 8 classes >= 50
-        boxes = inst.pred_boxes.tensor
-        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
-        assert out["steps"].item() >= 1 and out["residuals"].shape == (3,)
-    for out in dense_out:
-        assert "steps" not in out and isinstance(out["instances"], Instances)
-
-
-def test_both_source_returns_the_decoder_and_the_dense_detections_of_one_forward():
+def test_each_inference_source_from_one_checkpoint():
+    """``decoder`` and ``dense`` return each head's detections; ``both`` returns the two of them, from one
+    forward, as ``instances`` and ``dense_instances``."""
     model = _model().eval()
     batch = _inputs()
     with torch.no_grad():
@@ -165,6 +150,14 @@ def test_both_source_returns_the_decoder_and_the_dense_detections_of_one_forward
         dense_out = model(batch)
         model.inference_source = "both"
         both_out = model(batch)
+    for out, (h, w) in zip(decoder_out, [(96, 128), (80, 112)]):
+        inst = out["instances"]
+        assert len(inst) == 50  # top-k over (query, class) pairs: 8 queries x 8 classes >= 50
+        boxes = inst.pred_boxes.tensor
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        assert out["steps"].item() >= 1 and out["residuals"].shape == (3,)
+    for out in dense_out:
+        assert "steps" not in out and isinstance(out["instances"], Instances)
     for both, decoder, dense in zip(both_out, decoder_out, dense_out):
         assert set(both) == set(decoder) | {"dense_instances"}
         for key, expected in (("instances", decoder["instances"]), ("dense_instances", dense["instances"])):
