@@ -78,7 +78,9 @@ def main(argv=None):
     parser.add_argument("--tag", default="")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args(argv)
-    cfg = build_config(args.config_file, args.opts + ["MODEL.DEVICE", "cpu"])
+    # each row sets the model's inference source itself; the evaluator scores its "instances"
+    cfg = build_config(args.config_file,
+                       args.opts + ["MODEL.DEVICE", "cpu", "MODEL.DENSE_QUERY.INFERENCE_SOURCE", "decoder"])
     if cfg.MODEL.META_ARCHITECTURE != "DenseQueryDetector":
         raise SystemExit(f"{args.config_file}: MODEL.META_ARCHITECTURE must be DenseQueryDetector")
     work = os.path.join(ROOT, "output", "decoder_stages")
