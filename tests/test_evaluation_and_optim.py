@@ -1,17 +1,21 @@
-"""The fast COCOeval plug agrees with pycocotools; full-model gradient clipping clips the total norm."""
+"""The fast COCOeval plug agrees with pycocotools; full-model gradient clipping clips the total norm; the
+combined detector's two heads are evaluated in one pass."""
 
 import contextlib
 import io
 
 import numpy as np
 import torch
+from detectron2.structures import Boxes, Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from deqdet.data import ensure_shapes
-from deqdet.engine import build_config
+from deqdet.engine import Trainer, build_config
 from deqdet.evaluation import _faster_coco_eval, coco_eval_backend
 from deqdet.optim import build_optimizer
+from tests.data.hostile_data import perfect_instances, register, write_coco
+from tests.helpers import config_file
 
 
 def _stats(cocoeval_fn, gt, dt):
@@ -66,32 +70,15 @@ def test_combined_detector_with_both_sources_is_evaluated_for_each_head_in_one_p
     """``INFERENCE_SOURCE both``: the trainer's evaluators score ``instances`` as ``bbox`` and
     ``dense_instances`` as ``dense_bbox``; a perfect dense head and a decoder whose boxes miss every object
     give 100 and 0. Other sources get no dense evaluation."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
-    from detectron2.structures import Boxes, BoxMode, Instances
-
-    from deqdet.engine import Trainer
-    from tests.data.hostile_data import write_coco
-    from tests.helpers import config_file
-
     json_path = write_coco(tmp_path, ["good", "good2"], category_ids=(1,), extra_boxes=False)
-    name = "two_heads"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    register_coco_instances(name, {}, str(json_path), str(json_path.parent))
+    records = register("two_heads", json_path)
     combined = config_file("shapes", "dyhead_deqdet_r18.yaml")
     for source, expected in (("decoder", {"bbox"}), ("both", {"bbox", "dense_bbox"})):
         cfg = build_config(combined, ["MODEL.DENSE_QUERY.INFERENCE_SOURCE", source])
-        evaluator = Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path / source))
+        evaluator = Trainer.build_evaluator(cfg, "two_heads", output_folder=str(tmp_path / source))
         evaluator.reset()
-        for record in DatasetCatalog.get(name):
-            perfect = Instances((record["height"], record["width"]))
-            anns = record["annotations"]
-            perfect.pred_boxes = Boxes(torch.tensor(
-                [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]))
-            perfect.scores = torch.ones(len(anns))
-            perfect.pred_classes = torch.tensor([a["category_id"] for a in anns])
+        for record in records:
+            perfect = perfect_instances(record)
             missed = Instances(perfect.image_size, pred_boxes=Boxes(torch.tensor([[0.0, 0.0, 4.0, 4.0]])),
                                scores=torch.ones(1), pred_classes=perfect.pred_classes[:1])
             evaluator.process([{"image_id": record["image_id"]}],

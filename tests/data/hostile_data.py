@@ -8,6 +8,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.structures import Boxes, BoxMode, Instances
 from PIL import Image
 
 from tests.helpers import config_file
@@ -122,3 +126,23 @@ def write_coco(folder: Path, kinds, *, category_ids=(1, 2), extra_boxes=True, em
     path = folder / "annotations.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return path
+
+
+def register(name: str, json_path: Path) -> list:
+    """Register the COCO JSON ``json_path`` as ``name`` (replacing an earlier registration); its records."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, str(json_path), str(json_path.parent))
+    return DatasetCatalog.get(name)
+
+
+def perfect_instances(record: dict) -> Instances:
+    """Predictions that are exactly the record's annotated boxes and classes, each with score 1."""
+    anns = record["annotations"]
+    instances = Instances((record["height"], record["width"]))
+    instances.pred_boxes = Boxes(torch.tensor(
+        [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns], dtype=torch.float32))
+    instances.scores = torch.ones(len(anns))
+    instances.pred_classes = torch.tensor([a["category_id"] for a in anns])
+    return instances

@@ -10,11 +10,8 @@ import os
 from unittest import mock
 
 import pytest
-import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator
-from detectron2.structures import Boxes, BoxMode, Instances
+from detectron2.structures import BoxMode
 from pycocotools.coco import COCO
 
 import train_net
@@ -33,6 +30,8 @@ from tests.data.hostile_data import (
     TINY_ATSS,
     H,
     W,
+    perfect_instances,
+    register,
     write_coco,
 )
 from tests.helpers import run_metrics
@@ -45,14 +44,6 @@ REFUSED_AS = {
     "corrupt": "unreadable",
     "missing": "image not found",
 }
-
-
-def register(name, json_path):
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    register_coco_instances(name, {}, str(json_path), str(json_path.parent))
-    return DatasetCatalog.get(name)
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +157,8 @@ def test_empty_or_fully_unusable_dataset_is_an_error(tmp_path):
 def _perfect_predictions_ap(evaluator_class, name, record, output_dir):
     """bbox AP of ``evaluator_class`` when the predictions are training's boxes of ``record``."""
     evaluator = evaluator_class(name, output_dir=str(output_dir))
-    instances = Instances((record["height"], record["width"]))
-    anns = record["annotations"]
-    instances.pred_boxes = Boxes(torch.tensor(
-        [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns], dtype=torch.float32))
-    instances.scores = torch.ones(len(anns))
-    instances.pred_classes = torch.tensor([a["category_id"] for a in anns])
     evaluator.reset()
-    evaluator.process([{"image_id": record["image_id"]}], [{"instances": instances}])
+    evaluator.process([{"image_id": record["image_id"]}], [{"instances": perfect_instances(record)}])
     return evaluator.evaluate()["bbox"]["AP"]
 
 

@@ -1,7 +1,6 @@
 """Options for training the combined detector from scratch: per-level tower norms, identity-initialised
 DyHead blocks, query content from the dense head's features, IoU-aware decoder targets, one-to-many
-matching. Each default
-keeps the official behaviour."""
+matching. Each default keeps the official behaviour."""
 
 
 import pytest
