@@ -1,6 +1,6 @@
 """Options for training the combined detector from scratch: per-level tower norms, identity-initialised
 DyHead blocks, query content from the dense head's features, IoU-aware decoder targets, one-to-many
-matching. Each default keeps the official behaviour."""
+matching, box-relative RAP. Each default keeps the official behaviour."""
 
 
 import pytest
@@ -139,6 +139,13 @@ def test_matches_per_gt_reaches_the_combined_detectors_matcher_and_defaults_to_o
     assert default.criterion.matcher.matches_per_gt == 1
     model = build_model(build_config(COMBINED, SMALL + ["MODEL.QUERY.MATCHES_PER_GT", "3"]))
     assert model.criterion.matcher.matches_per_gt == 3
+
+
+def test_box_unit_perturbation_reaches_the_decoder_and_defaults_to_pixels():
+    default = build_model(build_config(COMBINED, SMALL))
+    assert default.decoder.perturbation.position_unit == "pixels"
+    model = build_model(build_config(COMBINED, SMALL + ["MODEL.DEQDET.PERTURB_POSITION_UNIT", "box"]))
+    assert model.decoder.perturbation.position_unit == "box"
 
 
 # ------------------------------------------------------------------------- query content from features

@@ -12,19 +12,29 @@ A detection (score >= a threshold, highest first in each image) is:
 
 A ground-truth box that no detection took is ``missed``. Crowd boxes (``iscrowd``) are not
 counted either way.
+
+How much AP each kind of error costs is measured as TIDE does, by fixing it with the ground truth
+and evaluating again (:data:`ORACLE_FIXES`, applied to every output by :class:`OracleFixEvaluator`):
+``classes`` gives each detection the class of the box it overlaps, ``boxes`` moves each detection onto
+the box of its class it overlaps, ``ranking`` scores each detection by its IoU with its class's boxes.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
-from detectron2.structures import Boxes, pairwise_iou
+from detectron2.structures import Boxes, Instances, pairwise_iou
 
-__all__ = ["ERROR_KINDS", "ErrorBreakdown", "classify_detections", "per_class_ap"]
+from .evaluation import OutputKeyEvaluator
+
+__all__ = [
+    "ERROR_KINDS", "ErrorBreakdown", "ORACLE_FIXES", "OracleFixEvaluator", "classify_detections",
+    "fix_boxes", "fix_classes", "fix_ranking", "per_class_ap",
+]
 
 ERROR_KINDS = ("correct", "duplicate", "class confusion", "localisation", "background", "missed")
 
@@ -97,3 +107,75 @@ def classify_detections(breakdown: ErrorBreakdown, gt_boxes: np.ndarray, gt_clas
         breakdown.add("missed", int(gt_classes[g]))
         breakdown.confusion[gt_classes[g], background] += 1
     return kinds
+
+
+def _ious(instances: Instances, gt_boxes: torch.Tensor) -> torch.Tensor:
+    """(D, G) IoU of the detections with the ground-truth boxes (XYXY (G, 4))."""
+    return pairwise_iou(instances.pred_boxes, Boxes(gt_boxes.to(instances.pred_boxes.tensor).reshape(-1, 4)))
+
+
+def fix_classes(instances: Instances, gt_boxes: torch.Tensor, gt_classes: torch.Tensor, *,
+                iou: float = 0.5) -> Instances:
+    """A copy in which each detection with IoU >= ``iou`` with some ground-truth box (G, 4), of any class
+    (G,), takes the class of the box it overlaps most: what classification errors cost."""
+    fixed = instances[:]
+    if len(instances) and len(gt_boxes):
+        best, index = _ious(instances, gt_boxes).max(dim=1)
+        gt_classes = gt_classes.to(best.device)
+        fixed.pred_classes = torch.where(best >= iou, gt_classes[index], instances.pred_classes)
+    return fixed
+
+
+def fix_boxes(instances: Instances, gt_boxes: torch.Tensor, gt_classes: torch.Tensor, *,
+              background_iou: float = 0.1) -> Instances:
+    """A copy in which, highest score first, each detection whose most-overlapped ground-truth box of its
+    own class has IoU >= ``background_iou`` and was not taken by a higher-scored detection gets that box's
+    coordinates: what localisation errors cost (the duplicates it does not make)."""
+    fixed = instances[:]
+    if not (len(instances) and len(gt_boxes)):
+        return fixed
+    gt_boxes, gt_classes = gt_boxes.to(instances.pred_boxes.tensor), gt_classes.to(instances.pred_classes)
+    same = _ious(instances, gt_boxes) * (instances.pred_classes[:, None] == gt_classes[None, :])
+    best, index = same.max(dim=1)
+    boxes, taken = instances.pred_boxes.tensor.clone(), set()
+    for d in instances.scores.argsort(descending=True).tolist():
+        g = int(index[d])
+        if best[d] >= background_iou and g not in taken:
+            taken.add(g)
+            boxes[d] = gt_boxes[g]
+    fixed.pred_boxes = Boxes(boxes)
+    return fixed
+
+
+def fix_ranking(instances: Instances, gt_boxes: torch.Tensor, gt_classes: torch.Tensor) -> Instances:
+    """A copy scored by each detection's highest IoU with a ground-truth box of its class (0 if none): the
+    AP of the same boxes and classes ranked perfectly, i.e. what the scores cost."""
+    fixed = instances[:]
+    if not (len(instances) and len(gt_boxes)):
+        fixed.scores = torch.zeros_like(instances.scores)
+        return fixed
+    gt_classes = gt_classes.to(instances.pred_classes)
+    same = _ious(instances, gt_boxes) * (instances.pred_classes[:, None] == gt_classes[None, :])
+    fixed.scores = same.max(dim=1).values.to(instances.scores.dtype)
+    return fixed
+
+
+# name -> fix(instances, gt_boxes (G, 4) XYXY, gt_classes (G,)) -> fixed copy of instances
+ORACLE_FIXES: Dict[str, Callable[[Instances, torch.Tensor, torch.Tensor], Instances]] = {
+    "classes": fix_classes, "boxes": fix_boxes, "ranking": fix_ranking,
+}
+
+
+class OracleFixEvaluator(OutputKeyEvaluator):
+    """Runs ``evaluator`` on each output's ``instances`` with ``fix`` (one of :data:`ORACLE_FIXES`) applied
+    against ``ground_truth`` (``image_id`` -> (boxes (G, 4) XYXY in the original image, classes (G,)),
+    the boxes the detections are in) and reports its tasks with ``prefix`` in front."""
+
+    def __init__(self, evaluator, fix: Callable, ground_truth: Dict, prefix: str):
+        super().__init__(evaluator, key="instances", prefix=prefix)
+        self.fix, self.ground_truth = fix, ground_truth
+
+    def process(self, inputs, outputs):
+        fixed = [{"instances": self.fix(out["instances"], *self.ground_truth[x["image_id"]])}
+                 for x, out in zip(inputs, outputs)]
+        self.evaluator.process(inputs, fixed)

@@ -80,6 +80,21 @@ def test_official_jitter_hands_the_raw_corners_on():
         RefinementPerturbation(0.0, 0.0, 1.0, 25.0, "abs")
 
 
+def test_box_unit_jitter_is_proportional_to_each_box():
+    """``PERTURB_POSITION_UNIT box``: corner noise = intensity x (w, h, w, h) x eps, per box."""
+    xyxy = torch.tensor([[[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 200.0, 100.0]]])
+    rap = RefinementPerturbation(0.0, 0.0, 1.0, 0.1, "clamped", "box")
+    torch.manual_seed(5)
+    _, out_xyzr, _ = rap(torch.zeros(1, 2, 8), xyxy_to_xyzr(xyxy))
+    torch.manual_seed(5)
+    torch.rand(())  # the position draw
+    eps = torch.randn(1, 2, 4)
+    whwh = torch.tensor([[[20.0, 40.0, 20.0, 40.0], [200.0, 100.0, 200.0, 100.0]]])
+    torch.testing.assert_close(out_xyzr, encode_jittered_xyxy(xyxy + 0.1 * whwh * eps))
+    with pytest.raises(ValueError, match="PERTURB_POSITION_UNIT"):
+        RefinementPerturbation(0.0, 0.0, 1.0, 0.1, "official", "percent")
+
+
 @pytest.mark.parametrize("mode,jittered_steps", [("official", 6), ("clamped", 0)])
 def test_decoder_passes_the_corners_to_the_no_grad_steps_only(mode, jittered_steps):
     """Every one of the 6 no-grad steps is jittered (probability 1); the RAG steps never are."""

@@ -31,6 +31,9 @@ def add_deqdet_decoder_config(cfg: CN) -> None:
     # |w|, |h| and computes the IoF attention bias from the raw corners (a crossed box overlaps nothing);
     # "clamped" encodes |w|, |h| of at least 1 px and computes the bias from that box.
     d.PERTURB_POSITION_MODE = "official"
+    # The unit of PERTURB_POSITION_INTENSITY: "pixels" (official: every corner moves by the same amount
+    # whatever its box's size) or "box" (each corner by that much times its box's width or height).
+    d.PERTURB_POSITION_UNIT = "pixels"
     # Memory-lean training: backpropagate every supervised segment (the init stage, the applications of f
     # after it, each position's RAG steps) inside the forward through detached features and queries and
     # stash the gradients: the decoder's activation memory is that of its largest segment, whatever the

@@ -147,7 +147,7 @@ class DEQDecoder(QueryDecoder):
             "extra_init_supervisions": d.EXTRA_INIT_SUPERVISIONS,
             "perturbation": RefinementPerturbation(
                 d.PERTURB_CONTENT_PROB, d.PERTURB_CONTENT_INTENSITY, d.PERTURB_POSITION_PROB,
-                d.PERTURB_POSITION_INTENSITY, d.PERTURB_POSITION_MODE,
+                d.PERTURB_POSITION_INTENSITY, d.PERTURB_POSITION_MODE, d.PERTURB_POSITION_UNIT,
             ),
             "grad_stash": d.GRAD_STASH,
             "tol": d.TOL,
