@@ -21,9 +21,10 @@ trained under other settings).
 
 ``--fixes`` adds to every row the AP with each error fixed from the ground truth
 (:data:`deqdet.analysis.ORACLE_FIXES`: classes, boxes, ranking), which says what each kind of error
-costs that answer, and a table of the decoder's localisation: for every query whose init-stage box has
-IoU >= 0.5 with a ground-truth box, that IoU and the IoU of the same query's box with the same
-ground-truth box after ``--trace-steps`` plain applications of the refinement stage.
+costs that answer, and a table of the decoder's localisation (:func:`localisation`): for every query
+whose dense proposal has IoU >= 0.5 with a ground-truth box, the IoU of the proposal, of the init
+stage's box and of the box after ``--trace-steps`` plain applications of the refinement stage with that
+ground-truth box, and how much of a ``--jitter`` of the boxes each stage corrects.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ from deqdet.analysis import ORACLE_FIXES, OracleFixEvaluator  # noqa: E402
 from deqdet.engine import Trainer, build_config  # noqa: E402
 from deqdet.evaluation import CheckedCOCOEvaluator  # noqa: E402
 from deqdet.modeling.meta_arch import decoder_outputs  # noqa: E402
+from deqdet.modeling.query.boxes import xyxy_to_xyzr, xyzr_to_xyxy  # noqa: E402
 
 KEYS = ("AP", "AP50", "AP75")
-ON_OBJECT_IOU = 0.5  # a query counts in the localisation table when its init box overlaps a box this much
+ON_OBJECT_IOU = 0.5  # a query counts in the localisation table when its proposal overlaps a box this much
 
 
 class InitStage(nn.Module):
@@ -98,32 +100,73 @@ def evaluate(cfg, model: nn.Module, out_dir: str, truth: dict = None) -> dict:
     return row
 
 
+def jittered(xyzr: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """(B, N, 4) xyzr with each corner moved by ``sigma`` x its box's width / height x N(0, 1), corners kept
+    in order and at least 1 px apart."""
+    xyxy = xyzr_to_xyxy(xyzr)
+    wh = xyxy[..., 2:] - xyxy[..., :2]
+    noise = torch.randn(xyxy.shape, generator=generator).to(xyxy)
+    corners = xyxy + sigma * torch.cat([wh, wh], dim=-1) * noise
+    low = torch.minimum(corners[..., :2], corners[..., 2:])
+    high = torch.maximum(torch.maximum(corners[..., :2], corners[..., 2:]), low + 1.0)
+    return xyxy_to_xyzr(torch.cat([low, high], dim=-1))
+
+
 @torch.no_grad()
-def localisation(cfg, model: nn.Module, truth: dict, steps: int) -> dict:
-    """Per query on an object (init box IoU >= ON_OBJECT_IOU with a ground-truth box): its IoU with that box
-    at the init stage and after ``steps`` applications of the refinement stage; their means, the share of
-    queries the refinement moved closer, and the shares at IoU >= 0.75 / 0.9."""
-    before, after = [], []
+def localisation(cfg, model: nn.Module, truth: dict, steps: int, sigma: float) -> dict:
+    """Per query on an object (its dense proposal has IoU >= ON_OBJECT_IOU with a ground-truth box), the IoU
+    with that box of: the proposal, the init stage's box, the box after ``steps`` applications of the
+    refinement stage; and, to see whether a stage corrects boxes at all, the init stage's box from the
+    proposal jittered by ``sigma`` of its size, and one application of the refinement stage to the init
+    stage's box so jittered. Returns the means, the share of queries the refinement moved closer, the
+    shares at IoU >= 0.75 / 0.9 and the share of the IoU lost to each jitter that the stage won back."""
+    generator = torch.Generator().manual_seed(0)
+    ious = {k: [] for k in ("proposal", "init", "refined", "jittered proposal", "init stage on it",
+                            "jittered init box", "refinement on it")}
     for batch in Trainer.build_test_loader(cfg, cfg.DATASETS.TEST[0]):
         inputs = model.initial_queries(batch)
-        states = model.decoder.trace(inputs.content, inputs.xyzr, inputs.features, steps)
+        decoder, features = model.decoder, inputs.features
+        init = decoder.init_stage(inputs.content, inputs.xyzr, features)
+        refined = decoder.trace(inputs.content, inputs.xyzr, features, steps)[-1]["boxes"]
+        noisy_proposals = jittered(inputs.xyzr, sigma, generator)
+        noisy_init = jittered(init.xyzr, sigma, generator)
+        boxes = {
+            "proposal": xyzr_to_xyxy(inputs.xyzr), "init": init.boxes, "refined": refined,
+            "jittered proposal": xyzr_to_xyxy(noisy_proposals),
+            "init stage on it": decoder.init_stage(inputs.content, noisy_proposals, features).boxes,
+            "jittered init box": xyzr_to_xyxy(noisy_init),
+            "refinement on it": decoder.refine_stage(init.content, noisy_init, features).boxes,
+        }
         for i, (x, (h, w)) in enumerate(zip(batch, inputs.images.image_sizes)):
             gt_boxes = truth[x["image_id"]][0]
             if not len(gt_boxes):
                 continue
             to_original = gt_boxes.new_tensor([x["width"] / w, x["height"] / h] * 2)
-            init = pairwise_iou(Boxes(states[0]["boxes"][i].float() * to_original), Boxes(gt_boxes))
-            refined = pairwise_iou(Boxes(states[-1]["boxes"][i].float() * to_original), Boxes(gt_boxes))
-            best, index = init.max(dim=1)
+            per_box = {k: pairwise_iou(Boxes(b[i].float() * to_original), Boxes(gt_boxes))
+                       for k, b in boxes.items()}
+            best, index = per_box["proposal"].max(dim=1)
             on_object = (best >= ON_OBJECT_IOU).nonzero().flatten()
-            before.append(best[on_object])
-            after.append(refined[on_object, index[on_object]])
-    before, after = torch.cat(before), torch.cat(after)
+            for k, iou in per_box.items():
+                ious[k].append(iou[on_object, index[on_object]])
+    m = {k: torch.cat(v) for k, v in ious.items()}
+    mean = lambda k: round(m[k].mean().item(), 3)  # noqa: E731
     share = lambda x: round(x.float().mean().item() * 100, 1)  # noqa: E731
-    return {"queries": len(before), "mean IoU init": round(before.mean().item(), 3),
-            "mean IoU refined": round(after.mean().item(), 3), "% moved closer": share(after > before),
-            "% IoU >= 0.75 init / refined": f"{share(before >= 0.75)} / {share(after >= 0.75)}",
-            "% IoU >= 0.9 init / refined": f"{share(before >= 0.9)} / {share(after >= 0.9)}"}
+    won_back = lambda clean, noisy, out: round(  # noqa: E731
+        100 * (m[out].mean() - m[noisy].mean()).item() / (m[clean].mean() - m[noisy].mean()).item(), 1)
+    return {
+        "queries": len(m["proposal"]),
+        "mean IoU: dense proposal / init stage / refined":
+            f"{mean('proposal')} / {mean('init')} / {mean('refined')}",
+        "% the refinement moved closer": share(m["refined"] > m["init"]),
+        "% IoU >= 0.75: init stage / refined": f"{share(m['init'] >= 0.75)} / {share(m['refined'] >= 0.75)}",
+        "% IoU >= 0.9: init stage / refined": f"{share(m['init'] >= 0.9)} / {share(m['refined'] >= 0.9)}",
+        f"init stage on proposals jittered by {sigma}: mean IoU jittered / out, % of the loss won back":
+            f"{mean('jittered proposal')} / {mean('init stage on it')}, "
+            f"{won_back('proposal', 'jittered proposal', 'init stage on it')}",
+        f"one refinement step on init boxes jittered by {sigma}: mean IoU jittered / out, % won back":
+            f"{mean('jittered init box')} / {mean('refinement on it')}, "
+            f"{won_back('init', 'jittered init box', 'refinement on it')}",
+    }
 
 
 def main(argv=None):
@@ -138,6 +181,8 @@ def main(argv=None):
     parser.add_argument("--trace-steps", type=int, default=2,
                         help="applications of the refinement stage in the localisation table (the trained "
                              "depth of the shapes configs: 2)")
+    parser.add_argument("--jitter", type=float, default=0.1,
+                        help="the localisation table's box jitter, a fraction of each box's width / height")
     parser.add_argument("--tag", default="")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args(argv)
@@ -169,7 +214,7 @@ def main(argv=None):
         results[label] = rows
         print(label, json.dumps(rows), flush=True)
         if args.fixes:
-            localised[label] = localisation(cfg, model, truth, args.trace_steps)
+            localised[label] = localisation(cfg, model, truth, args.trace_steps, args.jitter)
             print(label, json.dumps(localised[label]), flush=True)
     write(args, results, localised)
 
@@ -197,8 +242,8 @@ def write(args, results: dict, localised: dict):
             cells = [" / ".join(f"{results[lb][row][k]:.1f}" for k in fixed) for lb in labels]
             lines.append(f"| {row}: {' / '.join(fixed)} | " + " | ".join(cells) + " |")
     if localised:
-        lines += ["", f"Queries on an object (init box IoU >= {ON_OBJECT_IOU}), init stage against "
-                  f"{args.trace_steps} applications of the refinement stage:", "",
+        lines += ["", f"The decoder's boxes, per query on an object (dense proposal IoU >= {ON_OBJECT_IOU}; "
+                  f"refined: {args.trace_steps} applications of the refinement stage):", "",
                   "| | " + " | ".join(localised) + " |", "|---|" + "---|" * len(localised)]
         for key in localised[labels[0]]:
             lines.append(f"| {key} | " + " | ".join(str(localised[lb][key]) for lb in localised) + " |")
