@@ -1,6 +1,7 @@
 """Options for training the combined detector from scratch: per-level tower norms, identity-initialised
 DyHead blocks, query content from the dense head's features, IoU-aware decoder targets, one-to-many
-matching, box-relative RAP. Each default keeps the official behaviour."""
+matching, box losses on every query on an object, box-relative RAP. Each default keeps the official
+behaviour."""
 
 
 import pytest
@@ -132,6 +133,31 @@ def test_iou_target_rewards_the_better_box():
     )
     with pytest.raises(ValueError, match="MODEL.QUERY.CLS_TARGET"):
         _criterion("soft")
+
+
+def test_overlapping_box_loss_regresses_every_query_on_an_object_hand_computed():
+    """Query 0 is the object's exact box (matched), query 1 overlaps it by IoU 0.8, query 2 by 0.25; the
+    image size is 100. ``matched``: no box loss. ``overlapping``: queries 0 and 1 regress, averaged."""
+    w = dict(class_weight=2.0, l1_weight=5.0, giou_weight=2.0, alpha=0.25, gamma=2.0)
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]),
+                "whwh": torch.tensor([100.0, 100.0, 100.0, 100.0])}]
+    logits = torch.tensor([[[4.0, -4.0], [-4.0, -4.0], [-4.0, -4.0]]])
+    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 8.0], [0.0, 0.0, 5.0, 5.0]]])
+    losses = {b: SetCriterion(HungarianMatcher(**w), **w, box_queries=b).single(logits, boxes, targets, 1.0)
+              for b in ("matched", "overlapping")}
+    assert losses["matched"]["loss_l1"] == 0 and losses["matched"]["loss_giou"] == 0
+    # query 1: |8 - 10| / 100 in one coordinate; GIoU 0.8 (enclosing box = union); mean over 2 queries
+    torch.testing.assert_close(losses["overlapping"]["loss_l1"], torch.tensor(5.0 * 0.02 / 2))
+    torch.testing.assert_close(losses["overlapping"]["loss_giou"], torch.tensor(2.0 * 0.2 / 2))
+    torch.testing.assert_close(losses["overlapping"]["loss_cls"], losses["matched"]["loss_cls"])
+    with pytest.raises(ValueError, match="MODEL.QUERY.BOX_LOSS_QUERIES"):
+        SetCriterion(HungarianMatcher(**w), **w, box_queries="all")
+
+
+def test_overlapping_box_loss_reaches_the_combined_detector_and_defaults_to_matched():
+    assert build_model(build_config(COMBINED, SMALL)).criterion.box_queries == "matched"
+    model = build_model(build_config(COMBINED, SMALL + ["MODEL.QUERY.BOX_LOSS_QUERIES", "overlapping"]))
+    assert model.criterion.box_queries == "overlapping"
 
 
 def test_matches_per_gt_reaches_the_combined_detectors_matcher_and_defaults_to_one_to_one():

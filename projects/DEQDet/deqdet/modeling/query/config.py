@@ -53,6 +53,10 @@ def add_query_config(cfg: CN) -> None:
     # one-to-many matching (H-DETR), which trains near-duplicates as positives, so use it with a test-time
     # NMS on the decoder's detections (MODEL.DENSE_QUERY.DECODER_NMS_THRESH).
     q.MATCHES_PER_GT = 1
+    # Queries that learn to regress their box: "matched" (the papers: the Hungarian-matched ones only) or
+    # "overlapping" (also every other query whose box overlaps a ground truth by IoU >= 0.5; classification
+    # stays one-to-one).
+    q.BOX_LOSS_QUERIES = "matched"
 
     # DETR-style augmentation (deqdet.data.mapper.detr_augmentations): with probability PROB, before the final
     # INPUT.MIN_SIZE_TRAIN resize, resize the shortest edge to one of RESIZE_SIZES and crop a random

@@ -4,7 +4,7 @@ from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
-from detectron2.structures import Boxes
+from detectron2.structures import Boxes, pairwise_iou
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils import comm
 from fvcore.nn import sigmoid_focal_loss
@@ -12,9 +12,12 @@ from torchvision.ops import generalized_box_iou_loss
 
 from .matcher import HungarianMatcher
 
-__all__ = ["SetCriterion", "CLS_TARGETS", "quality_focal_loss"]
+__all__ = ["SetCriterion", "BOX_LOSS_QUERIES", "CLS_TARGETS", "quality_focal_loss"]
 
 CLS_TARGETS = ("one_hot", "iou")
+BOX_LOSS_QUERIES = ("matched", "overlapping")
+# "overlapping": an unmatched query also learns to regress when its box overlaps a ground truth this much
+OVERLAP_IOU = 0.5
 
 
 def quality_focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -39,12 +42,23 @@ class SetCriterion:
     the IoU of the query's box with its ground truth (detached) instead of 1, and ``focal`` becomes the
     quality focal loss of GFL, ``BCE(logits, t) * |t - sigmoid(logits)|^gamma`` (no alpha), so that a box
     that the decoder refines closer to its object is trained to score higher.
+
+    ``box_queries`` "overlapping" also regresses every unmatched query whose (detached) box has IoU >=
+    ``OVERLAP_IOU`` with a ground-truth box, towards the box it overlaps most; ``loss_l1`` and
+    ``loss_giou`` then average over all regressed queries (``sum / R * (matched / num_matched)``, the same
+    scale per box as one-to-one). Classification stays one-to-one. With one-to-one box losses only the
+    best query per object learns to move its box, and on dense proposals its residual error is the
+    smallest and least learnable one: the decoder's stages learn to leave their boxes where they are.
     """
 
     def __init__(self, matcher: HungarianMatcher, class_weight: float, l1_weight: float, giou_weight: float,
-                 alpha: float, gamma: float, cls_target: str = "one_hot"):
+                 alpha: float, gamma: float, cls_target: str = "one_hot", box_queries: str = "matched"):
         if cls_target not in CLS_TARGETS:
             raise ValueError(f"MODEL.QUERY.CLS_TARGET must be one of {CLS_TARGETS}, got {cls_target!r}")
+        if box_queries not in BOX_LOSS_QUERIES:
+            raise ValueError(f"MODEL.QUERY.BOX_LOSS_QUERIES must be one of {BOX_LOSS_QUERIES}, "
+                             f"got {box_queries!r}")
+        self.box_queries = box_queries
         self.matcher = matcher
         self.class_weight, self.l1_weight, self.giou_weight = class_weight, l1_weight, giou_weight
         self.alpha, self.gamma = alpha, gamma
@@ -83,13 +97,40 @@ class SetCriterion:
         else:
             target[batch_idx, query_idx, gt_labels] = 1.0
             loss_cls = sigmoid_focal_loss(logits, target, alpha=self.alpha, gamma=self.gamma, reduction="sum")
-        loss_l1 = (matched / whwh - gt_boxes / whwh).abs().sum()
-        loss_giou = generalized_box_iou_loss(matched, gt_boxes, reduction="sum")
+        box_scale = 1.0
+        if self.box_queries == "overlapping":
+            extra_batch, extra_query, extra_boxes = self._overlapping(boxes.detach(), targets, matches)
+            box_scale = len(matched) / max(len(matched) + len(extra_query), 1)
+            matched = torch.cat([matched, boxes[extra_batch, extra_query]])
+            gt_boxes = torch.cat([gt_boxes, extra_boxes.to(boxes.dtype)])
+            whwh = torch.cat([whwh, torch.stack([t["whwh"] for t in targets]).to(boxes.dtype)[extra_batch]])
+        loss_l1 = (matched / whwh - gt_boxes / whwh).abs().sum() * box_scale
+        loss_giou = generalized_box_iou_loss(matched, gt_boxes, reduction="sum") * box_scale
         return {
             "loss_cls": self.class_weight * loss_cls / num_matched,
             "loss_l1": self.l1_weight * loss_l1 / num_matched,
             "loss_giou": self.giou_weight * loss_giou / num_matched,
         }
+
+    @staticmethod
+    def _overlapping(boxes: torch.Tensor, targets: List[dict], matches):
+        """The unmatched queries whose box (B, N, 4) has IoU >= OVERLAP_IOU with a ground-truth box: their
+        (image index (R,), query index (R,), the ground-truth box each overlaps most (R, 4))."""
+        batch, queries, gt = [], [], []
+        for i, (t, (matched_queries, _)) in enumerate(zip(targets, matches)):
+            if not len(t["boxes"]):
+                continue
+            best, index = pairwise_iou(Boxes(boxes[i]), Boxes(t["boxes"].to(boxes.dtype))).max(dim=1)
+            chosen = best >= OVERLAP_IOU
+            chosen[matched_queries] = False
+            query = chosen.nonzero().flatten()
+            batch.append(torch.full_like(query, i))
+            queries.append(query)
+            gt.append(t["boxes"][index[query]])
+        if not queries:
+            empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
+            return empty, empty, boxes.new_zeros(0, 4)
+        return torch.cat(batch), torch.cat(queries), torch.cat(gt)
 
     def __call__(
         self, predictions: List[Dict[str, torch.Tensor]], targets: List[dict]
