@@ -247,9 +247,15 @@ def write(args, results: dict, localised: dict):
                   "| | " + " | ".join(localised) + " |", "|---|" + "---|" * len(localised)]
         for key in localised[labels[0]]:
             lines.append(f"| {key} | " + " | ".join(str(localised[lb][key]) for lb in localised) + " |")
-    out = os.path.join(ROOT, "benchmarks", "results", f"decoder_stages{args.tag}")
+    save(f"decoder_stages{args.tag}", {"results": results, "localisation": localised}, lines)
+
+
+def save(name: str, payload: dict, lines: list) -> None:
+    """Write ``benchmarks/results/<name>.json`` (``payload`` with the command line) and ``<name>.md``
+    (``lines``), and print the Markdown."""
+    out = os.path.join(ROOT, "benchmarks", "results", name)
     with open(out + ".json", "w") as f:
-        json.dump({"command": sys.argv[1:], "results": results, "localisation": localised}, f, indent=1)
+        json.dump({"command": sys.argv[1:], **payload}, f, indent=1)
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

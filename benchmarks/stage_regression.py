@@ -23,7 +23,6 @@ train on). A stage that learns to localise wins the jitter back. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -32,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "projects", "DEQDet"), os.path.join(ROOT, "benchmarks")]
 
 import torch  # noqa: E402
-from decoder_stages import ON_OBJECT_IOU, jittered  # noqa: E402
+from decoder_stages import ON_OBJECT_IOU, jittered, save  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.structures import Boxes, pairwise_iou  # noqa: E402
 from torchvision.ops import generalized_box_iou_loss  # noqa: E402
@@ -136,12 +135,7 @@ def main(argv=None):
     ]
     for name, curve in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{a:.3f} / {b:.3f}" for a, b in curve) + " |")
-    out = os.path.join(ROOT, "benchmarks", "results", f"stage_regression{args.tag}")
-    with open(out + ".json", "w") as f:
-        json.dump({"command": sys.argv[1:], "windows": windows, "results": results}, f, indent=1)
-    with open(out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(f"stage_regression{args.tag}", {"windows": windows, "results": results}, lines)
 
 
 if __name__ == "__main__":
