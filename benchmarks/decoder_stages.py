@@ -127,11 +127,13 @@ def localisation(cfg, model: nn.Module, truth: dict, steps: int, sigma: float) -
         inputs = model.initial_queries(batch)
         decoder, features = model.decoder, inputs.features
         init = decoder.init_stage(inputs.content, inputs.xyzr, features)
-        refined = decoder.trace(inputs.content, inputs.xyzr, features, steps)[-1]["boxes"]
+        state = init
+        for _ in range(steps):  # plain applications of f, as at test time with TOL 0
+            state = decoder.refine_stage(state.content, state.xyzr, features)
         noisy_proposals = jittered(inputs.xyzr, sigma, generator)
         noisy_init = jittered(init.xyzr, sigma, generator)
         boxes = {
-            "proposal": xyzr_to_xyxy(inputs.xyzr), "init": init.boxes, "refined": refined,
+            "proposal": xyzr_to_xyxy(inputs.xyzr), "init": init.boxes, "refined": state.boxes,
             "jittered proposal": xyzr_to_xyxy(noisy_proposals),
             "init stage on it": decoder.init_stage(inputs.content, noisy_proposals, features).boxes,
             "jittered init box": xyzr_to_xyxy(noisy_init),

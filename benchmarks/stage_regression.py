@@ -9,7 +9,9 @@ error), with only a box loss, one of:
 - ``set``: the detector's own set criterion, box terms only (``loss_l1`` + ``loss_giou`` of the queries
   the Hungarian matcher assigns one-to-one to the ground truth), as the recipe trains the stage;
 - ``overlap``: the same two terms, weighted as the criterion weighs them, on every query whose clean
-  proposal has IoU >= 0.5 with a ground-truth box, towards that box.
+  proposal has IoU >= 0.5 with a ground-truth box, towards that box. (``MODEL.QUERY.BOX_LOSS_QUERIES
+  overlapping``, the training option, picks its queries by their predicted box instead, which this
+  test's jitter would decide; here the choice depends on the proposals alone.)
 
 Reported: the mean IoU with their ground-truth box of those on-object queries, jittered and after the
 init stage, over each window of ``--window`` steps (the stage's output on the batch it is about to

@@ -86,7 +86,8 @@ class SetCriterion:
         query_idx = torch.cat([q for q, _ in matches])
         gt_labels = torch.cat([t["labels"][g] for t, (_, g) in zip(targets, matches)])
         gt_boxes = torch.cat([t["boxes"][g] for t, (_, g) in zip(targets, matches)]).to(boxes.dtype)
-        whwh = torch.stack([t["whwh"] for t in targets]).to(boxes.dtype)[batch_idx]
+        image_whwh = torch.stack([t["whwh"] for t in targets]).to(boxes.dtype)  # (B, 4)
+        whwh = image_whwh[batch_idx]
 
         matched = boxes[batch_idx, query_idx]
         target = torch.zeros_like(logits)
@@ -103,7 +104,7 @@ class SetCriterion:
             box_scale = len(matched) / max(len(matched) + len(extra_query), 1)
             matched = torch.cat([matched, boxes[extra_batch, extra_query]])
             gt_boxes = torch.cat([gt_boxes, extra_boxes.to(boxes.dtype)])
-            whwh = torch.cat([whwh, torch.stack([t["whwh"] for t in targets]).to(boxes.dtype)[extra_batch]])
+            whwh = torch.cat([whwh, image_whwh[extra_batch]])
         loss_l1 = (matched / whwh - gt_boxes / whwh).abs().sum() * box_scale
         loss_giou = generalized_box_iou_loss(matched, gt_boxes, reduction="sum") * box_scale
         return {
