@@ -1,8 +1,9 @@
 """Options for training the combined detector from scratch: per-level tower norms, identity-initialised
 DyHead blocks, query content from the dense head's features, IoU-aware decoder targets, one-to-many
-matching, box losses on every query on an object, box-relative RAP. Each default keeps the official
+matching, box and classification losses on every query on an object, box-relative RAP. Each default keeps the official
 behaviour."""
 
+import math
 
 import pytest
 import torch
@@ -154,10 +155,38 @@ def test_overlapping_box_loss_regresses_every_query_on_an_object_hand_computed()
         SetCriterion(HungarianMatcher(**w), **w, box_queries="all")
 
 
-def test_overlapping_box_loss_reaches_the_combined_detector_and_defaults_to_matched():
-    assert build_model(build_config(COMBINED, SMALL)).criterion.box_queries == "matched"
-    model = build_model(build_config(COMBINED, SMALL + ["MODEL.QUERY.BOX_LOSS_QUERIES", "overlapping"]))
-    assert model.criterion.box_queries == "overlapping"
+def test_overlapping_classification_makes_every_query_on_an_object_a_positive_hand_computed():
+    """The case above: with ``cls_queries`` "overlapping" query 1 (IoU 0.8) becomes a positive of class 0,
+    query 2 (IoU 0.25) stays background; the box losses are unchanged."""
+    w = dict(class_weight=2.0, l1_weight=5.0, giou_weight=2.0, alpha=0.25, gamma=2.0)
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]),
+                "whwh": torch.tensor([100.0, 100.0, 100.0, 100.0])}]
+    logits = torch.tensor([[[4.0, -4.0], [-4.0, -4.0], [-4.0, -4.0]]])
+    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 8.0], [0.0, 0.0, 5.0, 5.0]]])
+    losses = {c: SetCriterion(HungarianMatcher(**w), **w, cls_queries=c).single(logits, boxes, targets, 1.0)
+              for c in ("matched", "overlapping")}
+    p = 1.0 / (1.0 + math.exp(4.0))  # sigmoid(-4): query 1's score for class 0
+    as_positive = 0.25 * (1 - p) ** 2 * -math.log(p)
+    as_negative = 0.75 * p**2 * -math.log(1 - p)
+    torch.testing.assert_close(losses["overlapping"]["loss_cls"] - losses["matched"]["loss_cls"],
+                               torch.tensor(2.0 * (as_positive - as_negative)))
+    for name in ("loss_l1", "loss_giou"):
+        torch.testing.assert_close(losses["overlapping"][name], losses["matched"][name])
+    # with IoU targets query 1's target is its IoU, 0.8 (quality focal loss, no alpha)
+    iou = {c: SetCriterion(HungarianMatcher(**w), **w, cls_target="iou", cls_queries=c).single(
+        logits, boxes, targets, 1.0)["loss_cls"] for c in ("matched", "overlapping")}
+    qfl = lambda t: -(t * math.log(p) + (1 - t) * math.log(1 - p)) * abs(t - p) ** 2  # noqa: E731
+    torch.testing.assert_close(iou["overlapping"] - iou["matched"], torch.tensor(2.0 * (qfl(0.8) - qfl(0.0))))
+    with pytest.raises(ValueError, match="MODEL.QUERY.CLS_LOSS_QUERIES"):
+        SetCriterion(HungarianMatcher(**w), **w, cls_queries="all")
+
+
+def test_overlapping_losses_reach_the_combined_detector_and_default_to_matched():
+    default = build_model(build_config(COMBINED, SMALL)).criterion
+    assert (default.box_queries, default.cls_queries) == ("matched", "matched")
+    model = build_model(build_config(COMBINED, SMALL + ["MODEL.QUERY.BOX_LOSS_QUERIES", "overlapping",
+                                                         "MODEL.QUERY.CLS_LOSS_QUERIES", "overlapping"]))
+    assert (model.criterion.box_queries, model.criterion.cls_queries) == ("overlapping", "overlapping")
 
 
 def test_matches_per_gt_reaches_the_combined_detectors_matcher_and_defaults_to_one_to_one():

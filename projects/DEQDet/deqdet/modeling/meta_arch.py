@@ -49,7 +49,8 @@ def set_criterion_from_config(cfg) -> SetCriterion:
     weights = dict(class_weight=q.CLASS_WEIGHT, l1_weight=q.L1_WEIGHT, giou_weight=q.GIOU_WEIGHT,
                    alpha=q.FOCAL_ALPHA, gamma=q.FOCAL_GAMMA)
     matcher = HungarianMatcher(**weights, matches_per_gt=q.MATCHES_PER_GT)
-    return SetCriterion(matcher, **weights, cls_target=q.CLS_TARGET, box_queries=q.BOX_LOSS_QUERIES)
+    return SetCriterion(matcher, **weights, cls_target=q.CLS_TARGET, box_queries=q.BOX_LOSS_QUERIES,
+                         cls_queries=q.CLS_LOSS_QUERIES)
 
 
 def query_targets(instances: Instances, image_size) -> Dict[str, torch.Tensor]:

@@ -54,9 +54,12 @@ def add_query_config(cfg: CN) -> None:
     # NMS on the decoder's detections (MODEL.DENSE_QUERY.DECODER_NMS_THRESH).
     q.MATCHES_PER_GT = 1
     # Queries that learn to regress their box: "matched" (the papers: the Hungarian-matched ones only) or
-    # "overlapping" (also every other query whose box overlaps a ground truth by IoU >= 0.5; classification
-    # stays one-to-one).
+    # "overlapping" (also every other query whose box overlaps a ground truth by IoU >= 0.5).
     q.BOX_LOSS_QUERIES = "matched"
+    # Queries that are positives of the classification loss: "matched" (the papers) or "overlapping" (also
+    # every other query whose box overlaps a ground truth by IoU >= 0.5, with that object's class, as a
+    # Cascade R-CNN stage; use it with MODEL.DENSE_QUERY.DECODER_NMS_THRESH).
+    q.CLS_LOSS_QUERIES = "matched"
 
     # DETR-style augmentation (deqdet.data.mapper.detr_augmentations): with probability PROB, before the final
     # INPUT.MIN_SIZE_TRAIN resize, resize the shortest edge to one of RESIZE_SIZES and crop a random

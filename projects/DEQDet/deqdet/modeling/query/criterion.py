@@ -12,11 +12,12 @@ from torchvision.ops import generalized_box_iou_loss
 
 from .matcher import HungarianMatcher
 
-__all__ = ["SetCriterion", "BOX_LOSS_QUERIES", "CLS_TARGETS", "quality_focal_loss"]
+__all__ = ["SetCriterion", "LOSS_QUERIES", "CLS_TARGETS", "quality_focal_loss"]
 
 CLS_TARGETS = ("one_hot", "iou")
-BOX_LOSS_QUERIES = ("matched", "overlapping")
-# "overlapping": an unmatched query also learns to regress when its box overlaps a ground truth this much
+# which queries a loss trains: the Hungarian-matched ones, or also every query overlapping an object
+LOSS_QUERIES = ("matched", "overlapping")
+# "overlapping": an unmatched query is also trained when its box overlaps a ground truth this much
 OVERLAP_IOU = 0.5
 
 
@@ -46,19 +47,26 @@ class SetCriterion:
     ``box_queries`` "overlapping" also regresses every unmatched query whose (detached) box has IoU >=
     ``OVERLAP_IOU`` with a ground-truth box, towards the box it overlaps most; ``loss_l1`` and
     ``loss_giou`` then average over all regressed queries (``sum / R * (matched / num_matched)``, the same
-    scale per box as one-to-one). Classification stays one-to-one. With one-to-one box losses only the
-    best query per object learns to move its box, and on dense proposals its residual error is the
-    smallest and least learnable one: the decoder's stages learn to leave their boxes where they are.
+    scale per box as one-to-one). With one-to-one box losses only the best query per object learns to
+    move its box, and on dense proposals its residual error is the smallest and least learnable one: the
+    decoder's stages learn to leave their boxes where they are.
+
+    ``cls_queries`` "overlapping" makes those same queries positives of ``loss_cls`` too, with the class of
+    the ground truth each overlaps most (and, with ``cls_target`` "iou", their IoU as target): a one-to-many
+    classification as in a Cascade R-CNN stage, so near-duplicates are no longer trained as background
+    and the decoder needs a test-time NMS (``MODEL.DENSE_QUERY.DECODER_NMS_THRESH``). ``num_matched``
+    still normalises it.
     """
 
     def __init__(self, matcher: HungarianMatcher, class_weight: float, l1_weight: float, giou_weight: float,
-                 alpha: float, gamma: float, cls_target: str = "one_hot", box_queries: str = "matched"):
+                 alpha: float, gamma: float, cls_target: str = "one_hot", box_queries: str = "matched",
+                 cls_queries: str = "matched"):
         if cls_target not in CLS_TARGETS:
             raise ValueError(f"MODEL.QUERY.CLS_TARGET must be one of {CLS_TARGETS}, got {cls_target!r}")
-        if box_queries not in BOX_LOSS_QUERIES:
-            raise ValueError(f"MODEL.QUERY.BOX_LOSS_QUERIES must be one of {BOX_LOSS_QUERIES}, "
-                             f"got {box_queries!r}")
-        self.box_queries = box_queries
+        for key, value in (("BOX_LOSS_QUERIES", box_queries), ("CLS_LOSS_QUERIES", cls_queries)):
+            if value not in LOSS_QUERIES:
+                raise ValueError(f"MODEL.QUERY.{key} must be one of {LOSS_QUERIES}, got {value!r}")
+        self.box_queries, self.cls_queries = box_queries, cls_queries
         self.matcher = matcher
         self.class_weight, self.l1_weight, self.giou_weight = class_weight, l1_weight, giou_weight
         self.alpha, self.gamma = alpha, gamma
@@ -90,17 +98,24 @@ class SetCriterion:
         whwh = image_whwh[batch_idx]
 
         matched = boxes[batch_idx, query_idx]
+        if "overlapping" in (self.box_queries, self.cls_queries):
+            extra = self._overlapping(boxes.detach(), targets, matches)
+            extra_batch, extra_query, extra_labels, extra_boxes = extra
+        cls_batch, cls_query, cls_labels, cls_boxes = batch_idx, query_idx, gt_labels, gt_boxes
+        if self.cls_queries == "overlapping":
+            cls_batch, cls_query = torch.cat([batch_idx, extra_batch]), torch.cat([query_idx, extra_query])
+            cls_labels = torch.cat([gt_labels, extra_labels])
+            cls_boxes = torch.cat([gt_boxes, extra_boxes.to(boxes.dtype)])
         target = torch.zeros_like(logits)
         if self.cls_target == "iou":
-            iou = matched_pairwise_iou(Boxes(matched.detach()), Boxes(gt_boxes))
-            target[batch_idx, query_idx, gt_labels] = iou.to(target.dtype)
+            iou = matched_pairwise_iou(Boxes(boxes[cls_batch, cls_query].detach()), Boxes(cls_boxes))
+            target[cls_batch, cls_query, cls_labels] = iou.to(target.dtype)
             loss_cls = quality_focal_loss(logits, target, self.gamma)
         else:
-            target[batch_idx, query_idx, gt_labels] = 1.0
+            target[cls_batch, cls_query, cls_labels] = 1.0
             loss_cls = sigmoid_focal_loss(logits, target, alpha=self.alpha, gamma=self.gamma, reduction="sum")
         box_scale = 1.0
         if self.box_queries == "overlapping":
-            extra_batch, extra_query, extra_boxes = self._overlapping(boxes.detach(), targets, matches)
             box_scale = len(matched) / max(len(matched) + len(extra_query), 1)
             matched = torch.cat([matched, boxes[extra_batch, extra_query]])
             gt_boxes = torch.cat([gt_boxes, extra_boxes.to(boxes.dtype)])
@@ -116,8 +131,9 @@ class SetCriterion:
     @staticmethod
     def _overlapping(boxes: torch.Tensor, targets: List[dict], matches):
         """The unmatched queries whose box (B, N, 4) has IoU >= OVERLAP_IOU with a ground-truth box: their
-        (image index (R,), query index (R,), the ground-truth box each overlaps most (R, 4))."""
-        batch, queries, gt = [], [], []
+        (image index (R,), query index (R,), label (R,) and box (R, 4) of the ground truth each overlaps
+        most)."""
+        batch, queries, labels, gt = [], [], [], []
         for i, (t, (matched_queries, _)) in enumerate(zip(targets, matches)):
             if not len(t["boxes"]):
                 continue
@@ -127,11 +143,12 @@ class SetCriterion:
             query = chosen.nonzero().flatten()
             batch.append(torch.full_like(query, i))
             queries.append(query)
+            labels.append(t["labels"][index[query]])
             gt.append(t["boxes"][index[query]])
         if not queries:
             empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
-            return empty, empty, boxes.new_zeros(0, 4)
-        return torch.cat(batch), torch.cat(queries), torch.cat(gt)
+            return empty, empty, empty, boxes.new_zeros(0, 4)
+        return torch.cat(batch), torch.cat(queries), torch.cat(labels), torch.cat(gt)
 
     def __call__(
         self, predictions: List[Dict[str, torch.Tensor]], targets: List[dict]
