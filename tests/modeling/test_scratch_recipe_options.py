@@ -1,7 +1,7 @@
 """Options for training the combined detector from scratch: per-level tower norms, identity-initialised
 DyHead blocks, query content from the dense head's features, IoU-aware decoder targets, one-to-many
-matching, box and classification losses on every query on an object, box-relative RAP. Each default keeps the official
-behaviour."""
+matching, box and classification losses on every query on an object, box-relative RAP. Each default
+keeps the official behaviour."""
 
 import math
 
