@@ -136,14 +136,20 @@ def test_iou_target_rewards_the_better_box():
         _criterion("soft")
 
 
-def test_overlapping_box_loss_regresses_every_query_on_an_object_hand_computed():
-    """Query 0 is the object's exact box (matched), query 1 overlaps it by IoU 0.8, query 2 by 0.25; the
-    image size is 100. ``matched``: no box loss. ``overlapping``: queries 0 and 1 regress, averaged."""
+def _three_queries_on_one_object():
+    """Loss weights and one image of size 100 with one object of class 0 at (0, 0, 10, 10); query 0 is its
+    exact box with a high score (matched), query 1 overlaps it by IoU 0.8, query 2 by 0.25."""
     w = dict(class_weight=2.0, l1_weight=5.0, giou_weight=2.0, alpha=0.25, gamma=2.0)
     targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]),
                 "whwh": torch.tensor([100.0, 100.0, 100.0, 100.0])}]
     logits = torch.tensor([[[4.0, -4.0], [-4.0, -4.0], [-4.0, -4.0]]])
     boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 8.0], [0.0, 0.0, 5.0, 5.0]]])
+    return w, targets, logits, boxes
+
+
+def test_overlapping_box_loss_regresses_every_query_on_an_object_hand_computed():
+    """``matched``: no box loss (query 0 is exact). ``overlapping``: queries 0 and 1 regress, averaged."""
+    w, targets, logits, boxes = _three_queries_on_one_object()
     losses = {b: SetCriterion(HungarianMatcher(**w), **w, box_queries=b).single(logits, boxes, targets, 1.0)
               for b in ("matched", "overlapping")}
     assert losses["matched"]["loss_l1"] == 0 and losses["matched"]["loss_giou"] == 0
@@ -156,13 +162,9 @@ def test_overlapping_box_loss_regresses_every_query_on_an_object_hand_computed()
 
 
 def test_overlapping_classification_makes_every_query_on_an_object_a_positive_hand_computed():
-    """The case above: with ``cls_queries`` "overlapping" query 1 (IoU 0.8) becomes a positive of class 0,
+    """With ``cls_queries`` "overlapping" query 1 (IoU 0.8) becomes a positive of class 0,
     query 2 (IoU 0.25) stays background; the box losses are unchanged."""
-    w = dict(class_weight=2.0, l1_weight=5.0, giou_weight=2.0, alpha=0.25, gamma=2.0)
-    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]),
-                "whwh": torch.tensor([100.0, 100.0, 100.0, 100.0])}]
-    logits = torch.tensor([[[4.0, -4.0], [-4.0, -4.0], [-4.0, -4.0]]])
-    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 8.0], [0.0, 0.0, 5.0, 5.0]]])
+    w, targets, logits, boxes = _three_queries_on_one_object()
     losses = {c: SetCriterion(HungarianMatcher(**w), **w, cls_queries=c).single(logits, boxes, targets, 1.0)
               for c in ("matched", "overlapping")}
     p = 1.0 / (1.0 + math.exp(4.0))  # sigmoid(-4): query 1's score for class 0
