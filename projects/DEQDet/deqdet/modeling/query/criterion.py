@@ -95,33 +95,26 @@ class SetCriterion:
         gt_labels = torch.cat([t["labels"][g] for t, (_, g) in zip(targets, matches)])
         gt_boxes = torch.cat([t["boxes"][g] for t, (_, g) in zip(targets, matches)]).to(boxes.dtype)
         image_whwh = torch.stack([t["whwh"] for t in targets]).to(boxes.dtype)  # (B, 4)
-        whwh = image_whwh[batch_idx]
 
-        matched = boxes[batch_idx, query_idx]
+        # (image index, query index, label, ground-truth box) of the queries each loss trains
+        trained = {"matched": (batch_idx, query_idx, gt_labels, gt_boxes)}
         if "overlapping" in (self.box_queries, self.cls_queries):
             extra = self._overlapping(boxes.detach(), targets, matches)
-            extra_batch, extra_query, extra_labels, extra_boxes = extra
-        cls_batch, cls_query, cls_labels, cls_boxes = batch_idx, query_idx, gt_labels, gt_boxes
-        if self.cls_queries == "overlapping":
-            cls_batch, cls_query = torch.cat([batch_idx, extra_batch]), torch.cat([query_idx, extra_query])
-            cls_labels = torch.cat([gt_labels, extra_labels])
-            cls_boxes = torch.cat([gt_boxes, extra_boxes.to(boxes.dtype)])
+            trained["overlapping"] = tuple(torch.cat(pair) for pair in zip(trained["matched"], extra))
+        cls_batch, cls_query, cls_labels, cls_gt = trained[self.cls_queries]
         target = torch.zeros_like(logits)
         if self.cls_target == "iou":
-            iou = matched_pairwise_iou(Boxes(boxes[cls_batch, cls_query].detach()), Boxes(cls_boxes))
+            iou = matched_pairwise_iou(Boxes(boxes[cls_batch, cls_query].detach()), Boxes(cls_gt))
             target[cls_batch, cls_query, cls_labels] = iou.to(target.dtype)
             loss_cls = quality_focal_loss(logits, target, self.gamma)
         else:
             target[cls_batch, cls_query, cls_labels] = 1.0
             loss_cls = sigmoid_focal_loss(logits, target, alpha=self.alpha, gamma=self.gamma, reduction="sum")
-        box_scale = 1.0
-        if self.box_queries == "overlapping":
-            box_scale = len(matched) / max(len(matched) + len(extra_query), 1)
-            matched = torch.cat([matched, boxes[extra_batch, extra_query]])
-            gt_boxes = torch.cat([gt_boxes, extra_boxes.to(boxes.dtype)])
-            whwh = torch.cat([whwh, image_whwh[extra_batch]])
-        loss_l1 = (matched / whwh - gt_boxes / whwh).abs().sum() * box_scale
-        loss_giou = generalized_box_iou_loss(matched, gt_boxes, reduction="sum") * box_scale
+        reg_batch, reg_query, _, reg_gt = trained[self.box_queries]
+        reg, whwh = boxes[reg_batch, reg_query], image_whwh[reg_batch]
+        box_scale = len(query_idx) / max(len(reg_query), 1)  # 1 when only the matched queries regress
+        loss_l1 = (reg / whwh - reg_gt / whwh).abs().sum() * box_scale
+        loss_giou = generalized_box_iou_loss(reg, reg_gt, reduction="sum") * box_scale
         return {
             "loss_cls": self.class_weight * loss_cls / num_matched,
             "loss_l1": self.l1_weight * loss_l1 / num_matched,
@@ -131,8 +124,8 @@ class SetCriterion:
     @staticmethod
     def _overlapping(boxes: torch.Tensor, targets: List[dict], matches):
         """The unmatched queries whose box (B, N, 4) has IoU >= OVERLAP_IOU with a ground-truth box: their
-        (image index (R,), query index (R,), label (R,) and box (R, 4) of the ground truth each overlaps
-        most)."""
+        (image index (R,), query index (R,), label (R,) and box (R, 4, in ``boxes``' dtype) of the ground
+        truth each overlaps most)."""
         batch, queries, labels, gt = [], [], [], []
         for i, (t, (matched_queries, _)) in enumerate(zip(targets, matches)):
             if not len(t["boxes"]):
@@ -144,7 +137,7 @@ class SetCriterion:
             batch.append(torch.full_like(query, i))
             queries.append(query)
             labels.append(t["labels"][index[query]])
-            gt.append(t["boxes"][index[query]])
+            gt.append(t["boxes"][index[query]].to(boxes.dtype))
         if not queries:
             empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
             return empty, empty, empty, boxes.new_zeros(0, 4)
