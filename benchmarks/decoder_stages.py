@@ -66,9 +66,11 @@ class InitStage(nn.Module):
     def forward(self, batched_inputs):
         inputs = self.model.initial_queries(batched_inputs)
         out = self.model.decoder.init_stage(inputs.content, inputs.xyzr, inputs.features)
-        logits = out.logits if inputs.prior is None else out.logits + inputs.prior
+        prediction = out.prediction()
+        if inputs.prior is not None:
+            prediction["logits"] = out.logits + inputs.prior
         return decoder_outputs(
-            {"logits": logits, "boxes": out.boxes}, batched_inputs, inputs.images.image_sizes,
+            prediction, batched_inputs, inputs.images.image_sizes,
             self.model.dense.max_detections_per_image, self.model.decoder_nms_thresh,
         )
 

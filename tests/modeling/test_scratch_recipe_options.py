@@ -9,13 +9,16 @@ import pytest
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 from fvcore.nn import sigmoid_focal_loss
 
 from deqdet.engine import build_config
 from deqdet.modeling.dyhead.atss import ATSSHead
 from deqdet.modeling.dyhead.dyconv import DyConv
+from deqdet.modeling.meta_arch import quality_logits
 from deqdet.modeling.query import HungarianMatcher, SetCriterion
 from tests.helpers import config_file
+from tests.test_dense_query import _inputs
 
 COMBINED = config_file("shapes", "dyhead_deqdet_r18.yaml")
 SMALL = ["MODEL.DEVICE", "cpu", "MODEL.DEQDET.MAX_ITERS", "3", "MODEL.QUERY.NUM_QUERIES", "8"]
@@ -292,3 +295,61 @@ def test_moving_average_loss_normalizer_as_detectron2_retinanet():
     assert averaged.loss_normalizers[0].item() == pytest.approx(3.8)
     with pytest.raises(ValueError, match="LOSS_NORMALIZER_MOMENTUM"):
         _atss(1.0)
+
+
+# ------------------------------------------------------------------------------ predicted-IoU branch
+def test_quality_loss_is_the_bce_to_each_overlapping_querys_iou_hand_computed():
+    """Queries 0 (matched, IoU 1) and 1 (IoU 0.8) train the quality branch, query 2 (IoU 0.25) does not;
+    the mean over them at the box losses' scale; the other losses are unchanged."""
+    w, targets, logits, boxes = _three_queries_on_one_object()
+    quality = torch.tensor([[[0.5], [-1.0], [3.0]]])
+    plain = SetCriterion(HungarianMatcher(**w), **w).single(logits, boxes, targets, 1.0)
+    losses = SetCriterion(HungarianMatcher(**w), **w, quality_weight=0.5).single(
+        logits, boxes, targets, 1.0, quality)
+    log_sigmoid = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    bce = lambda x, t: -(t * log_sigmoid(x) + (1 - t) * log_sigmoid(-x))  # noqa: E731
+    expected = 0.5 * (bce(0.5, 1.0) + bce(-1.0, 0.8)) / 2
+    torch.testing.assert_close(losses["loss_quality"], torch.tensor(expected))
+    assert set(losses) == set(plain) | {"loss_quality"}
+    for name, value in plain.items():
+        torch.testing.assert_close(losses[name], value)
+    with pytest.raises(ValueError, match="MODEL.QUERY.QUALITY_WEIGHT"):
+        SetCriterion(HungarianMatcher(**w), **w, quality_weight=-1.0)
+    with pytest.raises(ValueError, match="MODEL.QUERY.QUALITY_WEIGHT"):  # a branch without a weight
+        SetCriterion(HungarianMatcher(**w), **w).single(logits, boxes, targets, 1.0, quality)
+
+
+def test_quality_scores_are_the_geometric_mean_of_class_and_iou_hand_computed():
+    logits, quality = torch.tensor([[[2.0, -3.0], [0.0, 30.0]]]), torch.tensor([[[-1.0], [40.0]]])
+    got = quality_logits({"logits": logits, "boxes": torch.zeros(1, 2, 4), "quality": quality}).sigmoid()
+    expected = (logits.sigmoid() * quality.sigmoid()).sqrt()
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(quality_logits({"logits": logits}), logits)
+
+
+def test_quality_branch_trains_in_every_supervised_stage_and_scores_the_detections():
+    default = build_model(build_config(COMBINED, SMALL))
+    assert default.decoder.refine_stage.fc_quality is None
+    assert not any("quality" in n for n in default.state_dict())
+    torch.manual_seed(0)
+    model = build_model(build_config(COMBINED, SMALL + ["MODEL.QUERY.QUALITY_WEIGHT", "1.0"]))
+    assert model.criterion.quality_weight == 1.0
+    # zero-initialised: every query starts at a predicted IoU of 0.5
+    assert model.decoder.init_stage.fc_quality.weight.abs().sum() == 0
+    with EventStorage(0):
+        losses = model(_inputs())
+    assert {"init_loss_quality", "init^1_loss_quality", "iter2_loss_quality"} <= set(losses)
+    sum(losses.values()).backward()
+    for stage in (model.decoder.init_stage, model.decoder.refine_stage):
+        assert stage.fc_quality.weight.grad.abs().sum() > 0
+    model.eval()
+    batch = _inputs()
+    with torch.no_grad():
+        queries = model.initial_queries(batch)
+        prediction = model.decoder.predict(queries.content, queries.xyzr, queries.features)
+        out = model(batch)
+    assert prediction["quality"].shape == (*prediction["logits"].shape[:2], 1)
+    scores = (prediction["logits"] + queries.prior).sigmoid().mul(prediction["quality"].sigmoid()).sqrt()
+    top = scores.flatten(1).max(dim=1).values
+    for i, result in enumerate(out):
+        torch.testing.assert_close(result["instances"].scores.max(), top[i])

@@ -48,7 +48,8 @@ def test_stage_shapes_gradients_and_detached_boxes():
     content, xyzr = queries([(64, 96), (60, 80)])
     xyzr = xyzr.clone().requires_grad_()
     features = _features()
-    new_content, new_xyzr, logits, boxes = stage(content, xyzr, features)
+    new_content, new_xyzr, logits, boxes, quality = stage(content, xyzr, features)
+    assert quality is None  # the papers' stage has no quality branch
     assert new_content.shape == (2, 5, 32) and new_xyzr.shape == (2, 5, 4)
     assert logits.shape == (2, 5, 3) and boxes.shape == (2, 5, 4)
     # fc_reg starts at zero: the first refinement keeps the whole-image boxes

@@ -7,6 +7,7 @@ AdaMixer and DEQDet differ only in the decoder (``MODEL.QUERY.DECODER``) and the
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import batched_nms
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
@@ -50,7 +51,7 @@ def set_criterion_from_config(cfg) -> SetCriterion:
                    alpha=q.FOCAL_ALPHA, gamma=q.FOCAL_GAMMA)
     matcher = HungarianMatcher(**weights, matches_per_gt=q.MATCHES_PER_GT)
     return SetCriterion(matcher, **weights, cls_target=q.CLS_TARGET, box_queries=q.BOX_LOSS_QUERIES,
-                         cls_queries=q.CLS_LOSS_QUERIES)
+                         cls_queries=q.CLS_LOSS_QUERIES, quality_weight=q.QUALITY_WEIGHT)
 
 
 def query_targets(instances: Instances, image_size) -> Dict[str, torch.Tensor]:
@@ -94,6 +95,16 @@ def topk_detections(
     return results
 
 
+def quality_logits(prediction: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits (B, N, K) of a prediction's detection scores: its class ``logits``, or with predicted-IoU
+    ``quality`` (B, N, 1) the logits of ``sqrt(sigmoid(logits) * sigmoid(quality))`` (IoU-aware RetinaNet's
+    score with exponent 0.5)."""
+    if "quality" not in prediction:
+        return prediction["logits"]
+    log_score = 0.5 * (F.logsigmoid(prediction["logits"]) + F.logsigmoid(prediction["quality"]))
+    return log_score - torch.log(-torch.expm1(log_score))  # logit(s) = log s - log(1 - s)
+
+
 def decoder_outputs(
     prediction: Dict[str, torch.Tensor],
     batched_inputs: List[dict],
@@ -104,11 +115,12 @@ def decoder_outputs(
     """A decoder's inference prediction (``QueryDecoder.predict``, prior added) -> Detectron2's
     outputs: per image the top ``detections_per_image`` (query, class) pairs (class-wise NMS at
     ``nms_thresh`` if < 1, see :func:`topk_detections`) as ``instances`` in original-image pixels, and
-    the prediction's other entries (e.g. DEQ ``residuals``, ``steps``)."""
+    the prediction's other entries (e.g. DEQ ``residuals``, ``steps``). With predicted-IoU ``quality``
+    logits (B, N, 1) a detection scores ``sqrt(sigmoid(logit) * sigmoid(quality))``."""
     results = topk_detections(
-        prediction["logits"], prediction["boxes"], image_sizes, detections_per_image, nms_thresh
+        quality_logits(prediction), prediction["boxes"], image_sizes, detections_per_image, nms_thresh
     )
-    extras = {k: v for k, v in prediction.items() if k not in ("logits", "boxes")}
+    extras = {k: v for k, v in prediction.items() if k not in ("logits", "boxes", "quality")}
     return postprocess_outputs(results, extras, batched_inputs, image_sizes)
 
 

@@ -27,7 +27,7 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from ..modeling.meta_arch import topk_detections
+from ..modeling.meta_arch import quality_logits, topk_detections
 
 __all__ = ["default_steps", "render_refinement", "trace_refinement"]
 
@@ -85,7 +85,7 @@ def trace_refinement(cfg, model, images: Sequence[np.ndarray], num_steps: int, n
         [
             detector_postprocess(r, *image.shape[:2]).to("cpu")
             for r, image in zip(
-                topk_detections(s["logits"], s["boxes"], queries.images.image_sizes, num_boxes), images
+                topk_detections(quality_logits(s), s["boxes"], queries.images.image_sizes, num_boxes), images
             )
         ]
         for s in trace

@@ -32,7 +32,7 @@ from detectron2.config import configurable
 
 from ..constants import device_constant
 from ..query.decoder import QUERY_DECODER_REGISTRY, LossFn, QueryDecoder, stage_kwargs_from_config
-from ..query.stage import AdaMixerStage
+from ..query.stage import AdaMixerStage, StageOutput
 from .graphs import CUDAGraphCache
 from .perturb import RefinementPerturbation
 from .solver import SOLVERS, fixed_steps, relative_residual, solve, warn_non_finite
@@ -251,22 +251,21 @@ class DEQDecoder(QueryDecoder):
 
         Returns:
             ``num_steps + 1`` dicts; entry ``i`` is the state after ``i`` applications of f (0: the
-            init stage): ``{"logits": (B, N, K), "boxes": (B, N, 4) xyxy, "residual": (B,)}``, the
-            residual being the step's relative residual ``||z_i - z_{i-1}|| / ||z_{i-1}||`` in the
-            solver's state space (:class:`StateCodec`; NaN for entry 0).
+            init stage): ``{"logits": (B, N, K), "boxes": (B, N, 4) xyxy[, "quality": (B, N, 1)],
+            "residual": (B,)}``, the residual being the step's relative residual ``||z_i - z_{i-1}|| /
+            ||z_{i-1}||`` in the solver's state space (:class:`StateCodec`; NaN for entry 0).
         """
         if num_steps < 0:
             raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-        content, xyzr, logits, boxes = self.init_stage(content, xyzr, features)
-        codec = self._codec(content, features)
-        no_residual = logits.new_full((len(logits),), float("nan"))
-        states = [{"logits": logits, "boxes": boxes, "residual": no_residual}]
-        z = codec.flatten(content, xyzr)
+        out = self.init_stage(content, xyzr, features)
+        codec = self._codec(out.content, features)
+        no_residual = out.logits.new_full((len(out.logits),), float("nan"))
+        states = [{**out.prediction(), "residual": no_residual}]
+        z = codec.flatten(out.content, out.xyzr)
         for _ in range(num_steps):
-            content, xyzr, logits, boxes = self.refine_stage(content, xyzr, features)
-            z_next = codec.flatten(content, xyzr)
-            residual = relative_residual(z_next, z)
-            states.append({"logits": logits, "boxes": boxes, "residual": residual})
+            out = self.refine_stage(out.content, out.xyzr, features)
+            z_next = codec.flatten(out.content, out.xyzr)
+            states.append({**out.prediction(), "residual": relative_residual(z_next, z)})
             z = z_next
         return states
 
@@ -297,9 +296,11 @@ class DEQDecoder(QueryDecoder):
         self, content: torch.Tensor, xyzr: torch.Tensor, *features: torch.Tensor
     ) -> Tuple[torch.Tensor, ...]:
         """The init stage, the iterations and the output step (what ``CUDA_GRAPH`` records) ->
-        ``(init_logits, init_boxes, logits, boxes, residuals, iterations)``, see :meth:`forward`."""
+        ``(init_logits, init_boxes, logits, boxes, residuals, iterations)``, see :meth:`forward`; with a
+        quality branch its predicted-IoU logits are appended to the class logits, (B, N, K + 1)."""
         features = list(features)
-        content, xyzr, init_logits, init_boxes = self.init_stage(content, xyzr, features)
+        init = self.init_stage(content, xyzr, features)
+        content, xyzr = init.content, init.xyzr
         codec = self._codec(content, features)
         stage = self._inference_stage()
 
@@ -314,15 +315,16 @@ class DEQDecoder(QueryDecoder):
             result = fixed_steps(step, z0, max_iters=self.max_iters, **options)
         else:
             result = solve(step, z0, tol=self.tol, max_iters=self.max_iters, **options)
-        _, _, logits, boxes = stage(*codec.unflatten(result.state), features)
-        return init_logits, init_boxes, logits, boxes, result.residuals, result.iterations
+        out = stage(*codec.unflatten(result.state), features)
+        return _scores(init), init.boxes, _scores(out), out.boxes, result.residuals, result.iterations
 
     def forward(
         self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor]
     ) -> List[Dict[str, torch.Tensor]]:
         """Inference. content (B, N, D), xyzr (B, N, 4), features L x (B, C, H_l, W_l) ->
-        ``[{"logits": (B, N, K), "boxes": (B, N, 4) xyxy, "residuals": (B, MAX_ITERS) (NaN after the
-        image stopped), "steps": (B,) applications of f including the output one}]``."""
+        ``[{"logits": (B, N, K), "boxes": (B, N, 4) xyxy[, "quality": (B, N, 1)], "residuals": (B,
+        MAX_ITERS) (NaN after the image stopped), "steps": (B,) applications of f including the output
+        one}]``."""
         refine = self._refine
         if self.cuda_graph and content.is_cuda:
             if self._graph_cache is None:
@@ -332,7 +334,15 @@ class DEQDecoder(QueryDecoder):
         if self.tol == 0:
             warn_non_finite(iterations, self.max_iters)
         logits, boxes = _finite_prediction(logits, boxes, init_logits, init_boxes, self._padded_hw(features))
-        return [{"logits": logits, "boxes": boxes, "residuals": residuals, "steps": iterations + 1}]
+        scores = {"logits": logits}
+        if self.init_stage.fc_quality is not None:
+            scores = {"logits": logits[..., :-1], "quality": logits[..., -1:]}
+        return [{**scores, "boxes": boxes, "residuals": residuals, "steps": iterations + 1}]
+
+
+def _scores(out: StageOutput) -> torch.Tensor:
+    """A stage's class logits (B, N, K), with its predicted-IoU logits appended (B, N, K + 1) if any."""
+    return out.logits if out.quality is None else torch.cat([out.logits, out.quality], dim=-1)
 
 
 def _finite_prediction(logits, boxes, init_logits, init_boxes, padded_hw: Tuple[int, int]):

@@ -60,6 +60,11 @@ def add_query_config(cfg: CN) -> None:
     # every other query whose box overlaps a ground truth by IoU >= 0.5, with that object's class, as a
     # Cascade R-CNN stage; use it with MODEL.DENSE_QUERY.DECODER_NMS_THRESH).
     q.CLS_LOSS_QUERIES = "matched"
+    # Weight of a predicted-IoU (quality) branch in every decoder stage; 0: no branch (the papers). With
+    # a weight > 0 each stage also predicts the IoU of its refined box with its object, trained with a
+    # binary cross-entropy to that IoU on every query that overlaps an object (IoU >= 0.5) or is matched,
+    # and a detection scores sqrt(class score * predicted IoU), as IoU-aware RetinaNet.
+    q.QUALITY_WEIGHT = 0.0
 
     # DETR-style augmentation (deqdet.data.mapper.detr_augmentations): with probability PROB, before the final
     # INPUT.MIN_SIZE_TRAIN resize, resize the shortest edge to one of RESIZE_SIZES and crop a random

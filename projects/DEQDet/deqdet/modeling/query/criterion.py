@@ -1,6 +1,6 @@
 """Set criterion: per supervised prediction, Hungarian matching then focal, L1 and GIoU losses."""
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,17 +56,25 @@ class SetCriterion:
     classification as in a Cascade R-CNN stage, so near-duplicates are no longer trained as background
     and the decoder needs a test-time NMS (``MODEL.DENSE_QUERY.DECODER_NMS_THRESH``). ``num_matched``
     still normalises it.
+
+    ``quality_weight`` > 0 trains the stages' predicted-IoU branch (``"quality"`` logits (B, N, 1) in the
+    prediction): on the matched queries and every query overlapping an object by IoU >= ``OVERLAP_IOU``,
+    ``loss_quality = w_quality * sum(BCE(quality, IoU(box, gt))) / R * (matched / num_matched)`` (box
+    detached), the scale of the box losses.
     """
 
     def __init__(self, matcher: HungarianMatcher, class_weight: float, l1_weight: float, giou_weight: float,
                  alpha: float, gamma: float, cls_target: str = "one_hot", box_queries: str = "matched",
-                 cls_queries: str = "matched"):
+                 cls_queries: str = "matched", quality_weight: float = 0.0):
         if cls_target not in CLS_TARGETS:
             raise ValueError(f"MODEL.QUERY.CLS_TARGET must be one of {CLS_TARGETS}, got {cls_target!r}")
         for key, value in (("BOX_LOSS_QUERIES", box_queries), ("CLS_LOSS_QUERIES", cls_queries)):
             if value not in LOSS_QUERIES:
                 raise ValueError(f"MODEL.QUERY.{key} must be one of {LOSS_QUERIES}, got {value!r}")
+        if quality_weight < 0:
+            raise ValueError(f"MODEL.QUERY.QUALITY_WEIGHT must be >= 0, got {quality_weight}")
         self.box_queries, self.cls_queries = box_queries, cls_queries
+        self.quality_weight = quality_weight
         self.matcher = matcher
         self.class_weight, self.l1_weight, self.giou_weight = class_weight, l1_weight, giou_weight
         self.alpha, self.gamma = alpha, gamma
@@ -87,8 +95,13 @@ class SetCriterion:
         value = count.item()
         return value if value > 0 else 1.0
 
-    def single(self, logits, boxes, targets: List[dict], num_matched: float) -> Dict[str, torch.Tensor]:
-        """Losses of one prediction: logits (B, N, K), boxes (B, N, 4)."""
+    def single(self, logits, boxes, targets: List[dict], num_matched: float,
+               quality: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Losses of one prediction: logits (B, N, K), boxes (B, N, 4), predicted-IoU logits (B, N, 1) or
+        None (then no ``loss_quality``)."""
+        if (quality is None) != (self.quality_weight == 0):
+            raise ValueError(f"MODEL.QUERY.QUALITY_WEIGHT is {self.quality_weight} but the decoder's "
+                             f"prediction {'has no' if quality is None else 'has a'} quality branch")
         matches = self.matcher.match_batch(logits.detach(), boxes.detach(), targets)
         batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(matches)])
         query_idx = torch.cat([q for q, _ in matches])
@@ -98,7 +111,7 @@ class SetCriterion:
 
         # (image index, query index, label, ground-truth box) of the queries each loss trains
         trained = {"matched": (batch_idx, query_idx, gt_labels, gt_boxes)}
-        if "overlapping" in (self.box_queries, self.cls_queries):
+        if "overlapping" in (self.box_queries, self.cls_queries) or quality is not None:
             extra = self._overlapping(boxes.detach(), targets, matches)
             trained["overlapping"] = tuple(torch.cat(pair) for pair in zip(trained["matched"], extra))
         cls_batch, cls_query, cls_labels, cls_gt = trained[self.cls_queries]
@@ -115,11 +128,19 @@ class SetCriterion:
         box_scale = len(query_idx) / max(len(reg_query), 1)  # 1 when only the matched queries regress
         loss_l1 = (reg / whwh - reg_gt / whwh).abs().sum() * box_scale
         loss_giou = generalized_box_iou_loss(reg, reg_gt, reduction="sum") * box_scale
-        return {
+        losses = {
             "loss_cls": self.class_weight * loss_cls / num_matched,
             "loss_l1": self.l1_weight * loss_l1 / num_matched,
             "loss_giou": self.giou_weight * loss_giou / num_matched,
         }
+        if quality is not None:
+            q_batch, q_query, _, q_gt = trained["overlapping"]
+            iou = matched_pairwise_iou(Boxes(boxes[q_batch, q_query].detach()), Boxes(q_gt))
+            loss_quality = F.binary_cross_entropy_with_logits(
+                quality[q_batch, q_query, 0], iou.to(quality.dtype), reduction="sum"
+            ) * (len(query_idx) / max(len(q_query), 1))
+            losses["loss_quality"] = self.quality_weight * loss_quality / num_matched
+        return losses
 
     @staticmethod
     def _overlapping(boxes: torch.Tensor, targets: List[dict], matches):
@@ -152,6 +173,7 @@ class SetCriterion:
         num_matched = self.num_matched(targets, logits.shape[1], logits.device, self.matcher.matches_per_gt)
         losses = {}
         for i, pred in enumerate(predictions):
-            for name, value in self.single(pred["logits"], pred["boxes"], targets, num_matched).items():
+            single = self.single(pred["logits"], pred["boxes"], targets, num_matched, pred.get("quality"))
+            for name, value in single.items():
                 losses[f"s{i}_{name}"] = value
         return losses

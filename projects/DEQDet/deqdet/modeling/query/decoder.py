@@ -2,7 +2,8 @@
 
 Every decoder is a :class:`QueryDecoder`: the meta-architectures call only its two entries,
 ``losses(content, xyzr, features, loss_fn)`` in training and ``predict(content, xyzr, features)`` in
-inference. A prediction is ``{"logits": (B, N, K), "boxes": (B, N, 4) xyxy, ...}``.
+inference. A prediction is ``{"logits": (B, N, K), "boxes": (B, N, 4) xyxy, ...}``, with ``"quality"``
+(B, N, 1) predicted-IoU logits when the stages have a quality branch.
 """
 
 from typing import Callable, Dict, List, Sequence
@@ -79,6 +80,7 @@ def stage_kwargs_from_config(cfg, strides: Sequence[int]) -> dict:
         out_points=q.OUT_POINTS,
         num_groups=q.NUM_GROUPS,
         level_tau=q.LEVEL_TAU,
+        quality=q.QUALITY_WEIGHT > 0,
     )
 
 

@@ -20,10 +20,13 @@ class StageOutput(NamedTuple):
     xyzr: torch.Tensor  #: (B, N, 4) refined boxes (xyzr)
     logits: torch.Tensor  #: (B, N, K) class logits
     boxes: torch.Tensor  #: (B, N, 4) the refined boxes as xyxy input-image pixels
+    quality: Optional[torch.Tensor] = None  #: (B, N, 1) predicted-IoU logits, or None (no quality branch)
 
     def prediction(self) -> Dict[str, torch.Tensor]:
-        """``{"logits": ..., "boxes": ...}``, the form a decoder's predictions take (``query.decoder``)."""
-        return {"logits": self.logits, "boxes": self.boxes}
+        """``{"logits": ..., "boxes": ...[, "quality": ...]}``, the form a decoder's predictions take
+        (``query.decoder``)."""
+        out = {"logits": self.logits, "boxes": self.boxes}
+        return out if self.quality is None else {**out, "quality": self.quality}
 
 
 def _linear_ln_relu(dim: int) -> nn.Sequential:
@@ -33,14 +36,17 @@ def _linear_ln_relu(dim: int) -> nn.Sequential:
 class AdaMixerStage(nn.Module):
     """Self-attention with IoF bias -> adaptive 3D sampling + mixing -> FFN -> class and box heads.
 
-    ``forward(content, xyzr, features) -> StageOutput(content, xyzr, logits, boxes)``::
+    ``forward(content, xyzr, features) -> StageOutput(content, xyzr, logits, boxes, quality)``::
 
         q = LN(q + pe + MHA(q + pe, bias = tau_h * log(IoF + 1e-7)))     # pe = embedding of xyzr
         q = LN(q + AdaptiveMixing(sample_3d(points(q, xyzr)), q))
         q = LN(q + FFN(q))
         logits = fc_cls(cls_fcs(q)); xyzr' = refine(xyzr, fc_reg(reg_fcs(q)))
+        quality = fc_quality(reg_fcs(q))                                 # with ``quality`` only
 
     The incoming boxes are detached: gradients flow through the content, not along the box chain.
+    ``quality`` adds a predicted-IoU branch on the regression features (IoU-aware RetinaNet, IoU-Net):
+    one logit per query for the IoU of its refined box with its object, zero-initialised (0.5).
     """
 
     def __init__(
@@ -56,6 +62,7 @@ class AdaMixerStage(nn.Module):
         out_points: int = 128,
         num_groups: int = 4,
         level_tau: float = 2.0,
+        quality: bool = False,
     ):
         super().__init__()
         self.strides = tuple(strides)
@@ -76,15 +83,16 @@ class AdaMixerStage(nn.Module):
         self.fc_cls = nn.Linear(content_dim, num_classes)
         self.reg_fcs = _linear_ln_relu(content_dim)
         self.fc_reg = nn.Linear(content_dim, 4)
+        self.fc_quality = nn.Linear(content_dim, 1) if quality else None
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self, prior_prob: float = 0.01) -> None:
         """The official initialisation (MCG-NJU/AdaMixer): Xavier-uniform weights in every Linear, the
-        classifier bias at the prior probability ``prior_prob``, a zero box regressor, IoF temperatures
-        uniform in [0, 4], sampling offsets with zero weights and biases on a regular grid over the box
-        (uniform in it when ``in_points`` is not a square) at level offset -1, and zero weights in the
-        generator of the mixing parameters."""
+        classifier bias at the prior probability ``prior_prob``, a zero box regressor (and quality
+        branch), IoF temperatures uniform in [0, 4], sampling offsets with zero weights and biases on a
+        regular grid over the box (uniform in it when ``in_points`` is not a square) at level offset -1,
+        and zero weights in the generator of the mixing parameters."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
@@ -92,6 +100,9 @@ class AdaMixerStage(nn.Module):
         nn.init.constant_(self.fc_cls.bias, -math.log((1 - prior_prob) / prior_prob))
         nn.init.zeros_(self.fc_reg.weight)
         nn.init.zeros_(self.fc_reg.bias)
+        if self.fc_quality is not None:
+            nn.init.zeros_(self.fc_quality.weight)
+            nn.init.zeros_(self.fc_quality.bias)
         nn.init.uniform_(self.iof_tau, 0.0, 4.0)
         nn.init.zeros_(self.sampling_offsets.weight)
         bias = self.sampling_offsets.bias.view(self.num_groups, self.in_points, 3)
@@ -141,12 +152,15 @@ class AdaMixerStage(nn.Module):
 
         Returns:
             :class:`StageOutput`: content (B, N, D), refined xyzr (B, N, 4), class logits (B, N, K),
-            boxes (B, N, 4) xyxy in input-image pixels (the refined xyzr decoded).
+            boxes (B, N, 4) xyxy in input-image pixels (the refined xyzr decoded), predicted-IoU logits
+            (B, N, 1) or None.
         """
         xyzr = xyzr.detach()
         content = self.self_attention(content, xyzr, iof_boxes)
         content = self.sample_and_mix(content, xyzr, features)
         content = self.ffn_norm(content + self.ffn(content))
         logits = self.fc_cls(self.cls_fcs(content))
-        xyzr = refine_xyzr(xyzr, self.fc_reg(self.reg_fcs(content)))
-        return StageOutput(content, xyzr, logits, xyzr_to_xyxy(xyzr))
+        reg_features = self.reg_fcs(content)
+        xyzr = refine_xyzr(xyzr, self.fc_reg(reg_features))
+        quality = None if self.fc_quality is None else self.fc_quality(reg_features)
+        return StageOutput(content, xyzr, logits, xyzr_to_xyxy(xyzr), quality)
