@@ -46,13 +46,14 @@ from detectron2.structures import Boxes, BoxMode, pairwise_iou  # noqa: E402
 from torch import nn  # noqa: E402
 
 import deqdet  # noqa: E402, F401  (registers models and datasets)
-from deqdet.analysis import ORACLE_FIXES, OracleFixEvaluator  # noqa: E402
+from deqdet.analysis import ORACLE_FIXES, FirstHitEvaluator, OracleFixEvaluator  # noqa: E402
 from deqdet.engine import Trainer, build_config  # noqa: E402
 from deqdet.evaluation import CheckedCOCOEvaluator  # noqa: E402
 from deqdet.modeling.meta_arch import decoder_outputs  # noqa: E402
 from deqdet.modeling.query.boxes import xyxy_to_xyzr, xyzr_to_xyxy  # noqa: E402
 
 KEYS = ("AP", "AP50", "AP75")
+FIRST_HIT = "first hit"  # the row entry of FirstHitEvaluator's summary
 ON_OBJECT_IOU = 0.5  # a query counts in the localisation table when its proposal overlaps a box this much
 
 
@@ -95,10 +96,15 @@ def evaluate(cfg, model: nn.Module, out_dir: str, truth: dict = None) -> dict:
         coco = CheckedCOCOEvaluator(dataset, output_dir=os.path.join(out_dir, name),
                                     max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
         evaluators.append(OracleFixEvaluator(coco, fix, truth, prefix=f"{name}_"))
+    if truth:
+        evaluators.append(FirstHitEvaluator(truth))
     results = inference_on_dataset(model, loader, DatasetEvaluators(evaluators))
     row = {k: round(results["bbox"][k], 1) for k in KEYS}
     for name in ORACLE_FIXES if truth else ():
         row[f"AP, {name} fixed"] = round(results[f"{name}_bbox"]["AP"], 1)
+    if truth:
+        row[FIRST_HIT] = {k: round(v, 3 if "IoU" in k and "%" not in k else 1)
+                          for k, v in results["first_hit"].items()}
     return row
 
 
@@ -226,7 +232,7 @@ def main(argv=None):
 def write(args, results: dict, localised: dict):
     labels = list(results)
     rows = list(results[labels[0]])
-    fixed = [k for k in results[labels[0]][rows[0]] if k not in KEYS]
+    fixed = [k for k in results[labels[0]][rows[0]] if k not in (*KEYS, FIRST_HIT)]
     lines = [
         "# The combined detector's parts, from the same checkpoints",
         "",
@@ -245,6 +251,16 @@ def write(args, results: dict, localised: dict):
         if fixed:
             cells = [" / ".join(f"{results[lb][row][k]:.1f}" for k in fixed) for lb in labels]
             lines.append(f"| {row}: {' / '.join(fixed)} | " + " | ".join(cells) + " |")
+    if fixed:
+        hit_keys = list(results[labels[0]][rows[0]][FIRST_HIT])
+        lines += ["", "Each object's first hit (the highest-scored detection of its class with IoU >= 0.5 "
+                  "with it, the one COCO's matching counts first) against the best-placed detection of its "
+                  "class: "
+                  + " / ".join(hit_keys) + ":", "",
+                  "| answer | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for row in rows:
+            cells = [" / ".join(str(results[lb][row][FIRST_HIT][k]) for k in hit_keys) for lb in labels]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
     if localised:
         lines += ["", f"The decoder's boxes, per query on an object (dense proposal IoU >= {ON_OBJECT_IOU}; "
                   f"refined: {args.trace_steps} applications of the refinement stage):", "",

@@ -12,6 +12,7 @@ from detectron2.structures import Boxes, Instances
 from PIL import Image
 
 import train_net
+from deqdet import analysis
 from deqdet.analysis import ErrorBreakdown, classify_detections, fix_boxes, fix_classes, fix_ranking
 from tests.data.hostile_data import ATSS_CONFIG, TINY_ATSS, write_coco
 
@@ -179,6 +180,24 @@ def test_oracle_fixes_of_an_image_without_ground_truth():
     assert fix_classes(dets, *none).pred_classes.tolist() == [0]
     assert fix_boxes(dets, *none).pred_boxes.tensor.tolist() == [[0, 0, 10, 10]]
     assert fix_ranking(dets, *none).scores.tolist() == [0.0]
+
+
+def test_first_hits_by_hand():
+    dets = _detections(
+        [[0, 0, 10, 20],  # IoU 0.5 with box 0, class 0, the highest score: box 0's first hit
+         [0, 0, 10, 11],  # IoU 10/11 with box 0: its best detection, scored lower
+         [20, 20, 30, 30]],  # box 1's exact box, but detected as class 0
+        [0, 0, 0], [0.9, 0.8, 0.7])
+    hits = analysis.first_hits(dets, GT_BOXES, GT_CLASSES)
+    torch.testing.assert_close(hits, torch.tensor([[0.5, 10 / 11], [0.0, 0.0]]))
+    no_objects = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    evaluator = analysis.FirstHitEvaluator({1: (GT_BOXES, GT_CLASSES), 2: no_objects})
+    evaluator.reset()
+    evaluator.process([{"image_id": 1}, {"image_id": 2}], [{"instances": dets}, {"instances": dets}])
+    summary = evaluator.evaluate()["first_hit"]
+    assert summary["objects hit, %"] == 50.0 and summary["first hit's mean IoU"] == pytest.approx(0.5)
+    assert summary["first hit IoU >= 0.75, %"] == 0.0
+    assert summary["best detection's mean IoU"] == pytest.approx(10 / 11)
 
 
 def test_analyze_errors_table_and_confusion_matrix(run, tmp_path, capsys):

@@ -17,6 +17,10 @@ How much AP each kind of error costs is measured as TIDE does, by fixing it with
 and evaluating again (:data:`ORACLE_FIXES`, applied to every output by :class:`OracleFixEvaluator`):
 ``classes`` gives each detection the class of the box it overlaps, ``boxes`` moves each detection onto
 the box of its class it overlaps, ``ranking`` scores each detection by its IoU with its class's boxes.
+
+Whether the scores pick the best-placed of the boxes an answer has (:class:`FirstHitEvaluator`): per
+object, the IoU of its *first hit* (the highest-scored detection of its class overlapping it by IoU >=
+0.5, the one COCO's matching counts first) against the best IoU any detection of its class reaches.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
+from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
 from .evaluation import OutputKeyEvaluator
 
 __all__ = [
-    "ERROR_KINDS", "ErrorBreakdown", "ORACLE_FIXES", "OracleFixEvaluator", "classify_detections",
-    "fix_boxes", "fix_classes", "fix_ranking", "per_class_ap",
+    "ERROR_KINDS", "ErrorBreakdown", "FirstHitEvaluator", "ORACLE_FIXES", "OracleFixEvaluator",
+    "classify_detections", "first_hits", "fix_boxes", "fix_classes", "fix_ranking", "per_class_ap",
 ]
 
 ERROR_KINDS = ("correct", "duplicate", "class confusion", "localisation", "background", "missed")
@@ -179,3 +184,47 @@ class OracleFixEvaluator(OutputKeyEvaluator):
         fixed = [{"instances": self.fix(out["instances"], *self.ground_truth[x["image_id"]])}
                  for x, out in zip(inputs, outputs)]
         self.evaluator.process(inputs, fixed)
+
+
+def first_hits(instances: Instances, gt_boxes: torch.Tensor, gt_classes: torch.Tensor, *,
+               iou: float = 0.5) -> torch.Tensor:
+    """(G, 2) per ground-truth box (G, 4) of class (G,): the IoU of its first hit (the highest-scored
+    detection of its class with IoU >= ``iou``; 0 if none) and the best IoU of any detection of its class."""
+    if not len(gt_boxes):
+        return torch.zeros(0, 2)
+    if not len(instances):
+        return torch.zeros(len(gt_boxes), 2)
+    gt_classes = gt_classes.to(instances.pred_classes)
+    same = _ious(instances, gt_boxes) * (instances.pred_classes[:, None] == gt_classes[None, :])  # (D, G)
+    ranked = same[instances.scores.argsort(descending=True)]
+    hit = ranked >= iou
+    first = torch.where(hit.any(dim=0), ranked.gather(0, hit.float().argmax(dim=0, keepdim=True))[0], 0.0)
+    return torch.stack([first, same.max(dim=0).values], dim=1).float().cpu()
+
+
+class FirstHitEvaluator(DatasetEvaluator):
+    """The :func:`first_hits` of every object of ``ground_truth`` (``image_id`` -> (boxes (G, 4) XYXY in the
+    original image, classes (G,))) in the outputs' ``instances``, summed up as task ``first_hit``: the
+    share of objects hit, the mean IoU of the first hits, the shares of objects whose first hit has IoU
+    >= 0.75 / 0.9, and the mean best IoU of any detection of the object's class (the boxes a perfect
+    ranking would pick first)."""
+
+    def __init__(self, ground_truth: Dict):
+        self.ground_truth = ground_truth
+
+    def reset(self):
+        self._hits = []
+
+    def process(self, inputs, outputs):
+        for x, out in zip(inputs, outputs):
+            self._hits.append(first_hits(out["instances"], *self.ground_truth[x["image_id"]]))
+
+    def evaluate(self):
+        hits = torch.cat(self._hits) if self._hits else torch.zeros(0, 2)
+        found, first, best = hits[:, 0] > 0, hits[:, 0], hits[:, 1]
+        share = lambda x: float(x.float().mean() * 100)  # noqa: E731
+        return {"first_hit": {
+            "objects hit, %": share(found), "first hit's mean IoU": float(first[found].mean()),
+            "first hit IoU >= 0.75, %": share(first >= 0.75), "first hit IoU >= 0.9, %": share(first >= 0.9),
+            "best detection's mean IoU": float(best[found].mean()),
+        }}
