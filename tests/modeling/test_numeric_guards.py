@@ -13,7 +13,7 @@ from tests.helpers import ATSS_DYHEAD, synthetic_batch, tiny_model
 
 def _scale_outputs(factor):
     def hook(module, args, output):  # a stage's output is a StageOutput (a NamedTuple): keep its type
-        return output._make(t * factor for t in output)
+        return output._make(None if t is None else t * factor for t in output)
     return hook
 
 
@@ -34,6 +34,24 @@ def test_diverging_refinement_falls_back_to_the_init_prediction(factor, caplog):
         results = model(synthetic_batch(2))
     assert "output step not finite for images [0, 1]" in caplog.text
     _assert_well_formed(results)
+
+
+def test_diverging_refinement_with_a_quality_branch_falls_back_to_the_init_prediction(caplog):
+    model = tiny_model("MODEL.DEQDET.MAX_ITERS", "3", "MODEL.QUERY.QUALITY_WEIGHT", "1.0").eval()
+    model.decoder.refine_stage.register_forward_hook(_scale_outputs(float("nan")))
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        results = model(synthetic_batch(2))
+        init = model.decoder.init_stage
+        init_scores = []
+        init.register_forward_hook(lambda m, a, out: init_scores.append(out))
+        model(synthetic_batch(2))
+    assert "output step not finite for images [0, 1]" in caplog.text
+    _assert_well_formed(results)
+    # the fallback keeps the init stage's predicted IoU with its class scores
+    out = init_scores[0]
+    expected = (out.logits.sigmoid() * out.quality.sigmoid()).sqrt().flatten(1).max(dim=1).values
+    for r, top in zip(results, expected):
+        torch.testing.assert_close(r["instances"].scores.max(), top)
 
 
 def test_diverging_init_and_refinement_give_whole_image_boxes_with_score_0(caplog):
