@@ -114,18 +114,24 @@ class SetCriterion:
         if "overlapping" in (self.box_queries, self.cls_queries) or quality is not None:
             extra = self._overlapping(boxes.detach(), targets, matches)
             trained["overlapping"] = tuple(torch.cat(pair) for pair in zip(trained["matched"], extra))
+
+        def box_iou(batch, query, gt):  # (R,) IoU of the trained queries' detached boxes with their gt
+            return matched_pairwise_iou(Boxes(boxes[batch, query].detach()), Boxes(gt))
+
+        def per_matched(query):  # sum over a trained set -> the scale of a sum over the matched queries
+            return len(query_idx) / max(len(query), 1)
+
         cls_batch, cls_query, cls_labels, cls_gt = trained[self.cls_queries]
         target = torch.zeros_like(logits)
         if self.cls_target == "iou":
-            iou = matched_pairwise_iou(Boxes(boxes[cls_batch, cls_query].detach()), Boxes(cls_gt))
-            target[cls_batch, cls_query, cls_labels] = iou.to(target.dtype)
+            target[cls_batch, cls_query, cls_labels] = box_iou(cls_batch, cls_query, cls_gt).to(target.dtype)
             loss_cls = quality_focal_loss(logits, target, self.gamma)
         else:
             target[cls_batch, cls_query, cls_labels] = 1.0
             loss_cls = sigmoid_focal_loss(logits, target, alpha=self.alpha, gamma=self.gamma, reduction="sum")
         reg_batch, reg_query, _, reg_gt = trained[self.box_queries]
         reg, whwh = boxes[reg_batch, reg_query], image_whwh[reg_batch]
-        box_scale = len(query_idx) / max(len(reg_query), 1)  # 1 when only the matched queries regress
+        box_scale = per_matched(reg_query)  # 1 when only the matched queries regress
         loss_l1 = (reg / whwh - reg_gt / whwh).abs().sum() * box_scale
         loss_giou = generalized_box_iou_loss(reg, reg_gt, reduction="sum") * box_scale
         losses = {
@@ -135,10 +141,9 @@ class SetCriterion:
         }
         if quality is not None:
             q_batch, q_query, _, q_gt = trained["overlapping"]
-            iou = matched_pairwise_iou(Boxes(boxes[q_batch, q_query].detach()), Boxes(q_gt))
+            iou = box_iou(q_batch, q_query, q_gt).to(quality.dtype)
             loss_quality = F.binary_cross_entropy_with_logits(
-                quality[q_batch, q_query, 0], iou.to(quality.dtype), reduction="sum"
-            ) * (len(query_idx) / max(len(q_query), 1))
+                quality[q_batch, q_query, 0], iou, reduction="sum") * per_matched(q_query)
             losses["loss_quality"] = self.quality_weight * loss_quality / num_matched
         return losses
 
