@@ -248,8 +248,7 @@ def test_class_prior_adds_the_dense_log_odds():
     with torch.no_grad():
         images, features, predictions = model._dense_forward(batch)
         dense_features = [features[f] for f in model.dense.head_in_features]
-        content, xyzr, dense_scores = model._queries(images, dense_features, predictions)
-        prior = model._prior(dense_scores)
+        content, xyzr, prior = model._queries(images, dense_features, predictions)
         proposals = model.dense_proposals(images, dense_features, predictions)
     for i, p in enumerate(proposals):
         torch.testing.assert_close(prior[i, : len(p)].sigmoid(), p.class_scores.clamp(1e-4, 1 - 1e-4))

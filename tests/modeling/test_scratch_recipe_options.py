@@ -13,7 +13,6 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn import sigmoid_focal_loss
 
 from deqdet.engine import build_config
-from deqdet.modeling.dense_query import PRIOR_EPS, ensemble_logits
 from deqdet.modeling.dyhead.atss import ATSSHead
 from deqdet.modeling.dyhead.dyconv import DyConv
 from deqdet.modeling.meta_arch import quality_logits
@@ -354,46 +353,3 @@ def test_quality_branch_trains_in_every_supervised_stage_and_scores_the_detectio
     top = scores.flatten(1).max(dim=1).values
     for i, result in enumerate(out):
         torch.testing.assert_close(result["instances"].scores.max(), top[i])
-
-
-# ------------------------------------------------------------------------- dense-head score ensemble
-def test_score_ensemble_is_the_weighted_geometric_mean_hand_computed():
-    logits = torch.tensor([[[2.0, -3.0], [0.0, 30.0]]])
-    dense = torch.tensor([[[0.5, 0.9], [1e-9, 1.0]]])  # 1e-9 is clamped to PRIOR_EPS
-    got = ensemble_logits(logits, dense, 0.25).sigmoid()
-    expected = logits.sigmoid() ** 0.75 * dense.clamp(min=PRIOR_EPS) ** 0.25
-    torch.testing.assert_close(got, expected)
-    assert got[0, 1, 0] == pytest.approx(0.5 ** 0.75 * PRIOR_EPS ** 0.25, rel=1e-5)
-    torch.testing.assert_close(ensemble_logits(logits, dense, 0.0).sigmoid(), logits.sigmoid())
-    torch.testing.assert_close(ensemble_logits(logits, dense, 1.0).sigmoid(), dense.clamp(min=PRIOR_EPS))
-
-
-def test_score_ensemble_scores_each_detection_with_its_proposals_dense_score():
-    torch.manual_seed(0)
-    opts = SMALL + ["MODEL.QUERY.QUALITY_WEIGHT", "1.0", "MODEL.DENSE_QUERY.SCORE_ENSEMBLE", "0.5"]
-    model = build_model(build_config(COMBINED, opts)).eval()
-    assert model.class_prior
-    batch = _inputs()
-    with torch.no_grad():
-        images, features, predictions = model._dense_forward(batch)
-        dense_features = [features[f] for f in model.dense.head_in_features]
-        content, xyzr, dense_scores = model._queries(images, dense_features, predictions)
-        prediction = model.decoder.predict(content, xyzr, [features[f] for f in model.query_in_features])
-        out = model(batch)
-    assert dense_scores.shape == prediction["logits"].shape
-    logits = prediction["logits"] + torch.logit(dense_scores, eps=PRIOR_EPS)  # the config's CLASS_PRIOR
-    decoder_scores = logits.sigmoid().mul(prediction["quality"].sigmoid()).sqrt()
-    scores = decoder_scores.sqrt() * dense_scores.clamp(min=PRIOR_EPS).sqrt()
-    for i, result in enumerate(out):
-        torch.testing.assert_close(result["instances"].scores.max(), scores[i].max())
-        # the untrained dense head is unsure: the ensemble lowers the best score
-        assert result["instances"].scores.max() < decoder_scores[i].max()
-
-
-def test_score_ensemble_checks_its_weight_and_query_init():
-    with pytest.raises(ValueError, match="MODEL.DENSE_QUERY.SCORE_ENSEMBLE"):
-        build_model(build_config(COMBINED, SMALL + ["MODEL.DENSE_QUERY.SCORE_ENSEMBLE", "1.5"]))
-    with pytest.raises(ValueError, match="MODEL.DENSE_QUERY.SCORE_ENSEMBLE"):
-        build_model(build_config(COMBINED, SMALL + ["MODEL.DENSE_QUERY.SCORE_ENSEMBLE", "0.5",
-                                                    "MODEL.DENSE_QUERY.QUERY_CONTENT", "embedding",
-                                                    "MODEL.DENSE_QUERY.QUERY_INIT", "whole_image"]))

@@ -84,8 +84,3 @@ def add_dense_query_config(cfg: CN) -> None:
     # (the decoder's as "instances", the dense head's as "dense_instances", from one forward; evaluations then
     # report the dense head's AP as the task "dense_bbox" next to the decoder's "bbox").
     d.INFERENCE_SOURCE = "decoder"
-    # "dense_topk": weight w of the dense head in the decoder's detection scores at inference, each
-    # detection scoring s^(1 - w) * d^w, s its decoder score and d the dense head's score (class
-    # probability [x centerness]) of the box its query started from (PRIOR_EPS for whole-image queries),
-    # as Cascade R-CNN averages its stages' classifiers. 0: the decoder's score alone.
-    d.SCORE_ENSEMBLE = 0.0

@@ -18,15 +18,13 @@ class owns the wiring: ``MODEL.DENSE_QUERY.QUERY_INIT`` picks the decoder's init
 as in the papers, or ``dense_topk``: the dense head's distinct top-scoring boxes, as DDQ / two-stage
 DETRs do), ``INFERENCE_SOURCE`` picks which head's detections are returned (``both``: the decoder's as
 ``instances`` and the dense head's as ``dense_instances``, from one forward), ``DECODER_NMS_THRESH`` < 1
-removes the decoder's same-class duplicates at inference, ``SCORE_ENSEMBLE`` > 0 scores each decoder
-detection with the dense head's score of the box its query started from as well. DEQ residuals and steps
-per image stay in the outputs.
+removes the decoder's same-class duplicates at inference. DEQ residuals and steps per image stay in the
+outputs.
 """
 
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
@@ -37,9 +35,7 @@ from torchvision.ops import nms
 from .meta_arch import (
     DecoderInputs,
     decoder_outputs,
-    logit_of_log,
     postprocess_outputs,
-    quality_logits,
     query_targets,
     set_criterion_from_config,
 )
@@ -48,7 +44,7 @@ from .query.boxes import xyxy_to_xyzr
 
 __all__ = [
     "DenseQueryDetector", "first_kept", "DENSE_DETECTORS", "QUERY_INITS", "QUERY_CONTENTS",
-    "INFERENCE_SOURCES", "PRIOR_EPS", "ensemble_logits",
+    "INFERENCE_SOURCES",
 ]
 
 DENSE_DETECTORS = {"ATSS": "MODEL.ATSS.NUM_CLASSES", "RetinaNet": "MODEL.RETINANET.NUM_CLASSES"}
@@ -97,13 +93,6 @@ def _with_prior(
     return prediction if prior is None else {**prediction, "logits": prediction["logits"] + prior}
 
 
-def ensemble_logits(logits: torch.Tensor, dense_scores: torch.Tensor, weight: float) -> torch.Tensor:
-    """Logits (B, N, K) of the detection scores ``s`` -> logits of ``s^(1 - weight) * d^weight``, the
-    weighted geometric mean with the dense head's scores ``d`` (B, N, K) in [0, 1] (clamped to PRIOR_EPS)."""
-    log_dense = torch.log(dense_scores.to(logits.dtype).clamp(min=PRIOR_EPS))
-    return logit_of_log((1.0 - weight) * F.logsigmoid(logits) + weight * log_dense)
-
-
 @META_ARCH_REGISTRY.register()
 class DenseQueryDetector(nn.Module):
     """A dense detector + query decoder on a shared pyramid (module docstring).
@@ -131,7 +120,6 @@ class DenseQueryDetector(nn.Module):
         inference_source: str = "decoder",
         decoder_nms_thresh: float = 1.0,
         content_proj: Optional[nn.Module] = None,
-        score_ensemble: float = 0.0,
     ):
         super().__init__()
         self.dense = dense
@@ -165,11 +153,6 @@ class DenseQueryDetector(nn.Module):
         if content_proj is not None and query_init != "dense_topk":
             raise ValueError('MODEL.DENSE_QUERY.QUERY_CONTENT "dense_feature" needs QUERY_INIT "dense_topk"')
         self.content_proj = content_proj
-        if not 0.0 <= score_ensemble <= 1.0:
-            raise ValueError(f"MODEL.DENSE_QUERY.SCORE_ENSEMBLE must be in [0, 1], got {score_ensemble}")
-        if score_ensemble > 0 and query_init != "dense_topk":
-            raise ValueError("MODEL.DENSE_QUERY.SCORE_ENSEMBLE > 0 needs QUERY_INIT \"dense_topk\"")
-        self.score_ensemble = score_ensemble
 
     @property
     def backbone(self):
@@ -228,7 +211,6 @@ class DenseQueryDetector(nn.Module):
             decoder_feature_grad=dq.DECODER_FEATURE_GRAD,
             inference_source=dq.INFERENCE_SOURCE,
             decoder_nms_thresh=dq.DECODER_NMS_THRESH,
-            score_ensemble=dq.SCORE_ENSEMBLE,
         )
 
     @torch.no_grad()
@@ -286,8 +268,7 @@ class DenseQueryDetector(nn.Module):
         forward computes them (for tools that drive the decoder, e.g. the refinement visualisation)."""
         images, features, predictions = self._dense_forward(batched_inputs)
         dense_features = [features[f] for f in self.dense.head_in_features]
-        content, xyzr, dense_scores = self._queries(images, dense_features, predictions)
-        prior = self._prior(dense_scores)
+        content, xyzr, prior = self._queries(images, dense_features, predictions)
         return DecoderInputs(images, content, xyzr, [features[f] for f in self.query_in_features], prior)
 
     def _dense_forward(self, batched_inputs: List[dict]):
@@ -297,39 +278,32 @@ class DenseQueryDetector(nn.Module):
         return images, features, predictions
 
     def _queries(self, images: ImageList, dense_features, predictions):
-        """Initial content (B, N, D), xyzr (B, N, 4) and the dense scores (B, N, K) of each query's box
-        (None for ``whole_image``).
+        """Initial content (B, N, D), xyzr (B, N, 4) and the class prior (B, N, K) logits or None.
 
         ``whole_image``: the learned content and whole-image boxes. ``dense_topk``: the first rows' boxes
-        are the dense proposals (made at least 1 px wide and high) and their scores the proposals'
-        ``class_scores``, PRIOR_EPS for the rows left whole-image; with ``content_proj`` (``QUERY_CONTENT``
-        "dense_feature") their content is that projection of the detached dense-head feature at their
-        anchor (as DDQ), the learned content for the other rows.
+        are the dense proposals (made at least 1 px wide and high); with ``class_prior`` their
+        ``logit(class_scores)`` is the prior, ``logit(PRIOR_EPS)`` for the rows left whole-image; with
+        ``content_proj`` (``QUERY_CONTENT`` "dense_feature") their content is that projection of the
+        detached dense-head feature at their anchor (as DDQ), the learned content for the other rows.
         """
         content, xyzr = self.queries(images.image_sizes)
         if self.query_init == "whole_image":
             return content, xyzr, None
         xyzr = xyzr.clone()
-        dense_scores = xyzr.new_full((*xyzr.shape[:2], self.num_classes), PRIOR_EPS)
+        prior = xyzr.new_full((*xyzr.shape[:2], self.num_classes), PRIOR_EPS) if self.class_prior else None
         contents = []
         for i, proposals in enumerate(self.dense_proposals(images, dense_features, predictions)):
             boxes = proposals.pred_boxes.tensor
             boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2] + 1.0)], dim=1)
             xyzr[i, : len(boxes)] = xyxy_to_xyzr(boxes).to(xyzr.dtype)
-            dense_scores[i, : len(boxes)] = proposals.class_scores.to(dense_scores.dtype)
+            if prior is not None:
+                prior[i, : len(boxes)] = proposals.class_scores.to(prior.dtype)
             if self.content_proj is not None:
                 projected = self.content_proj(proposals.features.to(content.dtype))
                 contents.append(torch.cat([projected, content[i, len(boxes):]]))
         if contents:
             content = torch.stack(contents)
-        return content, xyzr, dense_scores
-
-    def _prior(self, dense_scores: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The class prior (B, N, K) added to the decoder's logits: ``logit(dense_scores)`` with
-        ``class_prior``, else None."""
-        if not self.class_prior or dense_scores is None:
-            return None
-        return torch.logit(dense_scores, eps=PRIOR_EPS)
+        return content, xyzr, None if prior is None else torch.logit(prior, eps=PRIOR_EPS)
 
     def forward(self, batched_inputs: List[dict]):
         """Detectron2's model interface (see ``QueryDetector.forward``)."""
@@ -342,8 +316,7 @@ class DenseQueryDetector(nn.Module):
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
             dense = self.dense.forward_training(images, dense_features, predictions, gt_instances)
             losses = {f"dense_{k}": v * self.dense_loss_weight for k, v in dense.items()}
-            content, xyzr, dense_scores = self._queries(images, dense_features, predictions)
-            prior = self._prior(dense_scores)
+            content, xyzr, prior = self._queries(images, dense_features, predictions)
             targets = [query_targets(x, size) for x, size in zip(gt_instances, images.image_sizes)]
 
             def loss_fn(preds):
@@ -354,12 +327,8 @@ class DenseQueryDetector(nn.Module):
         if self.inference_source == "dense":
             results = self.dense.forward_inference(images, dense_features, predictions)
             return postprocess_outputs(results, {}, batched_inputs, images.image_sizes)
-        content, xyzr, dense_scores = self._queries(images, dense_features, predictions)
-        prior = self._prior(dense_scores)
+        content, xyzr, prior = self._queries(images, dense_features, predictions)
         prediction = _with_prior(self.decoder.predict(content, xyzr, query_features), prior)
-        if self.score_ensemble > 0:
-            logits = ensemble_logits(quality_logits(prediction), dense_scores, self.score_ensemble)
-            prediction = {**{k: v for k, v in prediction.items() if k != "quality"}, "logits": logits}
         outputs = decoder_outputs(
             prediction, batched_inputs, images.image_sizes, self.dense.max_detections_per_image,
             self.decoder_nms_thresh,

@@ -101,12 +101,8 @@ def quality_logits(prediction: Dict[str, torch.Tensor]) -> torch.Tensor:
     score with exponent 0.5)."""
     if "quality" not in prediction:
         return prediction["logits"]
-    return logit_of_log(0.5 * (F.logsigmoid(prediction["logits"]) + F.logsigmoid(prediction["quality"])))
-
-
-def logit_of_log(log_score: torch.Tensor) -> torch.Tensor:
-    """``logit(s)`` from ``log s`` (any shape, ``log s`` < 0): ``log s - log(1 - s)``, ``s`` never formed."""
-    return log_score - torch.log(-torch.expm1(log_score))
+    log_score = 0.5 * (F.logsigmoid(prediction["logits"]) + F.logsigmoid(prediction["quality"]))
+    return log_score - torch.log(-torch.expm1(log_score))  # logit(s) = log s - log(1 - s)
 
 
 def decoder_outputs(
