@@ -95,7 +95,10 @@ def main(argv=None) -> None:
     model = trainer.model
     if "dense_bbox" in results:  # the combined detector's dense head: same weights, same pass
         lines.append(f"dense head ({type(model.dense).__name__}) " + ap_line(dataset, results["dense_bbox"]))
-    if "deq" in results:  # DEQStatisticsEvaluator, over the same evaluation
+    if cfg.MODEL.DEQDET.TEST_OUTPUT == "init" and "deq" in results:
+        lines.append("DEQ decoder: answers at its init stage (MODEL.DEQDET.TEST_OUTPUT init), no refinement "
+                     "step at test")
+    elif "deq" in results:  # DEQStatisticsEvaluator, over the same evaluation
         deq = results["deq"]
         final_residual = deq.get("mean_final_residual", float("nan"))
         lines.append(f"DEQ refinement steps per image (TOL {cfg.MODEL.DEQDET.TOL}, at most "

@@ -177,3 +177,8 @@ def test_evaluator_reports_deq_outputs_and_ignores_others():
     evaluator.reset()
     evaluator.process([{}], [{"instances": None}])
     assert evaluator.evaluate() == {}
+    # MODEL.DEQDET.TEST_OUTPUT init: no step, no residual
+    evaluator.reset()
+    evaluator.process([{}], [{"instances": None, "steps": torch.tensor(0), "residuals": torch.zeros(0)}])
+    result = evaluator.evaluate()["deq"]
+    assert result["mean_steps"] == 0.0 and result["max_steps"] == 0.0 and "mean_final_residual" not in result

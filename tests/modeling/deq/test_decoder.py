@@ -168,6 +168,26 @@ def test_tol_zero_runs_the_official_number_of_steps():
         assert torch.isfinite(r["instances"].pred_boxes.tensor).all()
 
 
+def test_init_test_output_answers_with_the_init_stage_alone():
+    """MODEL.DEQDET.TEST_OUTPUT init: the init stage's prediction, no refinement step, 0 steps."""
+    refined = jiggled(tiny_model("MODEL.DEQDET.MAX_ITERS", "3")).eval()
+    init = jiggled(tiny_model("MODEL.DEQDET.MAX_ITERS", "3", "MODEL.DEQDET.TEST_OUTPUT", "init")).eval()
+    refine_calls = _count_calls(init.decoder.refine_stage)
+    batch = synthetic_batch(2)
+    with torch.no_grad():
+        queries = init.initial_queries(batch)
+        expected = init.decoder.init_stage(queries.content, queries.xyzr, queries.features)
+        got = init.decoder.predict(queries.content, queries.xyzr, queries.features)
+        out, refined_out = init(batch), refined(batch)
+    assert not refine_calls
+    torch.testing.assert_close(got["logits"], expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(got["boxes"], expected.boxes, rtol=0, atol=0)
+    assert got["steps"].tolist() == [0, 0] and got["residuals"].shape == (2, 0)
+    for r, r_refined in zip(out, refined_out):
+        assert int(r["steps"]) == 0 and int(r_refined["steps"]) == 4
+        assert not torch.equal(r["instances"].pred_boxes.tensor, r_refined["instances"].pred_boxes.tensor)
+
+
 def test_compiled_stage_equals_the_plain_stage():
     """MODEL.DEQDET.COMPILE: the inference steps through torch.compile give the plain stage's
     detections (float rounding: fused kernels sum in another order); training keeps the plain stage."""
@@ -243,6 +263,7 @@ def test_non_finite_state_stops_with_the_last_finite_state(caplog):
         (["MODEL.DEQDET.SOLVER", "'broyden'"], "SOLVER"),
         (["MODEL.DEQDET.TOL", "-0.01"], "TOL"),  # the solver loops trust the decoder's checks
         (["MODEL.DEQDET.MAX_ITERS", "-1"], "MAX_ITERS"),
+        (["MODEL.DEQDET.TEST_OUTPUT", "'first'"], "TEST_OUTPUT"),
         (["MODEL.DEQDET.PERTURB_CONTENT_PROB", "1.5"], "PERTURB_CONTENT_PROB"),
     ],
 )

@@ -38,7 +38,9 @@ from .perturb import RefinementPerturbation
 from .solver import SOLVERS, fixed_steps, relative_residual, solve, warn_non_finite
 from .stash import GradientStash, ObservedLossScale
 
-__all__ = ["DEQDecoder", "StateCodec"]
+__all__ = ["DEQDecoder", "StateCodec", "TEST_OUTPUTS"]
+
+TEST_OUTPUTS = ("refined", "init")
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ class DEQDecoder(QueryDecoder):
         anderson_window: int = 5,
         compile_stage: bool = False,
         cuda_graph: bool = False,
+        test_output: str = "refined",
     ):
         super().__init__()
         positions = sorted(set(int(p) for p in supervision_positions))
@@ -115,6 +118,8 @@ class DEQDecoder(QueryDecoder):
             raise ValueError(f"MODEL.DEQDET.SOLVER must be one of {SOLVERS}, got {solver!r}")
         if tol < 0 or max_iters < 0:
             raise ValueError(f"MODEL.DEQDET.TOL ({tol}) and MAX_ITERS ({max_iters}) must be >= 0")
+        if test_output not in TEST_OUTPUTS:
+            raise ValueError(f"MODEL.DEQDET.TEST_OUTPUT must be one of {TEST_OUTPUTS}, got {test_output!r}")
         if cuda_graph and tol > 0:
             raise ValueError(f"MODEL.DEQDET.CUDA_GRAPH needs MODEL.DEQDET.TOL 0, got {tol}: the per-image "
                              "early stop reads the residuals on the host at every step, which a CUDA graph "
@@ -128,6 +133,7 @@ class DEQDecoder(QueryDecoder):
         self.tol, self.max_iters, self.solver, self.anderson_window = tol, max_iters, solver, anderson_window
         self.compile_stage = compile_stage
         self.cuda_graph = cuda_graph
+        self.test_output = test_output
         # Made on first use (compiled_stage, graph_cache); neither is a submodule nor in the state_dict.
         self._compiled_stage: Optional[Callable] = None
         self._graph_cache: Optional[CUDAGraphCache] = None
@@ -156,6 +162,7 @@ class DEQDecoder(QueryDecoder):
             "anderson_window": d.ANDERSON_WINDOW,
             "compile_stage": d.COMPILE,
             "cuda_graph": d.CUDA_GRAPH,
+            "test_output": d.TEST_OUTPUT,
         }
 
     def _init_losses(self, content, xyzr, features, loss_fn: LossFn, stash):
@@ -324,7 +331,24 @@ class DEQDecoder(QueryDecoder):
         """Inference. content (B, N, D), xyzr (B, N, 4), features L x (B, C, H_l, W_l) ->
         ``[{"logits": (B, N, K), "boxes": (B, N, 4) xyxy[, "quality": (B, N, 1)], "residuals": (B,
         MAX_ITERS) (NaN after the image stopped), "steps": (B,) applications of f including the output
-        one}]``."""
+        one}]``. With ``test_output`` "init": the init stage's prediction, ``residuals`` (B, 0) and
+        ``steps`` 0."""
+        if self.test_output == "init":
+            init = self.init_stage(content, xyzr, features)
+            logits, boxes = _scores(init), init.boxes
+            logits, boxes = _finite_prediction(logits, boxes, logits, boxes, self._padded_hw(features))
+            residuals = logits.new_zeros((len(logits), 0))
+            steps = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+        else:
+            logits, boxes, residuals, steps = self._refined(content, xyzr, features)
+        scores = {"logits": logits}
+        if self.init_stage.fc_quality is not None:
+            scores = {"logits": logits[..., :-1], "quality": logits[..., -1:]}
+        return [{**scores, "boxes": boxes, "residuals": residuals, "steps": steps}]
+
+    def _refined(self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor]):
+        """The refined answer (``forward``): logits (B, N, K[ + 1]), boxes (B, N, 4), residuals (B,
+        MAX_ITERS), steps (B,), non-finite outputs replaced (:func:`_finite_prediction`)."""
         refine = self._refine
         if self.cuda_graph and content.is_cuda:
             if self._graph_cache is None:
@@ -334,10 +358,7 @@ class DEQDecoder(QueryDecoder):
         if self.tol == 0:
             warn_non_finite(iterations, self.max_iters)
         logits, boxes = _finite_prediction(logits, boxes, init_logits, init_boxes, self._padded_hw(features))
-        scores = {"logits": logits}
-        if self.init_stage.fc_quality is not None:
-            scores = {"logits": logits[..., :-1], "quality": logits[..., -1:]}
-        return [{**scores, "boxes": boxes, "residuals": residuals, "steps": iterations + 1}]
+        return logits, boxes, residuals, iterations + 1
 
 
 def _scores(out: StageOutput) -> torch.Tensor:
