@@ -13,7 +13,7 @@ For every checkpoint (``LABEL=PATH``) and every ``--nms`` threshold (``MODEL.DEN
 - ``init stage``: the decoder's first stage on the dense proposals, class prior added, scored and
   selected as the decoder's output is (top ``TEST.DETECTIONS_PER_IMAGE`` (query, class) pairs);
 - ``refined``: the decoder's output after its fixed-point iterations (``MODEL.DEQDET.TOL`` /
-  ``MAX_ITERS``), i.e. what the detector returns.
+  ``MAX_ITERS``), what the detector returns unless the config sets ``MODEL.DEQDET.TEST_OUTPUT init``.
 
 Evaluated on ``DATASETS.TEST[0]`` with the trainer's evaluator, on the CPU. Writes
 ``benchmarks/results/decoder_stages<tag>.{md,json}``. ``--opts`` overrides the config (e.g. a checkpoint
@@ -196,9 +196,12 @@ def main(argv=None):
     parser.add_argument("--tag", default="")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args(argv)
-    # each row sets the model's inference source itself; the evaluator scores its "instances"
-    cfg = build_config(args.config_file,
-                       args.opts + ["MODEL.DEVICE", "cpu", "MODEL.DENSE_QUERY.INFERENCE_SOURCE", "decoder"])
+    # each row sets the model's inference source itself; the evaluator scores its "instances"; "refined"
+    # is the refined answer whatever the config's MODEL.DEQDET.TEST_OUTPUT
+    cfg = build_config(args.config_file, args.opts + [
+        "MODEL.DEVICE", "cpu", "MODEL.DENSE_QUERY.INFERENCE_SOURCE", "decoder",
+        "MODEL.DEQDET.TEST_OUTPUT", "refined",
+    ])
     if cfg.MODEL.META_ARCHITECTURE != "DenseQueryDetector":
         raise SystemExit(f"{args.config_file}: MODEL.META_ARCHITECTURE must be DenseQueryDetector")
     work = os.path.join(ROOT, "output", "decoder_stages")
