@@ -10,10 +10,10 @@ For every checkpoint (``LABEL=PATH``) and every ``--nms`` threshold (``MODEL.DEN
 1.0 = none) the rows are:
 
 - ``dense head``: the dense detector's own detections (``INFERENCE_SOURCE dense``, its own NMS);
-- ``init stage``: the decoder's first stage on the dense proposals, class prior added, scored and
-  selected as the decoder's output is (top ``TEST.DETECTIONS_PER_IMAGE`` (query, class) pairs);
-- ``refined``: the decoder's output after its fixed-point iterations (``MODEL.DEQDET.TOL`` /
-  ``MAX_ITERS``), what the detector returns unless the config sets ``MODEL.DEQDET.TEST_OUTPUT init``.
+- ``init stage``: the detector answering with its DEQ decoder's init stage (``MODEL.DEQDET.TEST_OUTPUT
+  init``: the first stage on the dense proposals, class prior added, scored and selected as any answer);
+- ``refined``: the decoder's output after its fixed-point iterations (``TEST_OUTPUT refined``,
+  ``MODEL.DEQDET.TOL`` / ``MAX_ITERS``).
 
 Evaluated on ``DATASETS.TEST[0]`` with the trainer's evaluator, on the CPU. Writes
 ``benchmarks/results/decoder_stages<tag>.{md,json}``. ``--opts`` overrides the config (e.g. a checkpoint
@@ -49,31 +49,11 @@ import deqdet  # noqa: E402, F401  (registers models and datasets)
 from deqdet.analysis import ORACLE_FIXES, FirstHitEvaluator, OracleFixEvaluator  # noqa: E402
 from deqdet.engine import Trainer, build_config  # noqa: E402
 from deqdet.evaluation import CheckedCOCOEvaluator  # noqa: E402
-from deqdet.modeling.meta_arch import decoder_outputs  # noqa: E402
 from deqdet.modeling.query.boxes import xyxy_to_xyzr, xyzr_to_xyxy  # noqa: E402
 
 KEYS = ("AP", "AP50", "AP75")
 FIRST_HIT = "first hit"  # the row entry of FirstHitEvaluator's summary
 ON_OBJECT_IOU = 0.5  # a query counts in the localisation table when its proposal overlaps a box this much
-
-
-class InitStage(nn.Module):
-    """The combined detector answering with its decoder's init stage (inference only)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batched_inputs):
-        inputs = self.model.initial_queries(batched_inputs)
-        out = self.model.decoder.init_stage(inputs.content, inputs.xyzr, inputs.features)
-        prediction = out.prediction()
-        if inputs.prior is not None:
-            prediction["logits"] = out.logits + inputs.prior
-        return decoder_outputs(
-            prediction, batched_inputs, inputs.images.image_sizes,
-            self.model.dense.max_detections_per_image, self.model.decoder_nms_thresh,
-        )
 
 
 def ground_truth(dataset: str) -> dict:
@@ -196,14 +176,13 @@ def main(argv=None):
     parser.add_argument("--tag", default="")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args(argv)
-    # each row sets the model's inference source itself; the evaluator scores its "instances"; "refined"
-    # is the refined answer whatever the config's MODEL.DEQDET.TEST_OUTPUT
-    cfg = build_config(args.config_file, args.opts + [
-        "MODEL.DEVICE", "cpu", "MODEL.DENSE_QUERY.INFERENCE_SOURCE", "decoder",
-        "MODEL.DEQDET.TEST_OUTPUT", "refined",
-    ])
-    if cfg.MODEL.META_ARCHITECTURE != "DenseQueryDetector":
-        raise SystemExit(f"{args.config_file}: MODEL.META_ARCHITECTURE must be DenseQueryDetector")
+    # each row sets the model's inference source and the decoder's answer itself; the evaluator scores
+    # its "instances"
+    cfg = build_config(args.config_file,
+                       args.opts + ["MODEL.DEVICE", "cpu", "MODEL.DENSE_QUERY.INFERENCE_SOURCE", "decoder"])
+    if cfg.MODEL.META_ARCHITECTURE != "DenseQueryDetector" or cfg.MODEL.QUERY.DECODER != "DEQDecoder":
+        raise SystemExit(f"{args.config_file}: needs MODEL.META_ARCHITECTURE DenseQueryDetector and "
+                         "MODEL.QUERY.DECODER DEQDecoder")
     work = os.path.join(ROOT, "output", "decoder_stages")
     truth = ground_truth(cfg.DATASETS.TEST[0]) if args.fixes else None
     results, localised = {}, {}
@@ -222,8 +201,9 @@ def main(argv=None):
             for nms in args.nms:
                 model.decoder_nms_thresh = nms
                 suffix = "" if nms >= 1.0 else f", NMS {nms}"
-                rows[f"init stage{suffix}"] = evaluate(cfg, InitStage(model), work, truth)
-                rows[f"refined{suffix}"] = evaluate(cfg, model, work, truth)
+                for answer, name in (("init", "init stage"), ("refined", "refined")):
+                    model.decoder.test_output = answer  # MODEL.DEQDET.TEST_OUTPUT
+                    rows[f"{name}{suffix}"] = evaluate(cfg, model, work, truth)
         results[label] = rows
         print(label, json.dumps(rows), flush=True)
         if args.fixes:
