@@ -5,6 +5,7 @@ import contextlib
 import io
 
 import numpy as np
+import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 from pycocotools.coco import COCO
@@ -13,6 +14,7 @@ from pycocotools.cocoeval import COCOeval
 from deqdet.analysis import ORACLE_FIXES, OracleFixEvaluator
 from deqdet.data import ensure_shapes
 from deqdet.engine import Trainer, build_config
+from deqdet.errors import UserInputError
 from deqdet.evaluation import CheckedCOCOEvaluator, _faster_coco_eval, coco_eval_backend
 from deqdet.optim import build_optimizer
 from tests.data.hostile_data import perfect_instances, register, write_coco
@@ -65,6 +67,40 @@ def test_full_model_clipping_bounds_the_total_gradient_norm():
     # plain SGD with lr 1: the update is the (clipped) gradient, whose total norm must be 0.5
     update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
     assert abs(update.norm().item() - 0.5) < 1e-5
+
+
+def _adamw_updates(impl: str, clip_type: str, steps: int = 3) -> list:
+    """Parameters after ``steps`` clipped AdamW steps under ``SOLVER.OPTIMIZER_IMPL impl``, from one seed."""
+    cfg = build_config("", ["SOLVER.OPTIMIZER", "AdamW", "SOLVER.BASE_LR", "0.01",
+                            "SOLVER.WEIGHT_DECAY", "0.05", "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+                            "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip_type,
+                            "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.5", "SOLVER.OPTIMIZER_IMPL", impl])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    optimizer = build_optimizer(cfg, model)
+    assert optimizer.defaults.get("fused") == (impl == "fused" or None)
+    assert optimizer.defaults.get("foreach") == (impl == "foreach" or None)
+    for step in range(steps):
+        optimizer.zero_grad()
+        (model(torch.full((4, 3), step + 1.0)) ** 2).sum().backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("clip_type", ["full_model", "norm"])
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_optimizer_impl_computes_the_default_update(impl, clip_type):
+    reference = _adamw_updates("", clip_type)
+    start = [p.detach() for p in _adamw_updates("", clip_type, steps=0)]
+    assert all((r - s).abs().max() > 1e-3 for r, s in zip(reference, start))  # the steps moved every tensor
+    for got, want in zip(_adamw_updates(impl, clip_type), reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_impl_rejects_an_unknown_name():
+    cfg = build_config("", ["SOLVER.OPTIMIZER_IMPL", "fast"])
+    with pytest.raises(UserInputError, match="SOLVER.OPTIMIZER_IMPL"):
+        build_optimizer(cfg, torch.nn.Linear(3, 2))
 
 
 def test_combined_detector_with_both_sources_is_evaluated_for_each_head_in_one_pass(tmp_path):

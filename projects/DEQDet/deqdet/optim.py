@@ -13,7 +13,7 @@ the project's norms (:mod:`deqdet.modeling.norm`), which Detectron2's parameter 
 
 import itertools
 import re
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode
@@ -29,13 +29,17 @@ from .modeling.norm import PROJECT_NORMS
 __all__ = ["build_optimizer", "rule_multipliers"]
 
 
-def _with_full_model_clipping(optimizer_cls: type, max_norm: float) -> type:
-    """A subclass of ``optimizer_cls`` whose ``step`` first clips the total gradient norm."""
+OPTIMIZER_IMPLS = ("", "foreach", "fused")
+
+
+def _with_full_model_clipping(optimizer_cls: type, max_norm: float, foreach: Optional[bool] = None) -> type:
+    """A subclass of ``optimizer_cls`` whose ``step`` first clips the total gradient norm (``foreach``:
+    as :func:`torch.nn.utils.clip_grad_norm_`'s)."""
 
     class FullModelGradientClipping(optimizer_cls):
         def step(self, closure=None):
             params = itertools.chain.from_iterable(group["params"] for group in self.param_groups)
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
             return super().step(closure=closure)
 
     FullModelGradientClipping.__name__ = f"{optimizer_cls.__name__}WithFullModelGradientClipping"
@@ -112,7 +116,8 @@ def split_param_groups(groups: list, model: torch.nn.Module, cfg: CfgNode) -> li
 
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
     """SGD (as Detectron2's) or AdamW over Detectron2's parameter groups (norm / bias rules) split by
-    ``SOLVER.PARAM_GROUP_RULES``, with ``SOLVER.CLIP_GRADIENTS`` applied."""
+    ``SOLVER.PARAM_GROUP_RULES``, with ``SOLVER.CLIP_GRADIENTS`` applied; ``SOLVER.OPTIMIZER_IMPL``
+    picks PyTorch's per-parameter, ``foreach`` or ``fused`` implementation of the same update."""
     name = cfg.SOLVER.OPTIMIZER
     clip = cfg.SOLVER.CLIP_GRADIENTS
     full_model_clip = clip.ENABLED and clip.CLIP_TYPE == "full_model"
@@ -133,8 +138,14 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
         kwargs = {"betas": tuple(cfg.SOLVER.BETAS)}
     else:
         raise ValueError(f"SOLVER.OPTIMIZER must be 'SGD' or 'AdamW', got {name!r}")
+    impl = cfg.SOLVER.OPTIMIZER_IMPL
+    if impl not in OPTIMIZER_IMPLS:
+        raise UserInputError(f"SOLVER.OPTIMIZER_IMPL must be one of {OPTIMIZER_IMPLS}, got {impl!r}")
+    if impl:
+        kwargs[impl] = True
     if full_model_clip:
-        optimizer_cls = _with_full_model_clipping(optimizer_cls, clip.CLIP_VALUE)
+        foreach = True if impl else None
+        optimizer_cls = _with_full_model_clipping(optimizer_cls, clip.CLIP_VALUE, foreach=foreach)
         return optimizer_cls(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **kwargs)
     return maybe_add_gradient_clipping(cfg, optimizer_cls)(
         params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **kwargs
