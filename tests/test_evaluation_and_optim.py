@@ -99,10 +99,14 @@ def test_optimizer_impl_computes_the_default_update(name, impl, clip_type):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_optimizer_impl_rejects_an_unknown_name():
-    cfg = build_config("", ["SOLVER.OPTIMIZER_IMPL", "fast"])
+@pytest.mark.parametrize("opts", [
+    ["SOLVER.OPTIMIZER_IMPL", "fast"],
+    # a fused step under AMP reads scaled gradients, which the clipping would see
+    ["SOLVER.OPTIMIZER_IMPL", "fused", "SOLVER.AMP.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.ENABLED", "True"],
+])
+def test_optimizer_impl_rejects_a_bad_setting(opts):
     with pytest.raises(UserInputError, match="SOLVER.OPTIMIZER_IMPL"):
-        build_optimizer(cfg, torch.nn.Linear(3, 2))
+        build_optimizer(build_config("", opts), torch.nn.Linear(3, 2))
 
 
 def test_combined_detector_with_both_sources_is_evaluated_for_each_head_in_one_pass(tmp_path):

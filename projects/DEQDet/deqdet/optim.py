@@ -141,6 +141,10 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
     impl = cfg.SOLVER.OPTIMIZER_IMPL
     if impl not in OPTIMIZER_IMPLS:
         raise UserInputError(f"SOLVER.OPTIMIZER_IMPL must be one of {OPTIMIZER_IMPLS}, got {impl!r}")
+    if impl == "fused" and clip.ENABLED and cfg.SOLVER.AMP.ENABLED:
+        # under AMP a fused step takes the still-scaled gradients, which the clipping would then read
+        raise UserInputError("SOLVER.OPTIMIZER_IMPL fused cannot be combined with SOLVER.CLIP_GRADIENTS and "
+                             "SOLVER.AMP.ENABLED: use OPTIMIZER_IMPL foreach")
     if impl:
         kwargs[impl] = True
     if full_model_clip:
