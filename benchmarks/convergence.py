@@ -6,8 +6,19 @@
     python benchmarks/convergence.py record-stopped --detectors deqdet adamixer   # runs killed early
     python benchmarks/convergence.py report     # convergence.md / .png from convergence.json
 
-Every detector trains from scratch on the CPU (``OUTPUT_DIR output/convergence/<run>``, ``<run>`` being
-``<name>@<iters>`` for seed 1 and ``<name>@<iters>_s<seed>`` for another), batch 4, ``--iters`` iterations
+From one shared ResNet trained on ``shapes`` (the CPU stand-in for ImageNet weights; ``--backbone``, a
+file written by ``tools/extract_backbone.py --by-suffix``, loaded into every detector's ResNet; the
+rest of each detector starts from its own initialisation):
+
+    python benchmarks/convergence.py train --detectors retinanet --iters 4000 --seed 3 --jobs 1
+    python tools/extract_backbone.py "output/convergence/retinanet@4000_s3/model_final.pth" \
+        output/convergence/shapes_trunk.pth --by-suffix
+    python benchmarks/convergence.py train --detectors deqdet adamixer flagship atss_dyhead_identity \
+        retinanet --iters 2000 --eval-period 500 --backbone output/convergence/shapes_trunk.pth
+
+Every detector trains on the CPU (``OUTPUT_DIR output/convergence/<run>``, ``<run>`` being
+``<name>@<iters>`` for seed 1 and ``<name>@<iters>_s<seed>`` for another, with ``_trunk`` appended when
+it starts from ``--backbone``; from scratch otherwise), batch 4, ``--iters`` iterations
 (warm-up 100, lr x0.1 at 75 % and 93 %), ``SEED`` ``--seed`` (default 1), the demo's input sizes, with
 ``OMP_NUM_THREADS=1`` and ``--jobs`` processes side by side (2 on 2 cores). It is evaluated on
 ``shapes_val`` every ``--eval-period`` iterations (``TEST.EVAL_PERIOD``, a checkpoint each time); for the
@@ -56,9 +67,9 @@ def _schedule(iters: int, eval_period: int, seed: int) -> list:
             "SOLVER.CHECKPOINT_PERIOD", str(eval_period), "MODEL.DEVICE", "cpu", "SEED", str(seed)]
 
 
-def run_key(name: str, iters: int, seed: int) -> str:
+def run_key(name: str, iters: int, seed: int, backbone: str = "") -> str:
     """The run's key in convergence.json and its folder under output/convergence."""
-    return f"{name}@{iters}" + ("" if seed == 1 else f"_s{seed}")
+    return f"{name}@{iters}" + ("" if seed == 1 else f"_s{seed}") + ("_trunk" if backbone else "")
 
 
 def _python(args: list, log_path: str, mode: str = "w") -> subprocess.Popen:
@@ -69,13 +80,14 @@ def _python(args: list, log_path: str, mode: str = "w") -> subprocess.Popen:
 class Run:
     """One detector's training process, then the dense-head evaluation of each of its checkpoints."""
 
-    def __init__(self, name: str, iters: int, eval_period: int, seed: int):
+    def __init__(self, name: str, iters: int, eval_period: int, seed: int, backbone: str = ""):
         self.name, self.iters, self.eval_period = name, iters, eval_period
-        self.key = run_key(name, iters, seed)
+        self.key = run_key(name, iters, seed, backbone)
         config, opts, self.has_dense = DETECTORS[name]
         self.out = os.path.join(ROOT, "output", "convergence", self.key)
         os.makedirs(self.out, exist_ok=True)
-        self.args = ["--config-file", config, *opts, *DEMO_INPUT, *_schedule(iters, eval_period, seed)]
+        init = ["MODEL.WEIGHTS", os.path.abspath(backbone)] if backbone else []
+        self.args = ["--config-file", config, *opts, *DEMO_INPUT, *_schedule(iters, eval_period, seed), *init]
         self.pending = [] if not self.has_dense else list(range(eval_period, iters + 1, eval_period))
         self.dense = {}
         self.phase, self.proc = "train", None
@@ -142,10 +154,12 @@ def _load() -> dict:
 
 
 def train(args) -> None:
+    if args.backbone and not os.path.isfile(args.backbone):
+        raise SystemExit(f"--backbone {args.backbone}: no such file")
     pending, running = list(args.detectors), []
     while pending or running:
         while pending and len(running) < args.jobs:
-            running.append(Run(pending.pop(0), args.iters, args.eval_period, args.seed))
+            running.append(Run(pending.pop(0), args.iters, args.eval_period, args.seed, args.backbone))
             print(f"started {running[-1].name}: {' '.join(running[-1].args)}", flush=True)
         time.sleep(10)
         for run in list(running):
@@ -177,17 +191,12 @@ def record_stopped(args) -> None:
     report(args)
 
 
-def report(args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = _load()
+def _section(runs: dict, figure: str, plt) -> str:
+    """The Markdown table, per-evaluation AP table and figure ``figure`` (under RESULTS) of ``runs``."""
     lines = ["| detector | iterations | AP | AP50 | AP75 | dense head AP / AP75 | s/iter | training time |",
              "|---|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, run in data.items():
+    for key, run in runs.items():
         last = run["curve"][-1]
         dense = f"{last['dense_ap']:.1f} / {last['dense_ap75']:.1f}" if "dense_ap" in last else "-"
         label = f"{key}, stopped at {run['stopped_at']}" if "stopped_at" in run else key
@@ -204,11 +213,12 @@ def report(args) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "convergence.png"), dpi=100)
-    iterations = sorted({p["iteration"] for run in data.values() for p in run["curve"]})
+    fig.savefig(os.path.join(RESULTS, figure), dpi=100)
+    plt.close(fig)
+    iterations = sorted({p["iteration"] for run in runs.values() for p in run["curve"]})
     points = ["| detector | " + " | ".join(f"@{i}" for i in iterations) + " |",
               "|---|" + "---|" * len(iterations)]
-    for key, run in data.items():
+    for key, run in runs.items():
         by_iter = {p["iteration"]: p for p in run["curve"]}
         cells = [f"{by_iter[i]['ap']:.1f}" if i in by_iter else "" for i in iterations]
         points.append(f"| {key} | " + " | ".join(cells) + " |")
@@ -216,17 +226,34 @@ def report(args) -> None:
             cells = [f"{by_iter[i]['dense_ap']:.1f}" if "dense_ap" in by_iter.get(i, {}) else ""
                      for i in iterations]
             points.append(f"| {key}, its dense head | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    return ("\n".join(lines) + "\n\nAP at each evaluation:\n\n" + "\n".join(points)
+            + f"\n\n![AP against training time]({figure})\n")
+
+
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = _load()
+    scratch = {k: run for k, run in data.items() if not k.endswith("_trunk")}
+    trunk = {k: run for k, run in data.items() if k.endswith("_trunk")}
+    text = ("# The combined detector against its parts on one schedule\n\n"
+            "Written by `python benchmarks/convergence.py report` from `convergence.json`; protocol in "
+            "`benchmarks/convergence.py` (seed 1 unless the run's name ends in `_s<seed>`, batch 4, "
+            "2-core CPU, 1 thread per run, two runs side by side). AP at the last iteration.\n\n"
+            "## From scratch\n\n" + _section(scratch, "convergence.png", plt))
+    if trunk:
+        text += ("\n## From one shared ResNet trained on `shapes`\n\nEvery detector's ResNet starts from "
+                 "the same file (`--backbone`, the ResNet of a RetinaNet-recipe run, "
+                 "`tools/extract_backbone.py --by-suffix`); everything else from its own initialisation, "
+                 "with its config's optimiser and lr, as from scratch.\n\n"
+                 + _section(trunk, "convergence_trunk.png", plt))
     commands = "\n".join(f"- {key}: `{run['command']}`" for key, run in data.items())
     with open(os.path.join(RESULTS, "convergence.md"), "w") as f:
-        f.write("# The combined detector against its parts on one schedule\n\n"
-                "Written by `python benchmarks/convergence.py report` from `convergence.json`; protocol in "
-                "`benchmarks/convergence.py` (seed 1 unless the run's name ends in `_s<seed>`, batch 4, "
-                "from scratch, 2-core CPU, 1 thread per run, "
-                "two runs side by side). AP at the last iteration; the curve is `convergence.png`.\n\n"
-                + "\n".join(lines) + "\n\nAP at each evaluation:\n\n" + "\n".join(points)
-                + "\n\n![AP against training time](convergence.png)\n\n## Commands\n\n"
-                + commands + "\n")
-    print("\n".join(lines))
+        f.write(text + "\n## Commands\n\n" + commands + "\n")
 
 
 def main() -> None:
@@ -239,6 +266,8 @@ def main() -> None:
     p.add_argument("--eval-period", type=int, default=1000)
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (1 thread each)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--backbone", default="", help="start every detector's ResNet from this file "
+                   "(tools/extract_backbone.py --by-suffix)")
     p.set_defaults(func=train)
     sub.add_parser("report").set_defaults(func=report)
     p = sub.add_parser("record-stopped", help="record killed runs with their evaluations so far")
