@@ -14,12 +14,12 @@ rest of each detector starts from its own initialisation):
     python tools/extract_backbone.py "output/convergence/retinanet@4000_s3/model_final.pth" \
         output/convergence/shapes_trunk.pth --by-suffix
     python benchmarks/convergence.py train --detectors deqdet adamixer flagship atss_dyhead_identity \
-        retinanet --iters 2000 --eval-period 500 --backbone output/convergence/shapes_trunk.pth
+        retinanet --iters 2000 --eval-period 500 --backbone output/convergence/shapes_trunk.pth --lr 2.5e-4
 
 Every detector trains on the CPU (``OUTPUT_DIR output/convergence/<run>``, ``<run>`` being
 ``<name>@<iters>`` for seed 1 and ``<name>@<iters>_s<seed>`` for another, with ``_trunk`` appended when
-it starts from ``--backbone``; from scratch otherwise), batch 4, ``--iters`` iterations
-(warm-up 100, lr x0.1 at 75 % and 93 %), ``SEED`` ``--seed`` (default 1), the demo's input sizes, with
+it starts from ``--backbone`` and ``_lr<lr>`` with ``--lr``; from scratch otherwise), batch 4, ``--iters``
+iterations (warm-up 100, lr x0.1 at 75 % and 93 %), ``SEED`` ``--seed`` (default 1), the demo's input sizes, with
 ``OMP_NUM_THREADS=1`` and ``--jobs`` processes side by side (2 on 2 cores). It is evaluated on
 ``shapes_val`` every ``--eval-period`` iterations (``TEST.EVAL_PERIOD``, a checkpoint each time); for the
 combined detector each checkpoint is evaluated again with its dense head's boxes
@@ -67,9 +67,10 @@ def _schedule(iters: int, eval_period: int, seed: int) -> list:
             "SOLVER.CHECKPOINT_PERIOD", str(eval_period), "MODEL.DEVICE", "cpu", "SEED", str(seed)]
 
 
-def run_key(name: str, iters: int, seed: int, backbone: str = "") -> str:
+def run_key(name: str, iters: int, seed: int, backbone: str = "", lr: float = 0.0) -> str:
     """The run's key in convergence.json and its folder under output/convergence."""
-    return f"{name}@{iters}" + ("" if seed == 1 else f"_s{seed}") + ("_trunk" if backbone else "")
+    return (f"{name}@{iters}" + ("" if seed == 1 else f"_s{seed}") + ("_trunk" if backbone else "")
+            + (f"_lr{lr:g}" if lr else ""))
 
 
 def _python(args: list, log_path: str, mode: str = "w") -> subprocess.Popen:
@@ -80,13 +81,15 @@ def _python(args: list, log_path: str, mode: str = "w") -> subprocess.Popen:
 class Run:
     """One detector's training process, then the dense-head evaluation of each of its checkpoints."""
 
-    def __init__(self, name: str, iters: int, eval_period: int, seed: int, backbone: str = ""):
+    def __init__(self, name: str, iters: int, eval_period: int, seed: int, backbone: str = "",
+                 lr: float = 0.0):
         self.name, self.iters, self.eval_period = name, iters, eval_period
-        self.key = run_key(name, iters, seed, backbone)
+        self.key = run_key(name, iters, seed, backbone, lr)
         config, opts, self.has_dense = DETECTORS[name]
         self.out = os.path.join(ROOT, "output", "convergence", self.key)
         os.makedirs(self.out, exist_ok=True)
         init = ["MODEL.WEIGHTS", os.path.abspath(backbone)] if backbone else []
+        init += ["SOLVER.BASE_LR", f"{lr:g}"] if lr else []
         self.args = ["--config-file", config, *opts, *DEMO_INPUT, *_schedule(iters, eval_period, seed), *init]
         self.pending = [] if not self.has_dense else list(range(eval_period, iters + 1, eval_period))
         self.dense = {}
@@ -159,7 +162,8 @@ def train(args) -> None:
     pending, running = list(args.detectors), []
     while pending or running:
         while pending and len(running) < args.jobs:
-            running.append(Run(pending.pop(0), args.iters, args.eval_period, args.seed, args.backbone))
+            running.append(Run(pending.pop(0), args.iters, args.eval_period, args.seed, args.backbone,
+                               args.lr))
             print(f"started {running[-1].name}: {' '.join(running[-1].args)}", flush=True)
         time.sleep(10)
         for run in list(running):
@@ -238,8 +242,8 @@ def report(args) -> None:
     import matplotlib.pyplot as plt
 
     data = _load()
-    scratch = {k: run for k, run in data.items() if not k.endswith("_trunk")}
-    trunk = {k: run for k, run in data.items() if k.endswith("_trunk")}
+    scratch = {k: run for k, run in data.items() if "_trunk" not in k}
+    trunk = {k: run for k, run in data.items() if "_trunk" in k}
     text = ("# The combined detector against its parts on one schedule\n\n"
             "Written by `python benchmarks/convergence.py report` from `convergence.json`; protocol in "
             "`benchmarks/convergence.py` (seed 1 unless the run's name ends in `_s<seed>`, batch 4, "
@@ -249,7 +253,7 @@ def report(args) -> None:
         text += ("\n## From one shared ResNet trained on `shapes`\n\nEvery detector's ResNet starts from "
                  "the same file (`--backbone`, the ResNet of a RetinaNet-recipe run, "
                  "`tools/extract_backbone.py --by-suffix`); everything else from its own initialisation, "
-                 "with its config's optimiser and lr, as from scratch.\n\n"
+                 "with its config's optimiser, at the lr in its command.\n\n"
                  + _section(trunk, "convergence_trunk.png", plt))
     commands = "\n".join(f"- {key}: `{run['command']}`" for key, run in data.items())
     with open(os.path.join(RESULTS, "convergence.md"), "w") as f:
@@ -268,6 +272,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--backbone", default="", help="start every detector's ResNet from this file "
                    "(tools/extract_backbone.py --by-suffix)")
+    p.add_argument("--lr", type=float, default=0.0, help="SOLVER.BASE_LR for every detector (default: "
+                   "each config's own)")
     p.set_defaults(func=train)
     sub.add_parser("report").set_defaults(func=report)
     p = sub.add_parser("record-stopped", help="record killed runs with their evaluations so far")
