@@ -19,8 +19,8 @@ rest of each detector starts from its own initialisation):
 Every detector trains on the CPU (``OUTPUT_DIR output/convergence/<run>``, ``<run>`` being
 ``<name>@<iters>`` for seed 1 and ``<name>@<iters>_s<seed>`` for another, with ``_trunk`` appended when
 it starts from ``--backbone`` and ``_lr<lr>`` with ``--lr``; from scratch otherwise), batch 4, ``--iters``
-iterations (warm-up 100, lr x0.1 at 75 % and 93 %), ``SEED`` ``--seed`` (default 1), the demo's input sizes, with
-``OMP_NUM_THREADS=1`` and ``--jobs`` processes side by side (2 on 2 cores). It is evaluated on
+iterations (warm-up 100, lr x0.1 at 75 % and 93 %), ``SEED`` ``--seed`` (default 1), the demo's input
+sizes, with ``OMP_NUM_THREADS=1`` and ``--jobs`` processes side by side (2 on 2 cores). It is evaluated on
 ``shapes_val`` every ``--eval-period`` iterations (``TEST.EVAL_PERIOD``, a checkpoint each time); for the
 combined detector each checkpoint is evaluated again with its dense head's boxes
 (``MODEL.DENSE_QUERY.INFERENCE_SOURCE dense``), so decoder and dense head come from the same weights.
@@ -246,7 +246,7 @@ def report(args) -> None:
     trunk = {k: run for k, run in data.items() if "_trunk" in k}
     text = ("# The combined detector against its parts on one schedule\n\n"
             "Written by `python benchmarks/convergence.py report` from `convergence.json`; protocol in "
-            "`benchmarks/convergence.py` (seed 1 unless the run's name ends in `_s<seed>`, batch 4, "
+            "`benchmarks/convergence.py` (seed 1 unless the run's name holds `_s<seed>`, batch 4, "
             "2-core CPU, 1 thread per run, two runs side by side). AP at the last iteration.\n\n"
             "## From scratch\n\n" + _section(scratch, "convergence.png", plt))
     if trunk:
