@@ -58,6 +58,13 @@ DETECTORS = {
     "deqdet": (os.path.join(SHAPES, "deqdet_r18.yaml"), [], False),
     "adamixer": (os.path.join(SHAPES, "adamixer_r18.yaml"), [], False),
     "flagship": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"), [], True),
+    # the flagship with deqdet_r18.yaml's decoder: its width (50 queries, 128-d content, FFN 512) and its
+    # refinement schedule (6 steps supervised at 1, 3, 6 with RAG 2, 2 extra init supervisions, 6 + 1 at test)
+    "flagship_deqdet_decoder": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"), [
+        "MODEL.QUERY.NUM_QUERIES", "50", "MODEL.QUERY.CONTENT_DIM", "128", "MODEL.QUERY.FFN_DIM", "512",
+        "MODEL.DEQDET.REFINEMENT_STEPS", "6", "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 3, 6)",
+        "MODEL.DEQDET.RAG", "2", "MODEL.DEQDET.EXTRA_INIT_SUPERVISIONS", "2", "MODEL.DEQDET.MAX_ITERS", "6"],
+        True),
 }
 
 
