@@ -22,8 +22,9 @@ it starts from ``--backbone`` and ``_lr<lr>`` with ``--lr``; from scratch otherw
 iterations (warm-up 100, lr x0.1 at 75 % and 93 %), ``SEED`` ``--seed`` (default 1), the demo's input
 sizes, with ``OMP_NUM_THREADS=1`` and ``--jobs`` processes side by side (2 on 2 cores). It is evaluated on
 ``shapes_val`` every ``--eval-period`` iterations (``TEST.EVAL_PERIOD``, a checkpoint each time); for the
-combined detector each checkpoint is evaluated again with its dense head's boxes
-(``MODEL.DENSE_QUERY.INFERENCE_SOURCE dense``), so decoder and dense head come from the same weights.
+combined detector the dense head's AP comes from the same checkpoints: from the run's own evaluations
+when its config evaluates both heads (``MODEL.DENSE_QUERY.INFERENCE_SOURCE both``), otherwise from
+evaluating each checkpoint again with ``INFERENCE_SOURCE dense``.
 A detector whose ``model_final.pth`` exists is not trained again, one stopped early resumes from its last
 checkpoint (``--resume``), and evaluations whose logs hold a result are not repeated: calling ``train``
 again collects the results of finished runs and completes stopped ones.
@@ -65,6 +66,9 @@ DETECTORS = {
         "MODEL.DEQDET.REFINEMENT_STEPS", "6", "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 3, 6)",
         "MODEL.DEQDET.RAG", "2", "MODEL.DEQDET.EXTRA_INIT_SUPERVISIONS", "2", "MODEL.DEQDET.MAX_ITERS", "6"],
         True),
+    # the decoder's whole gradient reaches the shared pyramid (the config scales it by 0.1)
+    "flagship_feature_grad1": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"),
+                               ["MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", "1.0"], True),
 }
 
 
@@ -120,6 +124,9 @@ class Run:
                 raise SystemExit(f"{self.name}: {self.phase} failed, see its log in {self.out}")
         if self.phase.startswith("dense@"):
             self.dense[int(self.phase[6:])] = _last_ap(os.path.join(self.out, f"{self.phase}.log"))
+        else:  # a config with INFERENCE_SOURCE both logged its dense head's AP at each evaluation
+            self.dense.update(_logged_dense(self.out, self.iters))
+            self.pending = [i for i in self.pending if i not in self.dense]
         while self.pending:
             iteration = self.pending.pop(0)
             self.phase = f"dense@{iteration}"
@@ -136,6 +143,14 @@ class Run:
 
     def _result(self) -> dict:
         return _record(self.out, self.iters, self.args, self.dense)
+
+
+def _logged_dense(out: str, iters: int) -> dict:
+    """{iteration: (AP, AP50, AP75)} of the dense head from the run's own evaluations (``dense_bbox/*``
+    in ``metrics.json``, logged when ``MODEL.DENSE_QUERY.INFERENCE_SOURCE`` is ``both``)."""
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+    return {min(m["iteration"] + 1, iters): (m["dense_bbox/AP"], m["dense_bbox/AP50"], m["dense_bbox/AP75"])
+            for m in metrics if "dense_bbox/AP" in m}
 
 
 def _record(out: str, iters: int, args: list, dense: dict) -> dict:
