@@ -1,0 +1,28 @@
+"""benchmarks/convergence.py reads a combined detector's dense-head AP from the run's own evaluations:
+Detectron2 logs an evaluation at iteration k * period - 1 and the last one at MAX_ITER - 1 (after
+training), which the curve names k * period and MAX_ITER."""
+
+import json
+import os
+import sys
+
+from tests.helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from convergence import _logged_dense  # noqa: E402
+
+
+def test_dense_figures_keyed_by_evaluation_iteration(tmp_path):
+    def evaluation(iteration, ap, dense):
+        return {"iteration": iteration, "bbox/AP": ap, "dense_bbox/AP": dense[0], "dense_bbox/AP50": dense[1],
+                "dense_bbox/AP75": dense[2]}
+
+    lines = [{"iteration": 19, "time": 0.5, "total_loss": 3.0}, evaluation(499, 40.0, (41.5, 63.0, 47.0)),
+             evaluation(999, 47.0, (49.0, 76.0, 58.0)), evaluation(999, 47.5, (49.5, 76.5, 58.5))]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(m) for m in lines) + "\n")
+    assert _logged_dense(str(tmp_path), iters=1000) == {500: (41.5, 63.0, 47.0), 1000: (49.5, 76.5, 58.5)}
+
+
+def test_no_dense_figures_without_both_heads_evaluated(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 999, "bbox/AP": 47.0}) + "\n")
+    assert _logged_dense(str(tmp_path), iters=1000) == {}
