@@ -69,6 +69,11 @@ DETECTORS = {
     # the decoder's whole gradient reaches the shared pyramid (the config scales it by 0.1)
     "flagship_feature_grad1": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"),
                                ["MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", "1.0"], True),
+    # the decoder's queries as in the papers (50 learned embeddings, whole-image boxes, no class prior):
+    # the dense head only shares the pyramid and adds its losses
+    "flagship_whole_image": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"), [
+        "MODEL.QUERY.NUM_QUERIES", "50", "MODEL.DENSE_QUERY.QUERY_INIT", "whole_image",
+        "MODEL.DENSE_QUERY.QUERY_CONTENT", "embedding", "MODEL.DENSE_QUERY.CLASS_PRIOR", "False"], True),
 }
 
 
