@@ -74,6 +74,10 @@ DETECTORS = {
     "flagship_whole_image": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"), [
         "MODEL.QUERY.NUM_QUERIES", "50", "MODEL.DENSE_QUERY.QUERY_INIT", "whole_image",
         "MODEL.DENSE_QUERY.QUERY_CONTENT", "embedding", "MODEL.DENSE_QUERY.CLASS_PRIOR", "False"], True),
+    # the ResNet at a quarter of the lr (2.5e-4 at the config's 1e-3: the rate DEQDet fine-tunes it at),
+    # everything else at the config's lr, as DETRs fine-tune a pre-trained backbone at a fraction
+    "flagship_resnet_lr0.25": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"), [
+        "SOLVER.PARAM_GROUP_RULES", '[["^dense[.]backbone[.]backbone[.]bottom_up[.]", 0.25, 1.0]]'], True),
 }
 
 
