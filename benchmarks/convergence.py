@@ -49,6 +49,7 @@ RESULT_FILE = os.path.join(RESULTS, "convergence.json")
 DEMO_INPUT = ["INPUT.MIN_SIZE_TRAIN", "(160, 192, 224)", "INPUT.MIN_SIZE_TEST", "288",
               "INPUT.MAX_SIZE_TEST", "480", "DATALOADER.NUM_WORKERS", "0", "MODEL.CHANNELS_LAST", "True"]
 # name -> (config, overrides, whether it has a dense head to evaluate on its own)
+FLAGSHIP = os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml")
 DETECTORS = {
     "retinanet": (RETINANET, [], False),
     # the published block and initialisation (the config's defaults when this run was recorded)
@@ -58,25 +59,24 @@ DETECTORS = {
     "atss_dyhead_identity": (os.path.join(SHAPES, "atss_dyhead_r18.yaml"), [], False),
     "deqdet": (os.path.join(SHAPES, "deqdet_r18.yaml"), [], False),
     "adamixer": (os.path.join(SHAPES, "adamixer_r18.yaml"), [], False),
-    "flagship": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"), [], True),
+    "flagship": (FLAGSHIP, [], True),
     # the flagship with deqdet_r18.yaml's decoder: its width (50 queries, 128-d content, FFN 512) and its
     # refinement schedule (6 steps supervised at 1, 3, 6 with RAG 2, 2 extra init supervisions, 6 + 1 at test)
-    "flagship_deqdet_decoder": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"), [
+    "flagship_deqdet_decoder": (FLAGSHIP, [
         "MODEL.QUERY.NUM_QUERIES", "50", "MODEL.QUERY.CONTENT_DIM", "128", "MODEL.QUERY.FFN_DIM", "512",
         "MODEL.DEQDET.REFINEMENT_STEPS", "6", "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 3, 6)",
         "MODEL.DEQDET.RAG", "2", "MODEL.DEQDET.EXTRA_INIT_SUPERVISIONS", "2", "MODEL.DEQDET.MAX_ITERS", "6"],
         True),
     # the decoder's whole gradient reaches the shared pyramid (the config scales it by 0.1)
-    "flagship_feature_grad1": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"),
-                               ["MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", "1.0"], True),
+    "flagship_feature_grad1": (FLAGSHIP, ["MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", "1.0"], True),
     # the decoder's queries as in the papers (50 learned embeddings, whole-image boxes, no class prior):
     # the dense head only shares the pyramid and adds its losses
-    "flagship_whole_image": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"), [
+    "flagship_whole_image": (FLAGSHIP, [
         "MODEL.QUERY.NUM_QUERIES", "50", "MODEL.DENSE_QUERY.QUERY_INIT", "whole_image",
         "MODEL.DENSE_QUERY.QUERY_CONTENT", "embedding", "MODEL.DENSE_QUERY.CLASS_PRIOR", "False"], True),
     # the ResNet at a quarter of the lr (2.5e-4 at the config's 1e-3: the rate DEQDet fine-tunes it at),
     # everything else at the config's lr, as DETRs fine-tune a pre-trained backbone at a fraction
-    "flagship_resnet_lr0.25": (os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml"), [
+    "flagship_resnet_lr0.25": (FLAGSHIP, [
         "SOLVER.PARAM_GROUP_RULES", '[["^dense[.]backbone[.]backbone[.]bottom_up[.]", 0.25, 1.0]]'], True),
 }
 
