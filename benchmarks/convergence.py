@@ -50,6 +50,9 @@ DEMO_INPUT = ["INPUT.MIN_SIZE_TRAIN", "(160, 192, 224)", "INPUT.MIN_SIZE_TEST", 
               "INPUT.MAX_SIZE_TEST", "480", "DATALOADER.NUM_WORKERS", "0", "MODEL.CHANNELS_LAST", "True"]
 # name -> (config, overrides, whether it has a dense head to evaluate on its own)
 FLAGSHIP = os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml")
+OWN_NECK = ["MODEL.DENSE_QUERY.DECODER_INPUT", "bottom_up", "MODEL.RESNETS.OUT_FEATURES",
+            "['res2', 'res3', 'res4', 'res5']", "MODEL.QUERY.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']",
+            "MODEL.QUERY.NECK_STYLE", "DEQDet", "MODEL.QUERY.NECK_NORM_GROUPS", "16"]
 DETECTORS = {
     "retinanet": (RETINANET, [], False),
     # the published block and initialisation (the config's defaults when this run was recorded)
@@ -78,6 +81,9 @@ DETECTORS = {
     # everything else at the config's lr, as DETRs fine-tune a pre-trained backbone at a fraction
     "flagship_resnet_lr0.25": (FLAGSHIP, [
         "SOLVER.PARAM_GROUP_RULES", '[["^dense[.]backbone[.]backbone[.]bottom_up[.]", 0.25, 1.0]]'], True),
+    # the decoder reads C2-C5 as DEQDet does: the ResNet's res2-res5 through its own 3x3 + ReLU channel
+    # mapper (not the DyHead pyramid it shares with the dense head), with the whole gradient into the ResNet
+    "flagship_own_neck": (FLAGSHIP, OWN_NECK + ["MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", "1.0"], True),
 }
 
 

@@ -318,3 +318,51 @@ def test_decoder_feature_grad_scales_what_the_decoder_sends_into_the_pyramid():
     assert values["0.25"] == pytest.approx(values["1.0"]) and values["0.0"] == pytest.approx(values["1.0"])
     assert grads["1.0"].abs().sum() > 0 and grads["0.0"] is None
     torch.testing.assert_close(grads["0.25"], 0.25 * grads["1.0"], atol=1e-7, rtol=1e-3)
+
+
+OWN_NECK = ["MODEL.DENSE_QUERY.DECODER_INPUT", "bottom_up", "MODEL.RESNETS.OUT_FEATURES",
+            "['res2', 'res3', 'res4', 'res5']", "MODEL.QUERY.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']",
+            "MODEL.QUERY.NECK_STYLE", "DEQDet", "MODEL.QUERY.NECK_NORM_GROUPS", "16"]
+
+
+def test_bottom_up_decoder_input_reads_the_resnet_through_its_own_neck():
+    model = _model(*OWN_NECK)
+    assert tuple(model.decoder.refine_stage.strides) == (4, 8, 16, 32)
+    assert {n.split(".")[0] for n, _ in model.named_parameters()} == {
+        "dense", "queries", "decoder", "content_proj", "decoder_neck"}
+    bottom_up = model.backbone.backbone.bottom_up
+    batch = _inputs()
+    inputs = model.initial_queries(batch)
+    assert not bottom_up._forward_hooks  # caught for one forward only
+    with torch.no_grad():
+        resnet = bottom_up(inputs.images.tensor)
+        expected = model.decoder_neck({f: resnet[f] for f in ("res2", "res3", "res4", "res5")})
+    assert [tuple(f.shape[-2:]) for f in inputs.features] == [tuple(resnet[f].shape[-2:]) for f in resnet]
+    for got, want in zip(inputs.features, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_bottom_up_decoder_gradient_reaches_the_resnet_scaled_and_never_the_fpn():
+    no_rap = ["MODEL.DEQDET.PERTURB_CONTENT_PROB", "0.0", "MODEL.DEQDET.PERTURB_POSITION_PROB", "0.0"]
+    grads = {}
+    for scale in ("1.0", "0.5"):
+        model = _model(*OWN_NECK, "MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", scale, *no_rap)
+        with EventStorage(0):
+            losses = model(_inputs())
+        sum(v for k, v in losses.items() if not k.startswith("dense_")).backward()
+        fpn = model.backbone.backbone
+        assert all(p.grad is None for p in fpn.lateral_convs[0].parameters())
+        assert all(p.grad is None for p in model.backbone.dyhead_tower.parameters())
+        assert model.decoder_neck.convs[0].weight.grad.abs().sum() > 0
+        grads[scale] = fpn.bottom_up.stem.conv1.weight.grad
+    assert grads["1.0"].abs().sum() > 0
+    torch.testing.assert_close(grads["0.5"], 0.5 * grads["1.0"], atol=1e-7, rtol=1e-3)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["MODEL.DENSE_QUERY.DECODER_INPUT", "resnet"], "MODEL.DENSE_QUERY.DECODER_INPUT"),
+    (OWN_NECK[:2] + ["MODEL.QUERY.IN_FEATURES", "['res2', 'res3']"], "MODEL.RESNETS.OUT_FEATURES"),
+])
+def test_bad_decoder_input_names_the_key(bad, message):
+    with pytest.raises(ValueError, match=message):
+        _model(*bad)

@@ -87,6 +87,12 @@ def add_dense_query_config(cfg: CN) -> None:
     # Multiplier of the gradient the decoder's losses send into the shared pyramid (1: all of it, 0: the
     # decoder reads detached features and only the dense head trains the backbone, FPN and DyHead blocks).
     d.DECODER_FEATURE_GRAD = 1.0
+    # What the decoder reads: "pyramid" (MODEL.QUERY.IN_FEATURES of the backbone's pyramid, shared with the
+    # dense head) or "bottom_up" (MODEL.QUERY.IN_FEATURES of the ResNet under the FPN, which must list them
+    # in MODEL.RESNETS.OUT_FEATURES, mapped to FEAT_CHANNELS by the decoder's own channel mapper,
+    # MODEL.QUERY.NECK_STYLE, as the papers' detectors read C2-C5). DECODER_FEATURE_GRAD scales the
+    # gradient into the shared maps either way.
+    d.DECODER_INPUT = "pyramid"
     # Detections returned at inference: "decoder" (the query decoder's), "dense" (the dense head's) or "both"
     # (the decoder's as "instances", the dense head's as "dense_instances", from one forward; evaluations then
     # report the dense head's AP as the task "dense_bbox" next to the decoder's "bbox").

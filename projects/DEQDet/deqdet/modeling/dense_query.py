@@ -8,6 +8,8 @@
                                         decoded boxes -> class-agnostic NMS -> top-N (detached)
     pyramid[MODEL.QUERY.IN_FEATURES] -> query decoder (QUERY_DECODER_REGISTRY: DEQDecoder or
                                         AdaMixerDecoder), Hungarian set losses -> Instances
+    (or, with DECODER_INPUT "bottom_up": the ResNet's MODEL.QUERY.IN_FEATURES -> the decoder's own
+     channel mapper (MODEL.QUERY.NECK_STYLE, as QueryDetector) -> query decoder)
 
 The dense detector (``dense``) is any of Detectron2's ``DenseDetector`` meta-architectures whose head
 predicts (class logits, box deltas from anchors[, centerness logits]); it is built from the same config
@@ -39,18 +41,19 @@ from .meta_arch import (
     query_targets,
     set_criterion_from_config,
 )
-from .query import InitialQueries, QueryDecoder, SetCriterion, build_query_decoder
+from .query import ChannelMapper, InitialQueries, QueryDecoder, SetCriterion, build_query_decoder
 from .query.boxes import xyxy_to_xyzr
 
 __all__ = [
     "DenseQueryDetector", "first_kept", "DENSE_DETECTORS", "QUERY_INITS", "QUERY_CONTENTS",
-    "INFERENCE_SOURCES",
+    "INFERENCE_SOURCES", "DECODER_INPUTS",
 ]
 
 DENSE_DETECTORS = {"ATSS": "MODEL.ATSS.NUM_CLASSES", "RetinaNet": "MODEL.RETINANET.NUM_CLASSES"}
 QUERY_INITS = ("whole_image", "dense_topk")
 QUERY_CONTENTS = ("embedding", "dense_feature")
 INFERENCE_SOURCES = ("decoder", "dense", "both")
+DECODER_INPUTS = ("pyramid", "bottom_up")
 # Class-prior probability of the queries that no dense box initialised (and the logit clamp).
 PRIOR_EPS = 1e-4
 
@@ -60,6 +63,20 @@ def _scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     if scale == 1.0:
         return x
     return x.detach() if scale == 0.0 else x * scale + x.detach() * (1.0 - scale)
+
+
+def bottom_up_of(backbone: nn.Module) -> nn.Module:
+    """The bottom-up network (ResNet) under a pyramid backbone: the ``bottom_up`` of the first module
+    along the ``backbone`` chain that has one (FPN, or the FPN inside a DyHead)."""
+    module = backbone
+    while not hasattr(module, "bottom_up"):
+        module = getattr(module, "backbone", None)
+        if module is None:
+            raise ValueError(
+                f'MODEL.DENSE_QUERY.DECODER_INPUT "bottom_up": the backbone {type(backbone).__name__} '
+                "wraps no FPN with a bottom_up network"
+            )
+    return module.bottom_up
 
 
 def first_kept(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, k: int) -> torch.Tensor:
@@ -120,6 +137,7 @@ class DenseQueryDetector(nn.Module):
         inference_source: str = "decoder",
         decoder_nms_thresh: float = 1.0,
         content_proj: Optional[nn.Module] = None,
+        decoder_neck: Optional[ChannelMapper] = None,
     ):
         super().__init__()
         self.dense = dense
@@ -153,6 +171,7 @@ class DenseQueryDetector(nn.Module):
         if content_proj is not None and query_init != "dense_topk":
             raise ValueError('MODEL.DENSE_QUERY.QUERY_CONTENT "dense_feature" needs QUERY_INIT "dense_topk"')
         self.content_proj = content_proj
+        self.decoder_neck = decoder_neck
 
     @property
     def backbone(self):
@@ -177,17 +196,35 @@ class DenseQueryDetector(nn.Module):
         dense_cfg.MODEL.META_ARCHITECTURE = dq.DENSE_DETECTOR
         dense = META_ARCH_REGISTRY.get(dq.DENSE_DETECTOR)(dense_cfg)
         shapes = dense.backbone.output_shape()
-        missing = [f for f in q.IN_FEATURES if f not in shapes]
-        if missing:
-            raise ValueError(
-                f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the backbone ({sorted(shapes)})"
+        if dq.DECODER_INPUT not in DECODER_INPUTS:
+            raise ValueError(f"MODEL.DENSE_QUERY.DECODER_INPUT must be one of {DECODER_INPUTS}, "
+                             f"got {dq.DECODER_INPUT!r}")
+        decoder_neck = None
+        if dq.DECODER_INPUT == "bottom_up":
+            bottom_up_shapes = bottom_up_of(dense.backbone).output_shape()
+            missing = [f for f in q.IN_FEATURES if f not in bottom_up_shapes]
+            if missing:
+                raise ValueError(
+                    f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the bottom-up network "
+                    f"({sorted(bottom_up_shapes)}; add them to MODEL.RESNETS.OUT_FEATURES)"
+                )
+            decoder_neck = ChannelMapper(
+                bottom_up_shapes, q.IN_FEATURES, q.FEAT_CHANNELS, q.NECK_STYLE, q.NECK_NORM_GROUPS
             )
-        channels = {shapes[f].channels for f in q.IN_FEATURES}
-        if channels != {q.FEAT_CHANNELS}:
-            raise ValueError(
-                f"MODEL.QUERY.FEAT_CHANNELS ({q.FEAT_CHANNELS}) must equal the channels of "
-                f"MODEL.QUERY.IN_FEATURES ({sorted(channels)}): the decoder reads the pyramid directly"
-            )
+            strides = decoder_neck.strides
+        else:
+            missing = [f for f in q.IN_FEATURES if f not in shapes]
+            if missing:
+                raise ValueError(
+                    f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the backbone ({sorted(shapes)})"
+                )
+            channels = {shapes[f].channels for f in q.IN_FEATURES}
+            if channels != {q.FEAT_CHANNELS}:
+                raise ValueError(
+                    f"MODEL.QUERY.FEAT_CHANNELS ({q.FEAT_CHANNELS}) must equal the channels of "
+                    f"MODEL.QUERY.IN_FEATURES ({sorted(channels)}): the decoder reads the pyramid directly"
+                )
+            strides = [shapes[f].stride for f in q.IN_FEATURES]
         if q.NUM_CLASSES != dense.num_classes:
             raise ValueError(f"MODEL.QUERY.NUM_CLASSES ({q.NUM_CLASSES}) and "
                              f"{DENSE_DETECTORS[dq.DENSE_DETECTOR]} ({dense.num_classes}) must be equal")
@@ -200,7 +237,8 @@ class DenseQueryDetector(nn.Module):
             content_proj=nn.Sequential(nn.Linear(head_channels, q.CONTENT_DIM), nn.LayerNorm(q.CONTENT_DIM))
             if dq.QUERY_CONTENT == "dense_feature" else None,
             queries=InitialQueries(q.NUM_QUERIES, q.CONTENT_DIM),
-            decoder=build_query_decoder(cfg, [shapes[f].stride for f in q.IN_FEATURES]),
+            decoder=build_query_decoder(cfg, strides),
+            decoder_neck=decoder_neck,
             criterion=set_criterion_from_config(cfg),
             query_in_features=q.IN_FEATURES,
             query_init=dq.QUERY_INIT,
@@ -266,16 +304,34 @@ class DenseQueryDetector(nn.Module):
         """Everything the decoder receives (:class:`~deqdet.modeling.meta_arch.DecoderInputs`: images,
         content, xyzr, the decoder's features and the class prior added to its logits or None), as the
         forward computes them (for tools that drive the decoder, e.g. the refinement visualisation)."""
-        images, features, predictions = self._dense_forward(batched_inputs)
+        images, features, predictions, query_features = self._dense_forward(batched_inputs)
         dense_features = [features[f] for f in self.dense.head_in_features]
         content, xyzr, prior = self._queries(images, dense_features, predictions)
-        return DecoderInputs(images, content, xyzr, [features[f] for f in self.query_in_features], prior)
+        return DecoderInputs(images, content, xyzr, query_features, prior)
 
     def _dense_forward(self, batched_inputs: List[dict]):
+        """Images, the pyramid {name: (B, C, H_l, W_l)}, the dense head's predictions, and the maps the
+        decoder reads: L x (B, FEAT_CHANNELS, H_l, W_l), the pyramid's or its own neck's over the
+        bottom-up network's outputs, with the gradient into the shared layers x ``decoder_feature_grad``."""
         images = self.dense.preprocess_image(batched_inputs)
-        features = self.dense.backbone(images.tensor)
+        if self.decoder_neck is None:
+            features = self.dense.backbone(images.tensor)
+            query_inputs = features
+        else:  # the ResNet's outputs, caught on their way into the FPN
+            query_inputs = {}
+            hook = bottom_up_of(self.dense.backbone).register_forward_hook(
+                lambda module, args, outputs: query_inputs.update(outputs))
+            try:
+                features = self.dense.backbone(images.tensor)
+            finally:
+                hook.remove()
+        query_features = [
+            _scale_gradient(query_inputs[f], self.decoder_feature_grad) for f in self.query_in_features
+        ]
+        if self.decoder_neck is not None:
+            query_features = self.decoder_neck(dict(zip(self.query_in_features, query_features)))
         predictions = self.dense.head([features[f] for f in self.dense.head_in_features])
-        return images, features, predictions
+        return images, features, predictions, query_features
 
     def _queries(self, images: ImageList, dense_features, predictions):
         """Initial content (B, N, D), xyzr (B, N, 4) and the class prior (B, N, K) logits or None.
@@ -307,11 +363,8 @@ class DenseQueryDetector(nn.Module):
 
     def forward(self, batched_inputs: List[dict]):
         """Detectron2's model interface (see ``QueryDetector.forward``)."""
-        images, features, predictions = self._dense_forward(batched_inputs)
+        images, features, predictions, query_features = self._dense_forward(batched_inputs)
         dense_features = [features[f] for f in self.dense.head_in_features]
-        query_features = [
-            _scale_gradient(features[f], self.decoder_feature_grad) for f in self.query_in_features
-        ]
         if self.training:
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
             dense = self.dense.forward_training(images, dense_features, predictions, gt_instances)
