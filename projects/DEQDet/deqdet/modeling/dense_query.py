@@ -79,6 +79,39 @@ def bottom_up_of(backbone: nn.Module) -> nn.Module:
     return module.bottom_up
 
 
+def _decoder_input(cfg, backbone: nn.Module):
+    """``MODEL.DENSE_QUERY.DECODER_INPUT`` -> (the decoder's own channel mapper or None, the strides of
+    the maps the decoder reads), after checking that ``MODEL.QUERY.IN_FEATURES`` exist with the right
+    channels."""
+    q, dq = cfg.MODEL.QUERY, cfg.MODEL.DENSE_QUERY
+    if dq.DECODER_INPUT not in DECODER_INPUTS:
+        raise ValueError(f"MODEL.DENSE_QUERY.DECODER_INPUT must be one of {DECODER_INPUTS}, "
+                         f"got {dq.DECODER_INPUT!r}")
+    if dq.DECODER_INPUT == "bottom_up":
+        shapes = bottom_up_of(backbone).output_shape()
+        missing = [f for f in q.IN_FEATURES if f not in shapes]
+        if missing:
+            raise ValueError(
+                f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the bottom-up network "
+                f"({sorted(shapes)}; add them to MODEL.RESNETS.OUT_FEATURES)"
+            )
+        neck = ChannelMapper(shapes, q.IN_FEATURES, q.FEAT_CHANNELS, q.NECK_STYLE, q.NECK_NORM_GROUPS)
+        return neck, neck.strides
+    shapes = backbone.output_shape()
+    missing = [f for f in q.IN_FEATURES if f not in shapes]
+    if missing:
+        raise ValueError(
+            f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the backbone ({sorted(shapes)})"
+        )
+    channels = {shapes[f].channels for f in q.IN_FEATURES}
+    if channels != {q.FEAT_CHANNELS}:
+        raise ValueError(
+            f"MODEL.QUERY.FEAT_CHANNELS ({q.FEAT_CHANNELS}) must equal the channels of "
+            f"MODEL.QUERY.IN_FEATURES ({sorted(channels)}): the decoder reads the pyramid directly"
+        )
+    return None, [shapes[f].stride for f in q.IN_FEATURES]
+
+
 def first_kept(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, k: int) -> torch.Tensor:
     """``nms(boxes, scores, iou_thresh)[:k]`` without running NMS over every candidate.
 
@@ -196,35 +229,7 @@ class DenseQueryDetector(nn.Module):
         dense_cfg.MODEL.META_ARCHITECTURE = dq.DENSE_DETECTOR
         dense = META_ARCH_REGISTRY.get(dq.DENSE_DETECTOR)(dense_cfg)
         shapes = dense.backbone.output_shape()
-        if dq.DECODER_INPUT not in DECODER_INPUTS:
-            raise ValueError(f"MODEL.DENSE_QUERY.DECODER_INPUT must be one of {DECODER_INPUTS}, "
-                             f"got {dq.DECODER_INPUT!r}")
-        decoder_neck = None
-        if dq.DECODER_INPUT == "bottom_up":
-            bottom_up_shapes = bottom_up_of(dense.backbone).output_shape()
-            missing = [f for f in q.IN_FEATURES if f not in bottom_up_shapes]
-            if missing:
-                raise ValueError(
-                    f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the bottom-up network "
-                    f"({sorted(bottom_up_shapes)}; add them to MODEL.RESNETS.OUT_FEATURES)"
-                )
-            decoder_neck = ChannelMapper(
-                bottom_up_shapes, q.IN_FEATURES, q.FEAT_CHANNELS, q.NECK_STYLE, q.NECK_NORM_GROUPS
-            )
-            strides = decoder_neck.strides
-        else:
-            missing = [f for f in q.IN_FEATURES if f not in shapes]
-            if missing:
-                raise ValueError(
-                    f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the backbone ({sorted(shapes)})"
-                )
-            channels = {shapes[f].channels for f in q.IN_FEATURES}
-            if channels != {q.FEAT_CHANNELS}:
-                raise ValueError(
-                    f"MODEL.QUERY.FEAT_CHANNELS ({q.FEAT_CHANNELS}) must equal the channels of "
-                    f"MODEL.QUERY.IN_FEATURES ({sorted(channels)}): the decoder reads the pyramid directly"
-                )
-            strides = [shapes[f].stride for f in q.IN_FEATURES]
+        decoder_neck, strides = _decoder_input(cfg, dense.backbone)
         if q.NUM_CLASSES != dense.num_classes:
             raise ValueError(f"MODEL.QUERY.NUM_CLASSES ({q.NUM_CLASSES}) and "
                              f"{DENSE_DETECTORS[dq.DENSE_DETECTOR]} ({dense.num_classes}) must be equal")
