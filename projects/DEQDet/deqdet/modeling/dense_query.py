@@ -330,12 +330,12 @@ class DenseQueryDetector(nn.Module):
                 features = self.dense.backbone(images.tensor)
             finally:
                 hook.remove()
+        predictions = self.dense.head([features[f] for f in self.dense.head_in_features])
         query_features = [
             _scale_gradient(query_inputs[f], self.decoder_feature_grad) for f in self.query_in_features
         ]
         if self.decoder_neck is not None:
             query_features = self.decoder_neck(dict(zip(self.query_in_features, query_features)))
-        predictions = self.dense.head([features[f] for f in self.dense.head_in_features])
         return images, features, predictions, query_features
 
     def _queries(self, images: ImageList, dense_features, predictions):
