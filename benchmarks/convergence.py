@@ -221,12 +221,14 @@ def record_stopped(args) -> None:
     marked ``stopped_at`` (the last trained iteration)."""
     data = _load()
     for name in args.detectors:
-        key = run_key(name, args.iters, args.seed)
+        key = run_key(name, args.iters, args.seed, args.backbone, args.lr)
         out = os.path.join(ROOT, "output", "convergence", key)
-        config, overrides, _ = DETECTORS[name]
+        config, overrides, has_dense = DETECTORS[name]
+        init = ["MODEL.WEIGHTS", os.path.abspath(args.backbone)] if args.backbone else []
+        init += ["SOLVER.BASE_LR", f"{args.lr:g}"] if args.lr else []
         command = ["--config-file", config, *overrides, *DEMO_INPUT,
-                   *_schedule(args.iters, args.eval_period, args.seed), "OUTPUT_DIR", out]
-        data[key] = _record(out, args.iters, command, {})
+                   *_schedule(args.iters, args.eval_period, args.seed), *init, "OUTPUT_DIR", out]
+        data[key] = _record(out, args.iters, command, _logged_dense(out, args.iters) if has_dense else {})
     with open(RESULT_FILE, "w") as f:
         json.dump(data, f, indent=1)
     report(args)
@@ -318,6 +320,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=4000)
     p.add_argument("--eval-period", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--backbone", default="", help="as the run's train command")
+    p.add_argument("--lr", type=float, default=0.0, help="as the run's train command")
     p.set_defaults(func=record_stopped)
     args = parser.parse_args()
     args.func(args)
