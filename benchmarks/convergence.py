@@ -34,6 +34,8 @@ The time axis is iterations x the run's median s/iter (training only, evaluation
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import statistics
@@ -193,6 +195,21 @@ def _load() -> dict:
     return json.load(open(RESULT_FILE)) if os.path.isfile(RESULT_FILE) else {}
 
 
+@contextlib.contextmanager
+def _results():
+    """convergence.json's runs as a dict to update, written back on exit; a lock keeps runs that end
+    together from reading a half-written file or overwriting each other's entries."""
+    os.makedirs(RESULTS, exist_ok=True)
+    os.makedirs(os.path.join(ROOT, "output"), exist_ok=True)
+    with open(os.path.join(ROOT, "output", "convergence.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = _load()
+        yield data
+        with open(RESULT_FILE + ".tmp", "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(RESULT_FILE + ".tmp", RESULT_FILE)
+
+
 def train(args) -> None:
     if args.backbone and not os.path.isfile(args.backbone):
         raise SystemExit(f"--backbone {args.backbone}: no such file")
@@ -207,11 +224,8 @@ def train(args) -> None:
             result = run.poll()
             if result is not None:
                 running.remove(run)
-                data = _load()
-                data[run.key] = result
-                os.makedirs(RESULTS, exist_ok=True)
-                with open(RESULT_FILE, "w") as f:
-                    json.dump(data, f, indent=1)
+                with _results() as data:
+                    data[run.key] = result
                 print(run.name, json.dumps(result["curve"][-1]), flush=True)
     report(args)
 
@@ -219,18 +233,17 @@ def train(args) -> None:
 def record_stopped(args) -> None:
     """Record runs stopped before ``--iters`` (killed for lack of time) with their evaluations so far,
     marked ``stopped_at`` (the last trained iteration)."""
-    data = _load()
-    for name in args.detectors:
-        key = run_key(name, args.iters, args.seed, args.backbone, args.lr)
-        out = os.path.join(ROOT, "output", "convergence", key)
-        config, overrides, has_dense = DETECTORS[name]
-        init = ["MODEL.WEIGHTS", os.path.abspath(args.backbone)] if args.backbone else []
-        init += ["SOLVER.BASE_LR", f"{args.lr:g}"] if args.lr else []
-        command = ["--config-file", config, *overrides, *DEMO_INPUT,
-                   *_schedule(args.iters, args.eval_period, args.seed), *init, "OUTPUT_DIR", out]
-        data[key] = _record(out, args.iters, command, _logged_dense(out, args.iters) if has_dense else {})
-    with open(RESULT_FILE, "w") as f:
-        json.dump(data, f, indent=1)
+    with _results() as data:
+        for name in args.detectors:
+            key = run_key(name, args.iters, args.seed, args.backbone, args.lr)
+            out = os.path.join(ROOT, "output", "convergence", key)
+            config, overrides, has_dense = DETECTORS[name]
+            init = ["MODEL.WEIGHTS", os.path.abspath(args.backbone)] if args.backbone else []
+            init += ["SOLVER.BASE_LR", f"{args.lr:g}"] if args.lr else []
+            command = ["--config-file", config, *overrides, *DEMO_INPUT,
+                       *_schedule(args.iters, args.eval_period, args.seed), *init, "OUTPUT_DIR", out]
+            data[key] = _record(out, args.iters, command,
+                                _logged_dense(out, args.iters) if has_dense else {})
     report(args)
 
 
