@@ -86,6 +86,12 @@ DETECTORS = {
     # the decoder reads C2-C5 as DEQDet does: the ResNet's res2-res5 through its own 3x3 + ReLU channel
     # mapper (not the DyHead pyramid it shares with the dense head), with the whole gradient into the ResNet
     "flagship_own_neck": (FLAGSHIP, OWN_NECK + ["MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", "1.0"], True),
+    # none of the decoder's gradient reaches the shared pyramid (the config sends a tenth)
+    "flagship_feature_grad0": (FLAGSHIP, ["MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", "0.0"], True),
+    # DEQDet's optimiser settings (the papers' AdamW weight decay 1e-4 and gradient clip 1.0) instead of
+    # the from-scratch `shapes` recipes' 0.05 and 10
+    "flagship_deqdet_optim": (FLAGSHIP, ["SOLVER.WEIGHT_DECAY", "0.0001", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE",
+                                         "1.0"], True),
 }
 
 
