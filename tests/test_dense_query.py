@@ -108,7 +108,7 @@ def test_dense_topk_queries_start_at_distinct_dense_boxes():
     model = _model("MODEL.DENSE_QUERY.PROPOSAL_NMS_THRESH", "0.5").eval()
     batch = _inputs(with_objects=False)
     with torch.no_grad():
-        images, features, predictions = model._dense_forward(batch)
+        images, features, predictions, _ = model._dense_forward(batch)
         dense_features = [features[f] for f in model.dense.head_in_features]
         proposals = model.dense_proposals(images, dense_features, predictions)
         xyzr = model.initial_queries(batch).xyzr
@@ -224,7 +224,7 @@ def test_retinanet_dense_detector_trains_and_seeds_the_queries():
     model.eval()
     batch = _inputs()
     with torch.no_grad():
-        images, features, predictions = model._dense_forward(batch)
+        images, features, predictions, _ = model._dense_forward(batch)
         dense_features = [features[f] for f in model.dense.head_in_features]
         proposals = model.dense_proposals(images, dense_features, predictions)
         xyzr = model.initial_queries(batch).xyzr
@@ -246,7 +246,7 @@ def test_class_prior_adds_the_dense_log_odds():
     model = _model("MODEL.DENSE_QUERY.CLASS_PRIOR", "True").eval()
     batch = _inputs()
     with torch.no_grad():
-        images, features, predictions = model._dense_forward(batch)
+        images, features, predictions, _ = model._dense_forward(batch)
         dense_features = [features[f] for f in model.dense.head_in_features]
         content, xyzr, prior = model._queries(images, dense_features, predictions)
         proposals = model.dense_proposals(images, dense_features, predictions)
