@@ -87,22 +87,18 @@ def _decoder_input(cfg, backbone: nn.Module):
     if dq.DECODER_INPUT not in DECODER_INPUTS:
         raise ValueError(f"MODEL.DENSE_QUERY.DECODER_INPUT must be one of {DECODER_INPUTS}, "
                          f"got {dq.DECODER_INPUT!r}")
-    if dq.DECODER_INPUT == "bottom_up":
-        shapes = bottom_up_of(backbone).output_shape()
-        missing = [f for f in q.IN_FEATURES if f not in shapes]
-        if missing:
-            raise ValueError(
-                f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the bottom-up network "
-                f"({sorted(shapes)}; add them to MODEL.RESNETS.OUT_FEATURES)"
-            )
-        neck = ChannelMapper(shapes, q.IN_FEATURES, q.FEAT_CHANNELS, q.NECK_STYLE, q.NECK_NORM_GROUPS)
-        return neck, neck.strides
-    shapes = backbone.output_shape()
+    own_neck = dq.DECODER_INPUT == "bottom_up"
+    shapes = (bottom_up_of(backbone) if own_neck else backbone).output_shape()
     missing = [f for f in q.IN_FEATURES if f not in shapes]
     if missing:
         raise ValueError(
-            f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the backbone ({sorted(shapes)})"
+            f"MODEL.QUERY.IN_FEATURES: {missing} not produced by the "
+            f"{'bottom-up network' if own_neck else 'backbone'} ({sorted(shapes)}"
+            f"{'; add them to MODEL.RESNETS.OUT_FEATURES' if own_neck else ''})"
         )
+    if own_neck:
+        neck = ChannelMapper(shapes, q.IN_FEATURES, q.FEAT_CHANNELS, q.NECK_STYLE, q.NECK_NORM_GROUPS)
+        return neck, neck.strides
     channels = {shapes[f].channels for f in q.IN_FEATURES}
     if channels != {q.FEAT_CHANNELS}:
         raise ValueError(
