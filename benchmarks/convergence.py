@@ -92,6 +92,12 @@ DETECTORS = {
     # the from-scratch `shapes` recipes' 0.05 and 10
     "flagship_deqdet_optim": (FLAGSHIP, ["SOLVER.WEIGHT_DECAY", "0.0001", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE",
                                          "1.0"], True),
+    # the decoder (its stages, query content projection and per-slot embeddings) at a quarter of the lr,
+    # 2.5e-4 as DEQDet is fine-tuned, the dense detector at the config's 1e-3
+    "flagship_decoder_lr0.25": (FLAGSHIP, [
+        "SOLVER.PARAM_GROUP_RULES", '[["^(decoder|content_proj|queries)[.]", 0.25, 1.0]]'], True),
+    # the decoder on its own neck over C2-C5 as in flagship_own_neck, at the config's tenth of its gradient
+    "flagship_own_neck_grad0.1": (FLAGSHIP, OWN_NECK, True),
 }
 
 
