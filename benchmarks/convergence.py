@@ -18,7 +18,8 @@ rest of each detector starts from its own initialisation):
 
 Every detector trains on the CPU (``OUTPUT_DIR output/convergence/<run>``, ``<run>`` being
 ``<name>@<iters>`` for seed 1 and ``<name>@<iters>_s<seed>`` for another, with ``_trunk`` appended when
-it starts from ``--backbone`` and ``_lr<lr>`` with ``--lr``; from scratch otherwise), batch 4, ``--iters``
+it starts from ``--backbone shapes_trunk.pth`` (``_trunk2`` from ``shapes_trunk2.pth``, ...) and ``_lr<lr>``
+with ``--lr``; from scratch otherwise), batch 4, ``--iters``
 iterations (warm-up 100, lr x0.1 at 75 % and 93 %), ``SEED`` ``--seed`` (default 1), the demo's input
 sizes, with ``OMP_NUM_THREADS=1`` and ``--jobs`` processes side by side (2 on 2 cores). It is evaluated on
 ``shapes_val`` every ``--eval-period`` iterations (``TEST.EVAL_PERIOD``, a checkpoint each time); for the
@@ -108,9 +109,13 @@ def _schedule(iters: int, eval_period: int, seed: int) -> list:
 
 
 def run_key(name: str, iters: int, seed: int, backbone: str = "", lr: float = 0.0) -> str:
-    """The run's key in convergence.json and its folder under output/convergence."""
-    return (f"{name}@{iters}" + ("" if seed == 1 else f"_s{seed}") + ("_trunk" if backbone else "")
-            + (f"_lr{lr:g}" if lr else ""))
+    """The run's key in convergence.json and its folder under output/convergence: ``_trunk`` for runs from
+    ``shapes_trunk.pth``, ``_trunk2`` from ``shapes_trunk2.pth`` and so on."""
+    trunk = ""
+    if backbone:
+        stem = os.path.splitext(os.path.basename(backbone))[0]
+        trunk = "_" + (stem[len("shapes_"):] if stem.startswith("shapes_") else stem)
+    return f"{name}@{iters}" + ("" if seed == 1 else f"_s{seed}") + trunk + (f"_lr{lr:g}" if lr else "")
 
 
 def _python(args: list, log_path: str, mode: str = "w") -> subprocess.Popen:
