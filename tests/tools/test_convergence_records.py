@@ -1,6 +1,6 @@
 """benchmarks/convergence.py reads a combined detector's dense-head AP from the run's own evaluations:
 Detectron2 logs an evaluation at iteration k * period - 1 and the last one at MAX_ITER - 1 (after
-training), which the curve names k * period and MAX_ITER."""
+training), which the curve names k * period and MAX_ITER; each run's key names its seed, trunk file and lr."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 from tests.helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from convergence import _logged_dense  # noqa: E402
+from convergence import _logged_dense, run_key  # noqa: E402
 
 
 def test_dense_figures_keyed_by_evaluation_iteration(tmp_path):
@@ -26,3 +26,11 @@ def test_dense_figures_keyed_by_evaluation_iteration(tmp_path):
 def test_no_dense_figures_without_both_heads_evaluated(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 999, "bbox/AP": 47.0}) + "\n")
     assert _logged_dense(str(tmp_path), iters=1000) == {}
+
+
+def test_run_key_names_seed_trunk_file_and_lr():
+    assert run_key("flagship", 2000, 1) == "flagship@2000"
+    assert run_key("flagship", 2000, 2, "output/convergence/shapes_trunk.pth") == "flagship@2000_s2_trunk"
+    assert run_key("deqdet", 2000, 1, "output/convergence/shapes_trunk2.pth", 2.5e-4) == \
+        "deqdet@2000_trunk2_lr0.00025"
+    assert run_key("deqdet", 4000, 3, "/elsewhere/my_resnet.pth") == "deqdet@4000_s3_my_resnet"
