@@ -97,6 +97,7 @@ DETECTORS = {
     # 2.5e-4 as DEQDet is fine-tuned, the dense detector at the config's 1e-3
     "flagship_decoder_lr0.25": (FLAGSHIP, [
         "SOLVER.PARAM_GROUP_RULES", '[["^(decoder|content_proj|queries)[.]", 0.25, 1.0]]'], True),
+    # the same at a tenth (1e-4)
     "flagship_decoder_lr0.1": (FLAGSHIP, [
         "SOLVER.PARAM_GROUP_RULES", '[["^(decoder|content_proj|queries)[.]", 0.1, 1.0]]'], True),
     # the decoder on its own neck over C2-C5 as in flagship_own_neck, at the config's tenth of its gradient

@@ -1,15 +1,20 @@
 """benchmarks/convergence.py reads a combined detector's dense-head AP from the run's own evaluations:
 Detectron2 logs an evaluation at iteration k * period - 1 and the last one at MAX_ITER - 1 (after
-training), which the curve names k * period and MAX_ITER; each run's key names its seed, trunk file and lr."""
+training), which the curve names k * period and MAX_ITER; each run's key names its seed, trunk file and
+lr; a variant recorded there and the config a user runs compute the same."""
 
 import json
 import os
 import sys
 
-from tests.helpers import ROOT
+from detectron2.modeling import build_model
+
+from deqdet.engine import build_config
+from deqdet.optim import build_optimizer
+from tests.helpers import ROOT, config_file
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from convergence import _logged_dense, run_key  # noqa: E402
+from convergence import DETECTORS, _logged_dense, run_key  # noqa: E402
 
 
 def test_dense_figures_keyed_by_evaluation_iteration(tmp_path):
@@ -34,3 +39,18 @@ def test_run_key_names_seed_trunk_file_and_lr():
     assert run_key("deqdet", 2000, 1, "output/convergence/shapes_trunk2.pth", 2.5e-4) == \
         "deqdet@2000_trunk2_lr0.00025"
     assert run_key("deqdet", 4000, 3, "/elsewhere/my_resnet.pth") == "deqdet@4000_s3_my_resnet"
+
+
+def test_finetune_config_is_the_recorded_decoder_lr_variant():
+    config, opts, _ = DETECTORS["flagship_decoder_lr0.25"]
+    variant = build_config(config, opts + ["MODEL.DEVICE", "cpu"])
+    finetune = build_config(config_file("shapes", "retinanet_dyhead_deqdet_r18_finetune.yaml"),
+                            ["MODEL.DEVICE", "cpu"])
+    assert finetune.dump().replace(finetune.OUTPUT_DIR, variant.OUTPUT_DIR) == variant.dump()
+    # the decoder's parameters, and only they, learn at a quarter of the lr
+    model = build_model(finetune)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = build_optimizer(finetune, model).param_groups
+    quarter = {names[id(p)] for g in groups if g["lr"] == finetune.SOLVER.BASE_LR * 0.25 for p in g["params"]}
+    assert quarter == {n for n in names.values() if n.split(".")[0] in ("decoder", "content_proj", "queries")}
+    assert any(n.startswith("decoder.") for n in quarter) and all(not n.startswith("dense.") for n in quarter)
