@@ -56,6 +56,12 @@ FLAGSHIP = os.path.join(SHAPES, "retinanet_dyhead_deqdet_r18.yaml")
 OWN_NECK = ["MODEL.DENSE_QUERY.DECODER_INPUT", "bottom_up", "MODEL.RESNETS.OUT_FEATURES",
             "['res2', 'res3', 'res4', 'res5']", "MODEL.QUERY.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']",
             "MODEL.QUERY.NECK_STYLE", "DEQDet", "MODEL.QUERY.NECK_NORM_GROUPS", "16"]
+# deqdet_r18.yaml's decoder width (50 queries, 128-d content, FFN 512) and refinement schedule (6 steps
+# supervised at 1, 3, 6 with RAG 2, 2 extra init supervisions, 6 + 1 at test)
+DEQDET_WIDTH = ["MODEL.QUERY.NUM_QUERIES", "50", "MODEL.QUERY.CONTENT_DIM", "128", "MODEL.QUERY.FFN_DIM", "512"]
+DEQDET_DEPTH = ["MODEL.DEQDET.REFINEMENT_STEPS", "6", "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 3, 6)",
+                "MODEL.DEQDET.RAG", "2", "MODEL.DEQDET.EXTRA_INIT_SUPERVISIONS", "2", "MODEL.DEQDET.MAX_ITERS", "6"]
+DECODER_LR_QUARTER = ["SOLVER.PARAM_GROUP_RULES", '[["^(decoder|content_proj|queries)[.]", 0.25, 1.0]]']
 DETECTORS = {
     "retinanet": (RETINANET, [], False),
     # the published block and initialisation (the config's defaults when this run was recorded)
@@ -68,11 +74,7 @@ DETECTORS = {
     "flagship": (FLAGSHIP, [], True),
     # the flagship with deqdet_r18.yaml's decoder: its width (50 queries, 128-d content, FFN 512) and its
     # refinement schedule (6 steps supervised at 1, 3, 6 with RAG 2, 2 extra init supervisions, 6 + 1 at test)
-    "flagship_deqdet_decoder": (FLAGSHIP, [
-        "MODEL.QUERY.NUM_QUERIES", "50", "MODEL.QUERY.CONTENT_DIM", "128", "MODEL.QUERY.FFN_DIM", "512",
-        "MODEL.DEQDET.REFINEMENT_STEPS", "6", "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 3, 6)",
-        "MODEL.DEQDET.RAG", "2", "MODEL.DEQDET.EXTRA_INIT_SUPERVISIONS", "2", "MODEL.DEQDET.MAX_ITERS", "6"],
-        True),
+    "flagship_deqdet_decoder": (FLAGSHIP, DEQDET_WIDTH + DEQDET_DEPTH, True),
     # the decoder's whole gradient reaches the shared pyramid (the config scales it by 0.1)
     "flagship_feature_grad1": (FLAGSHIP, ["MODEL.DENSE_QUERY.DECODER_FEATURE_GRAD", "1.0"], True),
     # the decoder's queries as in the papers (50 learned embeddings, whole-image boxes, no class prior):
@@ -95,8 +97,17 @@ DETECTORS = {
                                          "1.0"], True),
     # the decoder (its stages, query content projection and per-slot embeddings) at a quarter of the lr,
     # 2.5e-4 as DEQDet is fine-tuned, the dense detector at the config's 1e-3
-    "flagship_decoder_lr0.25": (FLAGSHIP, [
-        "SOLVER.PARAM_GROUP_RULES", '[["^(decoder|content_proj|queries)[.]", 0.25, 1.0]]'], True),
+    "flagship_decoder_lr0.25": (FLAGSHIP, DECODER_LR_QUARTER, True),
+    # flagship_deqdet_decoder with the decoder at a quarter of the lr
+    "flagship_deqdet_decoder_lr0.25": (FLAGSHIP, DEQDET_WIDTH + DEQDET_DEPTH + DECODER_LR_QUARTER, True),
+    # DEQDet's refinement schedule alone (6 steps supervised at 1, 3, 6, RAG 2, 2 extra init supervisions,
+    # 6 + 1 at test) on the flagship's narrow decoder, at a quarter of the lr
+    "flagship_deep_lr0.25": (FLAGSHIP, DEQDET_DEPTH + DECODER_LR_QUARTER, True),
+    # 50 queries (DEQDet's number) instead of 20 on the flagship's decoder, at a quarter of the lr
+    "flagship_queries50_lr0.25": (FLAGSHIP, ["MODEL.QUERY.NUM_QUERIES", "50"] + DECODER_LR_QUARTER, True),
+    # the decoder samples P3-P7 (strides 8-128, the dense head's levels) instead of P3-P5, at a quarter of the lr
+    "flagship_p3p7_lr0.25": (FLAGSHIP, ["MODEL.QUERY.IN_FEATURES", "['p3', 'p4', 'p5', 'p6', 'p7']"]
+                             + DECODER_LR_QUARTER, True),
     # the same at a tenth (1e-4)
     "flagship_decoder_lr0.1": (FLAGSHIP, [
         "SOLVER.PARAM_GROUP_RULES", '[["^(decoder|content_proj|queries)[.]", 0.1, 1.0]]'], True),
