@@ -58,9 +58,11 @@ OWN_NECK = ["MODEL.DENSE_QUERY.DECODER_INPUT", "bottom_up", "MODEL.RESNETS.OUT_F
             "MODEL.QUERY.NECK_STYLE", "DEQDet", "MODEL.QUERY.NECK_NORM_GROUPS", "16"]
 # deqdet_r18.yaml's decoder width (50 queries, 128-d content, FFN 512) and refinement schedule (6 steps
 # supervised at 1, 3, 6 with RAG 2, 2 extra init supervisions, 6 + 1 at test)
-DEQDET_WIDTH = ["MODEL.QUERY.NUM_QUERIES", "50", "MODEL.QUERY.CONTENT_DIM", "128", "MODEL.QUERY.FFN_DIM", "512"]
+DEQDET_WIDTH = ["MODEL.QUERY.NUM_QUERIES", "50", "MODEL.QUERY.CONTENT_DIM", "128",
+                "MODEL.QUERY.FFN_DIM", "512"]
 DEQDET_DEPTH = ["MODEL.DEQDET.REFINEMENT_STEPS", "6", "MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 3, 6)",
-                "MODEL.DEQDET.RAG", "2", "MODEL.DEQDET.EXTRA_INIT_SUPERVISIONS", "2", "MODEL.DEQDET.MAX_ITERS", "6"]
+                "MODEL.DEQDET.RAG", "2", "MODEL.DEQDET.EXTRA_INIT_SUPERVISIONS", "2",
+                "MODEL.DEQDET.MAX_ITERS", "6"]
 DECODER_LR_QUARTER = ["SOLVER.PARAM_GROUP_RULES", '[["^(decoder|content_proj|queries)[.]", 0.25, 1.0]]']
 DETECTORS = {
     "retinanet": (RETINANET, [], False),
@@ -105,7 +107,8 @@ DETECTORS = {
     "flagship_deep_lr0.25": (FLAGSHIP, DEQDET_DEPTH + DECODER_LR_QUARTER, True),
     # 50 queries (DEQDet's number) instead of 20 on the flagship's decoder, at a quarter of the lr
     "flagship_queries50_lr0.25": (FLAGSHIP, ["MODEL.QUERY.NUM_QUERIES", "50"] + DECODER_LR_QUARTER, True),
-    # the decoder samples P3-P7 (strides 8-128, the dense head's levels) instead of P3-P5, at a quarter of the lr
+    # the decoder samples P3-P7 (strides 8-128, the dense head's levels) instead of P3-P5, at a quarter
+    # of the lr
     "flagship_p3p7_lr0.25": (FLAGSHIP, ["MODEL.QUERY.IN_FEATURES", "['p3', 'p4', 'p5', 'p6', 'p7']"]
                              + DECODER_LR_QUARTER, True),
     # the same at a tenth (1e-4)
