@@ -41,12 +41,19 @@ def test_run_key_names_seed_trunk_file_and_lr():
     assert run_key("deqdet", 4000, 3, "/elsewhere/my_resnet.pth") == "deqdet@4000_s3_my_resnet"
 
 
-def test_finetune_config_is_the_recorded_decoder_lr_variant():
-    config, opts, _ = DETECTORS["flagship_decoder_lr0.25"]
+def test_finetune_config_is_the_recorded_decoder_variant():
+    config, opts, _ = DETECTORS["flagship_deqdet_decoder_lr0.25"]
     variant = build_config(config, opts + ["MODEL.DEVICE", "cpu"])
     finetune = build_config(config_file("shapes", "retinanet_dyhead_deqdet_r18_finetune.yaml"),
                             ["MODEL.DEVICE", "cpu"])
     assert finetune.dump().replace(finetune.OUTPUT_DIR, variant.OUTPUT_DIR) == variant.dump()
+    # its decoder is deqdet_r18.yaml's: width and refinement schedule
+    deqdet = build_config(config_file("shapes", "deqdet_r18.yaml"), ["MODEL.DEVICE", "cpu"])
+    for node, keys in (("QUERY", ("NUM_QUERIES", "CONTENT_DIM", "FFN_DIM")),
+                       ("DEQDET", ("REFINEMENT_STEPS", "SUPERVISION_POSITIONS", "RAG",
+                                   "EXTRA_INIT_SUPERVISIONS", "MAX_ITERS"))):
+        for key in keys:
+            assert finetune.MODEL[node][key] == deqdet.MODEL[node][key], f"MODEL.{node}.{key}"
     # the decoder's parameters, and only they, learn at a quarter of the lr
     model = build_model(finetune)
     names = {id(p): n for n, p in model.named_parameters()}
