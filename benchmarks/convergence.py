@@ -102,6 +102,10 @@ DETECTORS = {
     "flagship_decoder_lr0.25": (FLAGSHIP, DECODER_LR_QUARTER, True),
     # flagship_deqdet_decoder with the decoder at a quarter of the lr
     "flagship_deqdet_decoder_lr0.25": (FLAGSHIP, DEQDET_WIDTH + DEQDET_DEPTH + DECODER_LR_QUARTER, True),
+    # the same with one-to-two matching of the decoder's queries at every supervised stage (H-DETR's
+    # one-to-many matching; the decoder's class-wise NMS removes the duplicates at test)
+    "flagship_deqdet_decoder_lr0.25_o2m2": (FLAGSHIP, DEQDET_WIDTH + DEQDET_DEPTH + DECODER_LR_QUARTER
+                                            + ["MODEL.QUERY.MATCHES_PER_GT", "2"], True),
     # DEQDet's refinement schedule alone (6 steps supervised at 1, 3, 6, RAG 2, 2 extra init supervisions,
     # 6 + 1 at test) on the flagship's narrow decoder, at a quarter of the lr
     "flagship_deep_lr0.25": (FLAGSHIP, DEQDET_DEPTH + DECODER_LR_QUARTER, True),
