@@ -42,7 +42,7 @@ def test_run_key_names_seed_trunk_file_and_lr():
 
 
 def test_finetune_config_is_the_recorded_decoder_variant():
-    config, opts, _ = DETECTORS["flagship_deqdet_decoder_lr0.25"]
+    config, opts, _ = DETECTORS["flagship_deqdet_decoder_lr0.25_o2m2"]
     variant = build_config(config, opts + ["MODEL.DEVICE", "cpu"])
     finetune = build_config(config_file("shapes", "retinanet_dyhead_deqdet_r18_finetune.yaml"),
                             ["MODEL.DEVICE", "cpu"])
@@ -54,6 +54,9 @@ def test_finetune_config_is_the_recorded_decoder_variant():
                                    "EXTRA_INIT_SUPERVISIONS", "MAX_ITERS"))):
         for key in keys:
             assert finetune.MODEL[node][key] == deqdet.MODEL[node][key], f"MODEL.{node}.{key}"
+    # trained one-to-two where DEQDet and the from-scratch flagship match one-to-one
+    assert finetune.MODEL.QUERY.MATCHES_PER_GT == 2 and deqdet.MODEL.QUERY.MATCHES_PER_GT == 1
+    assert build_config(config, ["MODEL.DEVICE", "cpu"]).MODEL.QUERY.MATCHES_PER_GT == 1
     # the decoder's parameters, and only they, learn at a quarter of the lr
     model = build_model(finetune)
     names = {id(p): n for n, p in model.named_parameters()}
