@@ -85,3 +85,10 @@ def test_a_split_is_generated_on_first_use_through_the_checked_loader(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == str(SPLITS["shapes_mini_val"].num_images)
     assert (tmp_path / f"shapes-v{GENERATOR_VERSION}" / "shapes_mini_val" / "annotations.json").is_file()
+
+
+def test_splits_are_drawn_from_distinct_seeds():
+    """A split sharing a seed with another would repeat its images: shapes_test would not be held out."""
+    seeds = [spec.seed for spec in SPLITS.values()]
+    assert len(set(seeds)) == len(seeds)
+    assert {"shapes_train", "shapes_val", "shapes_test"} <= set(SPLITS)

@@ -60,6 +60,8 @@ class ShapesSplit:
 SPLITS = {
     "shapes_train": ShapesSplit(num_images=3000, seed=1),
     "shapes_val": ShapesSplit(num_images=300, seed=2),
+    # held out: for checking settings chosen on shapes_val (generated on first use)
+    "shapes_test": ShapesSplit(num_images=300, seed=5),
     # small splits for tests and smoke runs
     "shapes_mini_train": ShapesSplit(num_images=32, seed=3),
     "shapes_mini_val": ShapesSplit(num_images=16, seed=4),
