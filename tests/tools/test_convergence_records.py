@@ -43,7 +43,8 @@ def test_run_key_names_seed_trunk_file_and_lr():
 
 def test_finetune_config_is_the_recorded_decoder_variant():
     config, opts, _ = DETECTORS["flagship_deqdet_decoder_lr0.25_o2m2"]
-    variant = build_config(config, opts + ["MODEL.DEVICE", "cpu"])
+    # trained as recorded; answers after 2 + 1 refinement steps where the variant was evaluated after 6 + 1
+    variant = build_config(config, opts + ["MODEL.DEQDET.MAX_ITERS", "2", "MODEL.DEVICE", "cpu"])
     finetune = build_config(config_file("shapes", "retinanet_dyhead_deqdet_r18_finetune.yaml"),
                             ["MODEL.DEVICE", "cpu"])
     assert finetune.dump().replace(finetune.OUTPUT_DIR, variant.OUTPUT_DIR) == variant.dump()
@@ -51,11 +52,12 @@ def test_finetune_config_is_the_recorded_decoder_variant():
     deqdet = build_config(config_file("shapes", "deqdet_r18.yaml"), ["MODEL.DEVICE", "cpu"])
     for node, keys in (("QUERY", ("NUM_QUERIES", "CONTENT_DIM", "FFN_DIM")),
                        ("DEQDET", ("REFINEMENT_STEPS", "SUPERVISION_POSITIONS", "RAG",
-                                   "EXTRA_INIT_SUPERVISIONS", "MAX_ITERS"))):
+                                   "EXTRA_INIT_SUPERVISIONS"))):
         for key in keys:
             assert finetune.MODEL[node][key] == deqdet.MODEL[node][key], f"MODEL.{node}.{key}"
     # trained one-to-two where DEQDet and the from-scratch flagship match one-to-one
     assert finetune.MODEL.QUERY.MATCHES_PER_GT == 2 and deqdet.MODEL.QUERY.MATCHES_PER_GT == 1
+    assert (finetune.MODEL.DEQDET.MAX_ITERS, deqdet.MODEL.DEQDET.MAX_ITERS) == (2, 6)
     assert build_config(config, ["MODEL.DEVICE", "cpu"]).MODEL.QUERY.MATCHES_PER_GT == 1
     # the decoder's parameters, and only they, learn at a quarter of the lr
     model = build_model(finetune)
