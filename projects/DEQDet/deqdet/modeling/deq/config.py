@@ -43,7 +43,7 @@ def add_deqdet_decoder_config(cfg: CN) -> None:
     # --- inference ---
     # The answer: "refined" (official: the refinement stage iterated as TOL / MAX_ITERS say, then its
     # output application) or "init" (the init stage's prediction, no refinement step: for checkpoints
-    # trained too briefly for the refinement stage to improve on it, as the shapes demo's 1250 steps).
+    # trained too briefly for the refinement stage to improve on it, as the shapes demo).
     d.TEST_OUTPUT = "refined"
     # Stop iterating f for an image once the relative residual ||z_k+1 - z_k|| / ||z_k|| of its state is
     # below TOL (0: never, the official fixed schedule). Then one more application gives the output.
