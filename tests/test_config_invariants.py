@@ -13,8 +13,8 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from tests.helpers import FIXTURES, ROOT, synthetic_batch
 from deqdet.engine import build_config
+from tests.helpers import FIXTURES, ROOT, synthetic_batch
 
 FIXTURE = os.path.join(FIXTURES, "config_invariants.json")
 CONFIGS = sorted(
