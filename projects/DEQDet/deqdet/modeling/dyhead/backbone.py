@@ -80,7 +80,6 @@ def _wrap(cfg, bottom_up: Backbone, top_block) -> DyHead:
         task_attention=d.TASK_ATTENTION,
         zero_init_offset=d.ZERO_INIT_OFFSET,
         identity_init=d.IDENTITY_INIT,
-        normalized_offset_input=d.NORMALIZED_OFFSET_INPUT,
     )
 
 

@@ -32,11 +32,6 @@ def add_dyhead_config(cfg: CN) -> CN:
     # Make every block residual, F + gamma * block(F), with a per-channel gamma initialised to zero: the
     # blocks start as the identity (for training from scratch). False: the official block (no residual).
     cfg.MODEL.DYHEAD.IDENTITY_INIT = False
-    # Predict the DCN offsets and masks from the block's input standardised per image and channel group
-    # (GroupNorm(16) without affine) instead of the raw input (microsoft/DynamicHead). The block's output
-    # is GroupNorm-ed, so the loss leaves the scale of its input free; trained from scratch that scale
-    # grows and raw-input offsets grow with it until every tap samples outside the map.
-    cfg.MODEL.DYHEAD.NORMALIZED_OFFSET_INPUT = False
     # Pad inputs to a multiple of this many pixels; 0: of the coarsest output stride (128 for P3-P7, as
     # microsoft/DynamicHead). The blocks only need each level to be the stride-2 successor of the one
     # below, which the bottom-up network's coarsest stride (32) already gives; on small inputs padding to

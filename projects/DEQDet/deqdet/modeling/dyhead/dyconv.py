@@ -110,10 +110,6 @@ class DyConv(nn.Module):
     ``gamma`` (``residual_scale``, shape (C,)) initialised to zero: it starts as the identity and the
     attentions are blended in as they learn (for training from scratch; the official block has no
     residual and no ``gamma``, so its checkpoints load unchanged without this option).
-
-    With ``normalized_offset_input`` the offset conv reads the input standardised per image and group
-    of channels (``offset_norm``: GroupNorm(16) without affine, so no new parameters): the offsets no
-    longer scale with the input, whose scale the GroupNorm after each DCN leaves free in training.
     """
 
     def __init__(
@@ -126,7 +122,6 @@ class DyConv(nn.Module):
         task_attention: bool = True,
         zero_init_offset: bool = False,
         identity_init: bool = False,
-        normalized_offset_input: bool = False,
     ):
         super().__init__()
         if coarse_offsets not in COARSE_OFFSET_MODES:
@@ -153,9 +148,6 @@ class DyConv(nn.Module):
         self.h_sigmoid = HSigmoid()
         self.relu = DyReLU(out_channels) if task_attention else nn.Identity()
         self.offset = nn.Conv2d(in_channels, 27, kernel_size=3, padding=1)
-        self.offset_norm = (
-            nn.GroupNorm(16, in_channels, affine=False) if normalized_offset_input else nn.Identity()
-        )
         if zero_init_offset:  # regular 3x3 sampling and masks 0.5 at the start (mmdetection's DyHead default)
             nn.init.zeros_(self.offset.weight)
             nn.init.zeros_(self.offset.bias)
@@ -176,7 +168,7 @@ class DyConv(nn.Module):
             levels = [f.contiguous(memory_format=torch.channels_last) for f in levels]
         out = {}
         for i, feature in enumerate(levels):
-            offset_mask = self.offset(self.offset_norm(feature))
+            offset_mask = self.offset(feature)
             offset, mask = offset_mask[:, :18], offset_mask[:, 18:].sigmoid()
             terms = [self.DyConv[1](feature, offset, mask)]
             if i > 0:
