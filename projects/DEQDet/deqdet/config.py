@@ -4,11 +4,12 @@ import torch
 from detectron2.config import CfgNode as CN
 
 from .modeling.backbone import add_basic_resnet_config
+from .modeling.dense_query.config import add_dense_query_config
 from .modeling.deq.config import add_deqdet_decoder_config
 from .modeling.dyhead.config import add_dyhead_config
 from .modeling.query.config import add_query_config
 
-__all__ = ["add_deqdet_config", "add_dense_query_config"]
+__all__ = ["add_deqdet_config"]
 
 
 def add_deqdet_config(cfg: CN) -> CN:
@@ -54,46 +55,3 @@ def add_deqdet_config(cfg: CN) -> CN:
     add_deqdet_decoder_config(cfg)  # MODEL.DEQDET (the equilibrium decoder)
     add_dense_query_config(cfg)  # MODEL.DENSE_QUERY (the combined dense head + query decoder)
     return cfg
-
-
-def add_dense_query_config(cfg: CN) -> None:
-    """Add ``MODEL.DENSE_QUERY``: the wiring of ``DenseQueryDetector`` (its dense head is configured by
-    ``MODEL.ATSS``, its decoder by ``MODEL.QUERY`` / ``MODEL.DEQDET``)."""
-    cfg.MODEL.DENSE_QUERY = d = CN()
-    # The dense detector, a META_ARCH_REGISTRY name configured by its own keys: "ATSS" (MODEL.ATSS) or
-    # "RetinaNet" (Detectron2's, MODEL.RETINANET). It owns the backbone (MODEL.BACKBONE) it shares.
-    d.DENSE_DETECTOR = "ATSS"
-    # Initial boxes of the decoder: "whole_image" (the papers' fixed whole-image boxes) or "dense_topk"
-    # (the dense head's distinct top-scoring boxes, detached; whole-image boxes fill the remaining queries).
-    d.QUERY_INIT = "dense_topk"
-    # Weight of the dense head's (ATSS) losses in the total loss.
-    d.DENSE_LOSS_WEIGHT = 1.0
-    # "dense_topk": IoU threshold of the class-agnostic NMS that makes the dense boxes distinct, and the
-    # candidates per level (by max class probability x centerness) that enter it.
-    d.PROPOSAL_NMS_THRESH = 0.7
-    d.PROPOSAL_TOPK_PER_LEVEL = 1000
-    # Class-wise NMS at this IoU on the decoder's detections at inference (1.0: none, as the papers'
-    # query decoders). One-to-one training suppresses a query that duplicates a better one only slowly:
-    # on a short schedule the duplicates left by the proposal NMS cost AP50 (flagship_recipe.md).
-    d.DECODER_NMS_THRESH = 1.0
-    # "dense_topk": add to the decoder's class logits, per query, the detached log-odds of the dense head's
-    # score (class probability x centerness) of the box that initialised it, so that refinement starts
-    # from the dense head's ranking and learns a residual (PRIOR_EPS for the whole-image queries).
-    d.CLASS_PRIOR = False
-    # Content of the queries that "dense_topk" initialises: "embedding" (one learned vector per slot) or
-    # "dense_feature" (a linear layer + LayerNorm over the detached dense-head input feature at the
-    # anchor of each query's box, as DDQ: image-specific content that says what the box holds).
-    d.QUERY_CONTENT = "embedding"
-    # Multiplier of the gradient the decoder's losses send into the shared pyramid (1: all of it, 0: the
-    # decoder reads detached features and only the dense head trains the backbone, FPN and DyHead blocks).
-    d.DECODER_FEATURE_GRAD = 1.0
-    # What the decoder reads: "pyramid" (MODEL.QUERY.IN_FEATURES of the backbone's pyramid, shared with the
-    # dense head) or "bottom_up" (MODEL.QUERY.IN_FEATURES of the ResNet under the FPN, which must list them
-    # in MODEL.RESNETS.OUT_FEATURES, mapped to FEAT_CHANNELS by the decoder's own channel mapper,
-    # MODEL.QUERY.NECK_STYLE, as the papers' detectors read C2-C5). DECODER_FEATURE_GRAD scales the
-    # gradient into the shared maps either way.
-    d.DECODER_INPUT = "pyramid"
-    # Detections returned at inference: "decoder" (the query decoder's), "dense" (the dense head's) or "both"
-    # (the decoder's as "instances", the dense head's as "dense_instances", from one forward; evaluations then
-    # report the dense head's AP as the task "dense_bbox" next to the decoder's "bbox").
-    d.INFERENCE_SOURCE = "decoder"

@@ -36,70 +36,40 @@ def _attention_bias_over_tau(stage, content, xyzr, iof_boxes=None):
     return seen["mask"] / stage.iof_tau[:, None, None]
 
 
-def test_crossed_box_iof_row_official_and_clamped():
+def test_crossed_box_iof_row():
     torch.manual_seed(0)
     stage = AdaMixerStage(num_classes=2, strides=(4,), content_dim=16, feat_channels=8, num_heads=2,
                           ffn_dim=16, in_points=4, out_points=4, num_groups=2)
     content = torch.randn(1, 3, 16)
-    # Official: xyzr from |w| = 20, |h| = 20, the bias from the raw corners. C overlaps nothing, so its
-    # row is uniform (-16.12 everywhere) and its column is -16.12 in A's and B's rows.
-    official_xyzr = encode_jittered_xyxy(BOXES, min_size=0.0, eps=1e-7)
-    bias = _attention_bias_over_tau(stage, content, official_xyzr, iof_boxes=BOXES)
+    # xyzr from |w| = 20, |h| = 20, the bias from the raw corners. C overlaps nothing, so its row is
+    # uniform (-16.12 everywhere) and its column is -16.12 in A's and B's rows.
+    bias = _attention_bias_over_tau(stage, content, encode_jittered_xyxy(BOXES), iof_boxes=BOXES)
     expected = torch.tensor([[0.0, math.log(900 / 10000 + 1e-7), LOG_EPS],
                              [0.0, 0.0, LOG_EPS],
                              [LOG_EPS, LOG_EPS, LOG_EPS]])
     for head in range(2):
         torch.testing.assert_close(bias[head], expected, atol=1e-4, rtol=0)
-    # Clamped: C re-encoded as the box [30, 40, 50, 60] inside A, disjoint from B: row [0, -16.12, 0].
-    clamped_xyzr = encode_jittered_xyxy(BOXES)
-    torch.testing.assert_close(xyzr_to_xyxy(clamped_xyzr)[0, 2], torch.tensor([30.0, 40.0, 50.0, 60.0]))
-    bias = _attention_bias_over_tau(stage, content, clamped_xyzr)
-    torch.testing.assert_close(bias[0, 2], torch.tensor([0.0, LOG_EPS, 0.0]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(bias[0, 0, 2], torch.tensor(math.log(400 / 10000)), atol=1e-4, rtol=0)
 
 
-def test_official_jitter_hands_the_raw_corners_on():
+def test_jitter_hands_the_raw_corners_on():
     xyzr = xyxy_to_xyzr(torch.tensor([[[10.0, 20.0, 30.0, 40.0], [0.0, 0.0, 64.0, 32.0]]]))
     content = torch.randn(1, 2, 8)
-    for mode in ("official", "clamped"):
-        torch.manual_seed(3)
-        out_content, out_xyzr, iof_boxes = RefinementPerturbation(0.0, 0.0, 1.0, 25.0, mode)(content, xyzr)
-        torch.manual_seed(3)
-        torch.rand(())  # the position draw
-        corners = xyzr_to_xyxy(xyzr) + 25.0 * torch.randn(1, 2, 4)
-        assert torch.equal(out_content, content)
-        if mode == "official":
-            torch.testing.assert_close(iof_boxes, corners)
-            w, h = ((corners[..., 2:] - corners[..., :2]).abs() + 1e-7).unbind(-1)
-            torch.testing.assert_close(out_xyzr[..., 2], 0.5 * torch.log2(w * h))
-            torch.testing.assert_close(out_xyzr[..., 3], torch.log2(h / w))
-        else:
-            assert iof_boxes is None
-            torch.testing.assert_close(out_xyzr, encode_jittered_xyxy(corners))
-    with pytest.raises(ValueError, match="PERTURB_POSITION_MODE"):
-        RefinementPerturbation(0.0, 0.0, 1.0, 25.0, "abs")
-
-
-def test_box_unit_jitter_is_proportional_to_each_box():
-    """``PERTURB_POSITION_UNIT box``: corner noise = intensity x (w, h, w, h) x eps, per box."""
-    xyxy = torch.tensor([[[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 200.0, 100.0]]])
-    rap = RefinementPerturbation(0.0, 0.0, 1.0, 0.1, "clamped", "box")
-    torch.manual_seed(5)
-    _, out_xyzr, _ = rap(torch.zeros(1, 2, 8), xyxy_to_xyzr(xyxy))
-    torch.manual_seed(5)
+    torch.manual_seed(3)
+    out_content, out_xyzr, iof_boxes = RefinementPerturbation(0.0, 0.0, 1.0, 25.0)(content, xyzr)
+    torch.manual_seed(3)
     torch.rand(())  # the position draw
-    eps = torch.randn(1, 2, 4)
-    whwh = torch.tensor([[[20.0, 40.0, 20.0, 40.0], [200.0, 100.0, 200.0, 100.0]]])
-    torch.testing.assert_close(out_xyzr, encode_jittered_xyxy(xyxy + 0.1 * whwh * eps))
-    with pytest.raises(ValueError, match="PERTURB_POSITION_UNIT"):
-        RefinementPerturbation(0.0, 0.0, 1.0, 0.1, "official", "percent")
+    corners = xyzr_to_xyxy(xyzr) + 25.0 * torch.randn(1, 2, 4)
+    assert torch.equal(out_content, content)
+    torch.testing.assert_close(iof_boxes, corners)
+    w, h = ((corners[..., 2:] - corners[..., :2]).abs() + 1e-7).unbind(-1)
+    torch.testing.assert_close(out_xyzr[..., 2], 0.5 * torch.log2(w * h))
+    torch.testing.assert_close(out_xyzr[..., 3], torch.log2(h / w))
 
 
-@pytest.mark.parametrize("mode,jittered_steps", [("official", 6), ("clamped", 0)])
-def test_decoder_passes_the_corners_to_the_no_grad_steps_only(mode, jittered_steps):
+def test_decoder_passes_the_corners_to_the_no_grad_steps_only():
     """Every one of the 6 no-grad steps is jittered (probability 1); the RAG steps never are."""
-    model = tiny_model("MODEL.DEQDET.PERTURB_CONTENT_PROB", "0.0", "MODEL.DEQDET.PERTURB_POSITION_PROB",
-                       "1.0", "MODEL.DEQDET.PERTURB_POSITION_MODE", mode)
+    model = tiny_model("MODEL.DEQDET.PERTURB_CONTENT_PROB", "0.0",
+                       "MODEL.DEQDET.PERTURB_POSITION_PROB", "1.0")
     calls = []
     model.decoder.refine_stage.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append((torch.is_grad_enabled(), kwargs.get("iof_boxes"))),
@@ -107,7 +77,7 @@ def test_decoder_passes_the_corners_to_the_no_grad_steps_only(mode, jittered_ste
     losses = model(synthetic_batch())
     assert all(torch.isfinite(v) for v in losses.values())
     with_corners = [grad for grad, boxes in calls if boxes is not None]
-    assert len(with_corners) == jittered_steps and not any(with_corners)
+    assert len(with_corners) == 6 and not any(with_corners)
     assert sum(grad for grad, _ in calls) == 2 + 3 * 2  # init^1, init^2 + RAG 2 at positions (1, 3, 6)
 
 
@@ -128,7 +98,7 @@ def test_normaliser_counts_matched_queries():
     logits, boxes = torch.randn(2, 3, 1), torch.rand(2, 3, 4) * 40 + torch.tensor([0.0, 0.0, 50.0, 50.0])
     targets = [_target(5), _target(1)]
     losses = criterion([{"logits": logits, "boxes": boxes}], targets)
-    for name, value in criterion.single(logits, boxes, targets, num_matched=4.0).items():
+    for name, value in criterion.single({"logits": logits, "boxes": boxes}, targets, num_matched=4.0).items():
         assert losses[f"s0_{name}"].item() == pytest.approx(value.item(), rel=1e-6)
 
 

@@ -4,7 +4,7 @@ inference), the named ``DecoderInputs`` of ``initial_queries`` and the named ``S
 import pytest
 import torch
 
-from deqdet.modeling.meta_arch import DecoderInputs, decoder_outputs, query_targets
+from deqdet.modeling.outputs import DecoderInputs, decoder_outputs, query_targets
 from deqdet.modeling.query import (
     QUERY_DECODER_REGISTRY,
     AdaMixerDecoder,

@@ -65,7 +65,7 @@ def test_criterion_by_hand_with_an_empty_image():
     boxes = torch.tensor([[[0.0, 0.0, 5.0, 5.0], [10.0, 10.0, 30.0, 20.0]],
                           [[0.0, 0.0, 5.0, 5.0], [1.0, 1.0, 2.0, 2.0]]], requires_grad=True)
     targets = [_target([0], [12.0, 10.0, 30.0, 30.0]), _target([], [])]
-    losses = _criterion().single(logits, boxes, targets, num_matched=1.0)
+    losses = _criterion().single({"logits": logits, "boxes": boxes}, targets, num_matched=1.0)
     # L1 on normalised xyxy: |10-12|/100 + 0 + 0 + |20-30|/50 = 0.02 + 0.2
     assert losses["loss_l1"].item() == pytest.approx(5.0 * 0.22, rel=1e-5)
     # GIoU: intersection 18 x 10 = 180, union 200 + 360 - 180 = 380, enclosing 20 x 20 = 400
@@ -99,8 +99,8 @@ def test_losses_are_normalised_by_the_number_of_matched_queries():
     targets = [_target([0, 2], _random_boxes(2).tolist()), _target([1], _random_boxes(1).tolist())]
     criterion = _criterion()
     assert criterion.num_matched(targets, 4, "cpu") == 3.0
-    one = criterion.single(logits, boxes, targets, num_matched=1.0)
-    three = criterion.single(logits, boxes, targets, num_matched=3.0)
+    one = criterion.single({"logits": logits, "boxes": boxes}, targets, num_matched=1.0)
+    three = criterion.single({"logits": logits, "boxes": boxes}, targets, num_matched=3.0)
     for key in one:
         assert three[key].item() == pytest.approx(one[key].item() / 3.0, rel=1e-6)
 
@@ -140,7 +140,7 @@ def test_one_to_one_is_one_match_per_gt_and_one_to_many_normalises_by_its_matche
     assert SetCriterion.num_matched(targets, 4, "cpu", matches_per_gt=3) == 4.0 + 3.0
     two = SetCriterion(HungarianMatcher(**WEIGHTS, matches_per_gt=2), **WEIGHTS)
     losses = two([{"logits": logits, "boxes": boxes}], targets)
-    for name, value in two.single(logits, boxes, targets, num_matched=6.0).items():
+    for name, value in two.single({"logits": logits, "boxes": boxes}, targets, num_matched=6.0).items():
         torch.testing.assert_close(losses[f"s0_{name}"], value)
 
 

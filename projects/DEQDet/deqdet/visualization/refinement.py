@@ -27,7 +27,8 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from ..modeling.meta_arch import quality_logits, topk_detections
+from ..modeling.dense_query import quality_logits
+from ..modeling.outputs import topk_detections
 
 __all__ = ["default_steps", "render_refinement", "trace_refinement"]
 

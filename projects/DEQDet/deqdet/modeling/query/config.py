@@ -46,24 +46,13 @@ def add_query_config(cfg: CN) -> None:
     # Sigmoid focal loss / cost parameters.
     q.FOCAL_ALPHA = 0.25
     q.FOCAL_GAMMA = 2.0
-    # Classification target of a matched query: "one_hot" (the papers) or "iou" (the IoU of its box with
-    # the ground truth, with GFL's quality focal loss: refined boxes learn to score higher).
-    q.CLS_TARGET = "one_hot"
     # Queries matched to each ground truth in training: 1 is one-to-one matching (the papers); k > 1 is
     # one-to-many matching (H-DETR), which trains near-duplicates as positives, so use it with a test-time
     # NMS on the decoder's detections (MODEL.DENSE_QUERY.DECODER_NMS_THRESH).
     q.MATCHES_PER_GT = 1
-    # Queries that learn to regress their box: "matched" (the papers: the Hungarian-matched ones only) or
-    # "overlapping" (also every other query whose box overlaps a ground truth by IoU >= 0.5).
-    q.BOX_LOSS_QUERIES = "matched"
-    # Queries that are positives of the classification loss: "matched" (the papers) or "overlapping" (also
-    # every other query whose box overlaps a ground truth by IoU >= 0.5, with that object's class, as a
-    # Cascade R-CNN stage; use it with MODEL.DENSE_QUERY.DECODER_NMS_THRESH).
-    q.CLS_LOSS_QUERIES = "matched"
-    # Weight of a predicted-IoU (quality) branch in every decoder stage; 0: no branch (the papers). With
-    # a weight > 0 each stage also predicts the IoU of its refined box with its object, trained with a
-    # binary cross-entropy to that IoU on every query that overlaps an object (IoU >= 0.5) or is matched,
-    # and a detection scores sqrt(class score * predicted IoU), as IoU-aware RetinaNet.
+    # The combined detector's predicted-IoU branch: weight of its loss; 0: no branch (the papers). With a
+    # weight > 0 each decoder stage also predicts the IoU of its refined box with its object, and a
+    # detection scores sqrt(class score * predicted IoU), as IoU-aware RetinaNet (DenseQueryDetector only).
     q.QUALITY_WEIGHT = 0.0
 
     # DETR-style augmentation (deqdet.data.mapper.detr_augmentations): with probability PROB, before the final
