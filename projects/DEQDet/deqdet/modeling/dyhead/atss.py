@@ -214,7 +214,6 @@ class ATSS(DenseDetector):
         focal_loss_alpha: float,
         focal_loss_gamma: float,
         reg_loss_weight: float,
-        loss_normalizer_momentum: float = 0.0,
         test_score_thresh: float,
         test_topk_candidates: int,
         test_nms_thresh: float,
@@ -230,13 +229,6 @@ class ATSS(DenseDetector):
         self.focal_loss_alpha = focal_loss_alpha
         self.focal_loss_gamma = focal_loss_gamma
         self.reg_loss_weight = reg_loss_weight
-        if not 0.0 <= loss_normalizer_momentum < 1.0:
-            raise ValueError(
-                f"MODEL.ATSS.LOSS_NORMALIZER_MOMENTUM must be in [0, 1), got {loss_normalizer_momentum}"
-            )
-        self.loss_normalizer_momentum = loss_normalizer_momentum
-        if loss_normalizer_momentum > 0:  # moving averages of (#positives, sum of centerness targets)
-            self.register_buffer("loss_normalizers", torch.zeros(2))
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
@@ -265,7 +257,6 @@ class ATSS(DenseDetector):
             "focal_loss_alpha": a.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": a.FOCAL_LOSS_GAMMA,
             "reg_loss_weight": a.REG_LOSS_WEIGHT,
-            "loss_normalizer_momentum": a.LOSS_NORMALIZER_MOMENTUM,
             "test_score_thresh": a.INFERENCE_TH,
             "test_topk_candidates": a.PRE_NMS_TOP_N,
             "test_nms_thresh": a.NMS_TH,
@@ -296,16 +287,6 @@ class ATSS(DenseDetector):
             torch.cat(centerness, 1)[..., 0], gt_labels, gt_boxes,
         )
 
-    def _normalizer(self, index: int, value: float) -> float:
-        """The batch's loss normaliser ``value``, or (``loss_normalizer_momentum`` > 0, as Detectron2's
-        RetinaNet) its moving average, started at the first batch's value and kept in the checkpoint."""
-        if self.loss_normalizer_momentum == 0:
-            return value
-        m, old = self.loss_normalizer_momentum, self.loss_normalizers[index].item()
-        new = value if old == 0 else m * old + (1 - m) * value
-        self.loss_normalizers[index] = new
-        return new
-
     def losses(
         self, anchors: Tensor, logits: Tensor, deltas: Tensor, centerness: Tensor, gt_labels: Tensor,
         gt_boxes: Tensor,
@@ -313,7 +294,7 @@ class ATSS(DenseDetector):
         """anchors (R, 4); logits (N, R, K); deltas (N, R, 4); centerness (N, R); gt_labels (N, R);
         gt_boxes (N, R, 4)."""
         positive = gt_labels != self.num_classes
-        num_pos = self._normalizer(0, max(_mean_over_processes(positive.sum().float()), 1.0))
+        num_pos = max(_mean_over_processes(positive.sum().float()), 1.0)
         get_event_storage().put_scalar("num_pos_anchors", positive.sum().item() / len(gt_labels))
         targets = F.one_hot(gt_labels, self.num_classes + 1)[..., :-1].to(logits.dtype)
         loss_cls = sigmoid_focal_loss_jit(
@@ -323,7 +304,7 @@ class ATSS(DenseDetector):
         pos_anchors = anchors.expand_as(gt_boxes)[positive]
         pos_boxes = gt_boxes[positive]
         ctr_targets = centerness_targets(pos_anchors, pos_boxes)
-        ctr_sum = self._normalizer(1, max(_mean_over_processes(ctr_targets.sum()), 1e-6))
+        ctr_sum = max(_mean_over_processes(ctr_targets.sum()), 1e-6)
         pred_boxes = self.box2box_transform.apply_deltas(deltas[positive], pos_anchors)
         # torchvision's GIoU loss is fvcore's without its box-order assertion: diverged (NaN) boxes
         # give a NaN loss that the trainer reports by name, not an AssertionError.

@@ -59,9 +59,6 @@ def add_dyhead_config(cfg: CN) -> CN:
     cfg.MODEL.ATSS.FOCAL_LOSS_ALPHA = 0.25
     # Weight of the GIoU box loss.
     cfg.MODEL.ATSS.REG_LOSS_WEIGHT = 2.0
-    # 0: divide the losses by this batch's number of positives (and sum of centerness targets), as the
-    # official ATSS; m > 0: by their moving average with momentum m, as Detectron2's RetinaNet (0.9).
-    cfg.MODEL.ATSS.LOSS_NORMALIZER_MOMENTUM = 0.0
     # Inference: score threshold on the class probability, candidates per level, NMS IoU.
     cfg.MODEL.ATSS.INFERENCE_TH = 0.05
     cfg.MODEL.ATSS.PRE_NMS_TOP_N = 1000
