@@ -1,8 +1,7 @@
-"""CPU speed options of the shapes recipes: the narrow ResNet's stems (MODEL.RESNETS.STEM_TYPE) and
-channels-last training (MODEL.CHANNELS_LAST), which must not change what is computed."""
+"""The narrow ResNet of the shapes recipes, and channels-last training (MODEL.CHANNELS_LAST), which must
+not change what is computed."""
 
 
-import pytest
 import torch
 from detectron2.modeling import build_backbone
 from detectron2.utils.events import EventStorage
@@ -13,9 +12,8 @@ from tests.helpers import config_file
 DEMO = config_file("shapes", "retinanet_demo.yaml")
 
 
-@pytest.mark.parametrize("stem", ["basic", "patch"])
-def test_widths_and_strides(stem):
-    cfg = build_config(DEMO, ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.STEM_TYPE", stem,
+def test_widths_and_strides():
+    cfg = build_config(DEMO, ["MODEL.DEVICE", "cpu",
                               "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']"])
     bottom_up = build_backbone(cfg).bottom_up
     out = bottom_up(torch.zeros(2, 3, 64, 96))
@@ -24,27 +22,8 @@ def test_widths_and_strides(stem):
     assert bottom_up.stem.stride == 4 and bottom_up.stem.out_channels == 32
 
 
-def test_patch_stem_sees_only_its_own_patch():
-    """Each stride-4 output position depends on exactly its 4x4 input patch (no overlap, no pooling)."""
-    cfg = build_config(DEMO, ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.STEM_TYPE", "patch"])
-    stem = build_backbone(cfg).bottom_up.stem.eval()
-    x = torch.zeros(1, 3, 16, 16, requires_grad=True)
-    stem.conv1.norm.bias.data.fill_(1.0)  # keep the ReLU open so that gradients flow
-    stem(x)[0, :, 1, 2].sum().backward()
-    touched = x.grad.abs().sum(0).sum(0) > 0
-    expected = torch.zeros(16, 16, dtype=torch.bool)
-    expected[4:8, 8:12] = True
-    assert torch.equal(touched, expected)
-
-
-def test_unknown_stem_is_named():
-    cfg = build_config(DEMO, ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.STEM_TYPE", "hexagon"])
-    with pytest.raises(ValueError, match="MODEL.RESNETS.STEM_TYPE.*hexagon"):
-        build_backbone(cfg)
-
-
 def test_channels_last_trains_the_same_model():
-    cfg = build_config(DEMO, ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.STEM_TYPE", "patch"])
+    cfg = build_config(DEMO, ["MODEL.DEVICE", "cpu"])
     torch.manual_seed(0)
     plain = Trainer.build_model(cfg)
     cfg.defrost()

@@ -3,7 +3,6 @@
 import torch
 from detectron2.config import CfgNode as CN
 
-from .modeling.backbone import add_basic_resnet_config
 from .modeling.dense_query.config import add_dense_query_config
 from .modeling.deq.config import add_deqdet_decoder_config
 from .modeling.dyhead.config import add_dyhead_config
@@ -49,7 +48,6 @@ def add_deqdet_config(cfg: CN) -> CN:
     # COCO-format datasets to register before DATASETS.TRAIN / TEST are used, each
     # "NAME=JSON_FILE[:IMAGE_ROOT]" (IMAGE_ROOT defaults to the JSON file's folder); see docs/own_data.md.
     cfg.DATASETS.COCO_FILES = ()
-    add_basic_resnet_config(cfg)  # MODEL.RESNETS.STEM_TYPE (the narrow ResNets)
     add_query_config(cfg)  # MODEL.QUERY, INPUT.DETR_CROP (query-based detector)
     add_dyhead_config(cfg)  # MODEL.DYHEAD, MODEL.ATSS
     add_deqdet_decoder_config(cfg)  # MODEL.DEQDET (the equilibrium decoder)

@@ -8,15 +8,9 @@ Detectron2's ``build_resnet_backbone`` builds ResNet-18/34 (``BasicBlock``) only
 width (``RES2_OUT_CHANNELS == 64``). These builders take the width from
 ``MODEL.RESNETS.STEM_OUT_CHANNELS`` and ``MODEL.RESNETS.RES2_OUT_CHANNELS`` (doubling per stage)
 and otherwise use Detectron2's own ``ResNet``, ``BasicStem``, ``BasicBlock`` and ``FPN``.
-
-``MODEL.RESNETS.STEM_TYPE`` (added by :func:`add_basic_resnet_config`) picks the stem: ``"basic"``
-(Detectron2's 7x7 stride-2 conv + 3x3 stride-2 max-pool) or ``"patch"`` (one 4x4 stride-4 conv, as
-ConvNeXt's stem; same stride 4 and width, about 10% less training time of the whole backbone + FPN on
-a CPU, where the 7x7 conv on 3 channels and the max-pool are slow).
 """
 
-import torch.nn.functional as F
-from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet, build_resnet_backbone
@@ -24,8 +18,6 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet, b
 from .norm import PROJECT_NORMS, resolve_norm
 
 __all__ = [
-    "PatchStem",
-    "add_basic_resnet_config",
     "build_basic_resnet_backbone",
     "build_basic_resnet_fpn_backbone",
     "build_resnet_backbone_project_norm",
@@ -34,27 +26,6 @@ __all__ = [
 ]
 
 _BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
-
-
-def add_basic_resnet_config(cfg):
-    """``MODEL.RESNETS.STEM_TYPE``: "basic" | "patch" (read only by the builders of this module)."""
-    cfg.MODEL.RESNETS.STEM_TYPE = "basic"
-
-
-class PatchStem(CNNBlockBase):
-    """(N, C_in, H, W) -> (N, C_out, H/4, W/4): a 4x4 stride-4 conv, norm, ReLU."""
-
-    def __init__(self, in_channels: int = 3, out_channels: int = 64, norm: str = "BN"):
-        super().__init__(in_channels, out_channels, 4)
-        self.conv1 = Conv2d(
-            in_channels, out_channels, 4, stride=4, bias=False, norm=get_norm(norm, out_channels)
-        )
-
-    def forward(self, x):
-        return F.relu_(self.conv1(x))
-
-
-_STEMS = {"basic": BasicStem, "patch": PatchStem}
 
 
 @BACKBONE_REGISTRY.register()
@@ -78,10 +49,8 @@ def build_basic_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
     r = cfg.MODEL.RESNETS
     if r.DEPTH not in _BLOCKS_PER_STAGE:
         raise ValueError(f"build_basic_resnet_backbone: MODEL.RESNETS.DEPTH must be 18 or 34, got {r.DEPTH}")
-    if r.STEM_TYPE not in _STEMS:
-        raise ValueError(f"MODEL.RESNETS.STEM_TYPE must be one of {sorted(_STEMS)}, got {r.STEM_TYPE!r}")
     norm = resolve_norm(r.NORM)
-    stem = _STEMS[r.STEM_TYPE](input_shape.channels, r.STEM_OUT_CHANNELS, norm)
+    stem = BasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, norm)
     stages = []
     in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
     for idx, num_blocks in enumerate(_BLOCKS_PER_STAGE[r.DEPTH]):
