@@ -76,7 +76,6 @@ def _wrap(cfg, bottom_up: Backbone, top_block) -> DyHead:
         d.CHANNELS,
         size_divisibility=d.SIZE_DIVISIBILITY,
         coarse_offsets=d.COARSE_OFFSETS,
-        dcn_impl=d.DCN_IMPL,
         task_attention=d.TASK_ATTENTION,
         zero_init_offset=d.ZERO_INIT_OFFSET,
         identity_init=d.IDENTITY_INIT,

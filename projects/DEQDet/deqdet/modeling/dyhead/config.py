@@ -16,10 +16,6 @@ def add_dyhead_config(cfg: CN) -> CN:
     # coarse positions) or "official" (microsoft/DynamicHead's kernel memory reinterpretation; use it
     # to run their released weights as trained).
     cfg.MODEL.DYHEAD.COARSE_OFFSETS = "aligned"
-    # Deformable conv implementation: "sampling" (a weighted gather + a 3x3 conv, faster on CPU),
-    # "torchvision" (torchvision.ops.deform_conv2d, faster and half the training activations on CUDA) or
-    # "auto" (torchvision on CUDA, sampling otherwise). Same outputs up to float rounding.
-    cfg.MODEL.DYHEAD.DCN_IMPL = "auto"
     # Apply the task-aware attention (DyReLU) in the blocks. False for the paper's two-stage form,
     # where the box head (ROI_BOX_HEAD.NAME "DyHeadBoxHead") applies it to the pooled features.
     cfg.MODEL.DYHEAD.TASK_ATTENTION = True

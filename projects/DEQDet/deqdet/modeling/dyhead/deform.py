@@ -1,6 +1,6 @@
 """Modulated deformable 3x3 convolution (DCNv2) without a compiled extension.
 
-Two interchangeable implementations of the same function, selected by ``MODEL.DYHEAD.DCN_IMPL``:
+Two interchangeable implementations of the same function, selected by its ``impl`` argument:
 
 * ``"torchvision"``: :func:`torchvision.ops.deform_conv2d` (CPU and CUDA kernels).
 * ``"sampling"``: the same sum written with PyTorch ops: each deformed tap is a bag of its 4
@@ -9,9 +9,10 @@ Two interchangeable implementations of the same function, selected by ``MODEL.DY
   weighted gather) into a (3 Ho, 3 Wo) image of 3x3 patches, then a plain 3x3 convolution of stride
   3 with the kernel. About twice as fast as torchvision's kernel on CPU; same output up to float
   rounding (tests compare the two, values and gradients).
-* ``"auto"`` (the default): ``"torchvision"`` for CUDA inputs, ``"sampling"`` otherwise. On an H100
-  torchvision's kernel ran ATSS + 6 DyHead blocks 2.6x faster at inference and kept half the training
-  activations (benchmarks/results/bench_cuda_800x1333.md); on CPU the sampling form is the faster.
+* ``"auto"`` (what the DyHead blocks run): ``"torchvision"`` for CUDA inputs, ``"sampling"``
+  otherwise. On an H100 torchvision's kernel ran ATSS + 6 DyHead blocks 2.6x faster at inference and
+  kept half the training activations (benchmarks/results/bench_cuda_800x1333.md); on CPU the sampling
+  form is the faster.
 
 Both take offsets laid out as DCNv2 does: channel ``2k`` is the y offset and ``2k + 1`` the x offset
 of tap ``k = 3 i + j`` (row-major over the 3x3 kernel), in pixels of the input.
@@ -85,7 +86,7 @@ def resolve_dcn_impl(impl: str, x: Tensor) -> str:
     """``impl`` (one of :data:`DCN_IMPLS`) -> the implementation that runs on ``x``: ``"auto"`` is
     ``"torchvision"`` on CUDA, ``"sampling"`` elsewhere."""
     if impl not in DCN_IMPLS:
-        raise ValueError(f"MODEL.DYHEAD.DCN_IMPL must be one of {DCN_IMPLS}, got {impl!r}")
+        raise ValueError(f"deformable conv: impl must be one of {DCN_IMPLS}, got {impl!r}")
     if impl == "auto":
         return "torchvision" if x.is_cuda else "sampling"
     return impl

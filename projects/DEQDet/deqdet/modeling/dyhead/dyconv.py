@@ -104,7 +104,9 @@ class DyConv(nn.Module):
     ``hsigmoid(relu(conv1x1(avgpool(t))))`` in [0.5, 1], the weighted terms are averaged, and the
     task-aware :class:`DyReLU` is applied (unless ``task_attention`` is False: the paper's
     two-stage form moves it into the box head). The offset conv is initialised as PyTorch's default
-    (as microsoft/DynamicHead) or, with ``zero_init_offset``, to zero (as mmdetection).
+    (as microsoft/DynamicHead) or, with ``zero_init_offset``, to zero (as mmdetection). The deformable
+    convs run ``dcn_impl`` (:func:`resolve_dcn_impl`): by default ``"auto"``, torchvision's kernel on
+    CUDA and the gather-based sampling form otherwise (the same function up to float rounding).
 
     With ``identity_init`` the block is residual, ``F_l + gamma * block(F)_l`` with a per-channel
     ``gamma`` (``residual_scale``, shape (C,)) initialised to zero: it starts as the identity and the
@@ -129,7 +131,7 @@ class DyConv(nn.Module):
                 f"MODEL.DYHEAD.COARSE_OFFSETS must be one of {COARSE_OFFSET_MODES}, got {coarse_offsets!r}"
             )
         if dcn_impl not in DCN_IMPLS:
-            raise ValueError(f"MODEL.DYHEAD.DCN_IMPL must be one of {DCN_IMPLS}, got {dcn_impl!r}")
+            raise ValueError(f"DyConv: dcn_impl must be one of {DCN_IMPLS}, got {dcn_impl!r}")
         if in_channels != out_channels:
             raise ValueError(f"DyHead: the block mixes levels and input, so in ({in_channels}) must equal "
                              f"out ({out_channels}) channels; set MODEL.DYHEAD.CHANNELS = "
