@@ -29,8 +29,6 @@ def add_deqdet_config(cfg: CN) -> CN:
 
     # Optimizer built by deqdet.optim.build_optimizer: "SGD" (Detectron2's) or "AdamW".
     cfg.SOLVER.OPTIMIZER = "SGD"
-    # AdamW betas (ignored by SGD).
-    cfg.SOLVER.BETAS = (0.9, 0.999)
     # How the optimizer's update runs, the same update either way: "" (PyTorch's default: a loop over the
     # parameters on the CPU, multi-tensor "foreach" kernels on GPUs), "foreach", or "fused" (one fused
     # kernel; CPU and CUDA). "foreach" / "fused" also clip with foreach kernels under CLIP_TYPE full_model.

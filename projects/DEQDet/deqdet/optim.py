@@ -134,8 +134,8 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
         optimizer_cls = torch.optim.SGD
         kwargs = {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}
     elif name == "AdamW":
-        optimizer_cls = torch.optim.AdamW
-        kwargs = {"betas": tuple(cfg.SOLVER.BETAS)}
+        optimizer_cls = torch.optim.AdamW  # PyTorch's default betas (0.9, 0.999), as AdaMixer / DEQDet
+        kwargs = {}
     else:
         raise ValueError(f"SOLVER.OPTIMIZER must be 'SGD' or 'AdamW', got {name!r}")
     impl = cfg.SOLVER.OPTIMIZER_IMPL
