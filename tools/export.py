@@ -16,8 +16,8 @@ the expected one. ``{output}.json`` names the input and outputs and holds the cl
 training data; ``deqdet.export.load(path)`` reads both, resizes an image as at test time and returns
 named fields. A DEQ decoder is exported with a fixed number of refinement steps:
 ``MODEL.DEQDET.TOL`` is set to 0, so it always runs ``MAX_ITERS`` + 1 steps (the per-image early
-stop is data-dependent control flow, which tracing cannot keep). Likewise a ``DenseQueryDetector`` with
-``QUERY_INIT dense_topk`` keeps the sample's number of dense boxes after NMS (normally ``NUM_QUERIES``).
+stop is data-dependent control flow, which tracing cannot keep). Likewise a ``DenseQueryDetector``
+keeps the sample's number of dense boxes after NMS (normally ``NUM_QUERIES``).
 
 Writes ``{output}.ts`` (``torch.jit.load``), ``{output}.onnx`` when ONNX export succeeds (needs
 ``pip install .[export]``: onnx, and onnxruntime to check it), ``{output}.json``, and prints the

@@ -1,6 +1,6 @@
 """``TEST.AUTOCAST``: inference under ``torch.autocast`` (bfloat16 or float16), detections returned in
 float32. On CPUs with AVX512-BF16 or AMX and on GPUs this roughly halves the time of the matrix
-products and convolutions (benchmarks/results/bench.md); boxes and scores move by the rounding of
+products and convolutions (the speed suite, `make bench`); boxes and scores move by the rounding of
 16-bit arithmetic."""
 
 from __future__ import annotations

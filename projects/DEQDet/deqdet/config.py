@@ -33,8 +33,7 @@ def add_deqdet_config(cfg: CN) -> CN:
     # parameters on the CPU, multi-tensor "foreach" kernels on GPUs), "foreach", or "fused" (one fused
     # kernel; CPU and CUDA). "foreach" / "fused" also clip with foreach kernels under CLIP_TYPE full_model.
     # "fused" with SOLVER.AMP and gradient clipping is refused (the fused step takes scaled gradients).
-    # On 2 CPU cores "fused" takes the demo's optimizer step from 21.5 to 10.6 ms
-    # (benchmarks/results/train_step_parts_optimizer_impl.md).
+    # On 2 CPU cores "fused" halves the demo's optimizer step.
     cfg.SOLVER.OPTIMIZER_IMPL = ""
     # Learning-rate / weight-decay multipliers by parameter name (deqdet.optim): a list of
     # (regex, lr_mult, decay_mult); a parameter takes the first rule whose regex re.search-es its name in

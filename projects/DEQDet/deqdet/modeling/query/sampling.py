@@ -103,7 +103,7 @@ def sample_3d(
             :class:`~deqdet.modeling.query.neck.ChannelMapper` returns) are read, when no gradient
             is needed (inference, DEQDet's no-grad refinement steps), by one weighted gather per
             level; otherwise by one ``grid_sample`` per level. Both give the same values and
-            gradients up to float rounding (benchmarks/results/speedups.md).
+            gradients up to float rounding.
         strides: L strides.
         num_groups: G; group ``g`` reads channels ``g * C / G .. (g + 1) * C / G - 1``.
 
