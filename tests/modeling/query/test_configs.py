@@ -10,7 +10,8 @@ from detectron2.data import detection_utils as utils
 from detectron2.modeling import build_model
 from PIL import Image
 
-from deqdet.data.mapper import build_train_mapper
+from deqdet.data import mapper
+from deqdet.data.mapper import build_train_mapper, detr_augmentations
 from deqdet.engine import build_config
 from deqdet.optim import build_optimizer
 from tests.helpers import ROOT, config_file
@@ -33,18 +34,23 @@ def test_config_builds(config, queries, stages, extra):
     assert model.neck.strides == [4, 8, 16, 32]
 
 
-def test_detr_mapper_crops_then_resizes(tmp_path):
+def test_detr_mapper_crops_then_resizes(tmp_path, monkeypatch):
     image = np.zeros((300, 400, 3), dtype=np.uint8)
     path = tmp_path / "im.png"
     Image.fromarray(image).save(path)
     record = {"file_name": str(path), "height": 300, "width": 400, "image_id": 0,
               "annotations": [{"bbox": [100.0, 100.0, 250.0, 200.0], "bbox_mode": 0, "category_id": 1}]}
-    base = ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TRAIN", "(160, 192)", "INPUT.MAX_SIZE_TRAIN", "1000",
-            "INPUT.DETR_CROP.ENABLED", "True", "INPUT.DETR_CROP.RESIZE_SIZES", "(240,)",
-            "INPUT.DETR_CROP.CROP_SIZE", "(100, 150)"]
-    config = config_file("shapes", "adamixer_r18.yaml")
-    always = build_train_mapper(build_config(config, base + ["INPUT.DETR_CROP.PROB", "1.0"]))
-    never = build_train_mapper(build_config(config, base + ["INPUT.DETR_CROP.PROB", "0.0"]))
+    cfg = build_config(config_file("shapes", "adamixer_r18.yaml"), [
+        "MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TRAIN", "(160, 192)", "INPUT.MAX_SIZE_TRAIN", "1000",
+        "INPUT.DETR_CROP.ENABLED", "True"])
+    _, crop, _ = detr_augmentations(cfg)  # DETR's recipe: p 0.5, shortest edge 400-600, crop sides 384-600
+    resize, random_crop = crop.aug.augs
+    assert (crop.prob, resize.short_edge_length, resize.max_size) == (0.5, (400, 500, 600), 1000)
+    assert (random_crop.crop_type, random_crop.crop_size) == ("absolute_range", (384, 600))
+    monkeypatch.setattr(mapper, "DETR_CROP_PROB", 1.0)
+    always = build_train_mapper(cfg)
+    monkeypatch.setattr(mapper, "DETR_CROP_PROB", 0.0)
+    never = build_train_mapper(cfg)
     utils.check_image_size(record, image)
     aspects = set()
     for seed in range(6):
@@ -63,7 +69,7 @@ def test_detr_mapper_crops_then_resizes(tmp_path):
         mirrored = torch.stack([out_w - box[2], box[1], out_w - box[0], box[3]])
         got = out["instances"].gt_boxes.tensor[0]
         assert torch.allclose(got, box, atol=1e-3) or torch.allclose(got, mirrored, atol=1e-3), got
-    assert len(aspects) > 1  # crops of 100-150 px per side change the aspect ratio
+    assert len(aspects) > 1  # crops of 384-600 px per side change the aspect ratio
 
 
 def test_param_group_rules_first_match_wins():

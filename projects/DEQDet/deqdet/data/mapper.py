@@ -45,18 +45,24 @@ class CheckedDatasetMapper(DatasetMapper):
         return None
 
 
+# The DETR crop, a fixed recipe as DETR / AdaMixer: probability, shortest edges, crop height and width range.
+DETR_CROP_PROB = 0.5
+DETR_CROP_RESIZE_SIZES = (400, 500, 600)
+DETR_CROP_SIZE = (384, 600)
+
+
 def detr_augmentations(cfg) -> List[T.Augmentation]:
-    """DETR-style training augmentation: horizontal flip; with probability ``INPUT.DETR_CROP.PROB``
-    a resize of the shortest edge to one of ``RESIZE_SIZES`` and a random ``absolute_range`` crop of
-    ``CROP_SIZE``; then the multi-scale resize of ``INPUT.MIN_SIZE_TRAIN`` / ``MAX_SIZE_TRAIN``."""
-    c = cfg.INPUT.DETR_CROP
+    """DETR-style training augmentation: horizontal flip; with probability :data:`DETR_CROP_PROB` a
+    resize of the shortest edge to one of :data:`DETR_CROP_RESIZE_SIZES` and a random crop with height
+    and width each in :data:`DETR_CROP_SIZE`; then the multi-scale resize of ``INPUT.MIN_SIZE_TRAIN`` /
+    ``MAX_SIZE_TRAIN``."""
     crop = T.AugmentationList([
-        T.ResizeShortestEdge(c.RESIZE_SIZES, cfg.INPUT.MAX_SIZE_TRAIN, sample_style="choice"),
-        T.RandomCrop("absolute_range", c.CROP_SIZE),
+        T.ResizeShortestEdge(DETR_CROP_RESIZE_SIZES, cfg.INPUT.MAX_SIZE_TRAIN, sample_style="choice"),
+        T.RandomCrop("absolute_range", DETR_CROP_SIZE),
     ])
     return [
         T.RandomFlip(horizontal=True),
-        T.RandomApply(crop, prob=c.PROB),
+        T.RandomApply(crop, prob=DETR_CROP_PROB),
         T.ResizeShortestEdge(
             cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
         ),

@@ -55,11 +55,8 @@ def add_query_config(cfg: CN) -> None:
     # detection scores sqrt(class score * predicted IoU), as IoU-aware RetinaNet (DenseQueryDetector only).
     q.QUALITY_WEIGHT = 0.0
 
-    # DETR-style augmentation (deqdet.data.mapper.detr_augmentations): with probability PROB, before the final
-    # INPUT.MIN_SIZE_TRAIN resize, resize the shortest edge to one of RESIZE_SIZES and crop a random
-    # region of CROP_SIZE (absolute_range: height and width each in [min, max]).
+    # DETR-style augmentation (deqdet.data.mapper.detr_augmentations, the recipe of DETR and AdaMixer): with
+    # probability 0.5, before the final INPUT.MIN_SIZE_TRAIN resize, resize the shortest edge to one of
+    # (400, 500, 600) and crop a random region with height and width each in [384, 600].
     cfg.INPUT.DETR_CROP = CN()
     cfg.INPUT.DETR_CROP.ENABLED = False
-    cfg.INPUT.DETR_CROP.PROB = 0.5
-    cfg.INPUT.DETR_CROP.RESIZE_SIZES = (400, 500, 600)
-    cfg.INPUT.DETR_CROP.CROP_SIZE = (384, 600)
