@@ -75,8 +75,7 @@ def test_cache_replays_with_new_inputs_and_records_per_shape():
 
 
 @cuda
-@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
-def test_graphed_deq_inference_equals_eager(solver, monkeypatch):
+def test_graphed_deq_inference_equals_eager(monkeypatch):
     recordings, record = [], torch.cuda.graph
 
     def counted_record(*args, **kwargs):
@@ -84,7 +83,7 @@ def test_graphed_deq_inference_equals_eager(solver, monkeypatch):
         return record(*args, **kwargs)
 
     monkeypatch.setattr(torch.cuda, "graph", counted_record)
-    opts = ["MODEL.DEVICE", "cuda", "MODEL.DEQDET.MAX_ITERS", "5", "MODEL.DEQDET.SOLVER", solver]
+    opts = ["MODEL.DEVICE", "cuda", "MODEL.DEQDET.MAX_ITERS", "5"]
     eager = jiggled(tiny_model(*opts)).eval()
     graphed = tiny_model(*opts, "MODEL.DEQDET.CUDA_GRAPH", "True").eval()
     graphed.load_state_dict(eager.state_dict())

@@ -2,7 +2,6 @@
 RAP, inference schedule, tolerance, compiled inference steps, non-finite guard, config errors."""
 
 import logging
-import math
 import os
 
 import pytest
@@ -11,7 +10,7 @@ from torch._dynamo.utils import counters
 
 from deqdet.engine import build_config
 from deqdet.memory import SavedTensorMeter
-from deqdet.modeling.deq.perturb import RefinementPerturbation, encode_jittered_xyxy
+from deqdet.modeling.deq.perturb import RefinementPerturbation
 from deqdet.modeling.query.boxes import xyxy_to_xyzr
 from tests.helpers import NO_RAP, ROOT, config_file, jiggled, synthetic_batch, tiny_model
 
@@ -144,9 +143,6 @@ def test_rap_formulas():
     eps = torch.randn_like(content)
     torch.testing.assert_close(out_c, 0.9 * content + 0.1 * content.norm(dim=-1, keepdim=True) * eps)
     assert torch.equal(out_b, xyzr) and iof_boxes is None
-    # Flipped or empty boxes after jitter are re-encoded with |w|, |h| >= 1 pixel.
-    flipped = encode_jittered_xyxy(torch.tensor([[30.0, 40.0, 10.0, 40.0]]))  # w = |10 - 30|, h = 0 -> 1
-    torch.testing.assert_close(flipped, torch.tensor([[20.0, 40.0, 0.5 * math.log2(20.0), -math.log2(20.0)]]))
 
 
 def _count_calls(module):
@@ -212,9 +208,8 @@ def test_compiled_stage_equals_the_plain_stage():
     assert dict(counters["frames"]) == frames and all(torch.isfinite(v) for v in losses.values())
 
 
-@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
-def test_tolerance_stops_each_image_early(solver):
-    model = tiny_model("MODEL.DEQDET.MAX_ITERS", "20", "MODEL.DEQDET.SOLVER", solver).eval()
+def test_tolerance_stops_each_image_early():
+    model = tiny_model("MODEL.DEQDET.MAX_ITERS", "20").eval()
     batch = synthetic_batch(2)
     with torch.no_grad():
         full = model(batch)
@@ -260,7 +255,6 @@ def test_non_finite_state_stops_with_the_last_finite_state(caplog):
     [
         (["MODEL.DEQDET.SUPERVISION_POSITIONS", "(1, 7)"], "SUPERVISION_POSITIONS"),
         (["MODEL.DEQDET.RAG", "-1"], "RAG"),
-        (["MODEL.DEQDET.SOLVER", "'broyden'"], "SOLVER"),
         (["MODEL.DEQDET.TOL", "-0.01"], "TOL"),  # the solver loops trust the decoder's checks
         (["MODEL.DEQDET.MAX_ITERS", "-1"], "MAX_ITERS"),
         (["MODEL.DEQDET.TEST_OUTPUT", "'first'"], "TEST_OUTPUT"),
@@ -270,16 +264,6 @@ def test_non_finite_state_stops_with_the_last_finite_state(caplog):
 def test_bad_config_names_the_key(opts, key):
     with pytest.raises(ValueError, match=key):
         tiny_model(*opts)
-
-
-def test_without_init_supervision_the_init_stage_is_frozen_and_rag0_trains():
-    model = tiny_model(*NO_RAP, "MODEL.DEQDET.INIT_SUPERVISION", "False", "MODEL.DEQDET.RAG", "0")
-    losses = model(synthetic_batch())
-    assert not any(k.startswith("init") for k in losses)
-    sum(losses.values()).backward()
-    assert all(p.grad is None for p in model.decoder.init_stage.parameters())
-    assert model.decoder.refine_stage.fc_cls.weight.grad.abs().sum() > 0
-    assert model.backbone.stem.conv1.weight.grad.abs().sum() > 0  # the stash reaches the backbone
 
 
 @pytest.mark.parametrize(
@@ -305,8 +289,9 @@ def test_deqdet_configs(config, queries, crop):
         assert [tuple(rule) for rule in cfg.SOLVER.PARAM_GROUP_RULES] == [(r"^decoder\.", 4.0, 10.0)]
 
 
-def test_solvers_on_a_linear_contraction():
-    """z = A z + b with ||A|| = 0.9: both solvers reach the exact fixed point; Anderson in fewer steps."""
+def test_solver_on_a_linear_contraction():
+    """z = A z + b with ||A|| = 0.9: the iteration reaches the exact fixed point, and its recorded
+    residual ends under the tolerance, and only there."""
     from deqdet.modeling.deq.solver import solve
 
     g = torch.Generator().manual_seed(0)
@@ -318,13 +303,9 @@ def test_solvers_on_a_linear_contraction():
     def f(z, index):
         return z @ a.T + b[index]
 
-    plain = solve(f, b.clone(), tol=1e-6, max_iters=400)
-    anderson = solve(f, b.clone(), tol=1e-6, max_iters=400, method="anderson", anderson_window=8)
-    for result in (plain, anderson):
-        torch.testing.assert_close(result.state, exact, rtol=1e-4, atol=1e-4)
-        assert (result.iterations < 400).all()
-    assert (anderson.iterations < plain.iterations // 4).all(), (anderson.iterations, plain.iterations)
-    for result in (plain, anderson):  # the recorded residual ends under the tolerance, and only there
-        for i, k in enumerate(result.iterations.tolist()):
-            r = result.residuals[i]
-            assert r[k - 1] < 1e-6 <= r[: k - 1].min() and torch.isnan(r[k:]).all()
+    result = solve(f, b.clone(), tol=1e-6, max_iters=400)
+    torch.testing.assert_close(result.state, exact, rtol=1e-4, atol=1e-4)
+    assert (result.iterations < 400).all()
+    for i, k in enumerate(result.iterations.tolist()):
+        r = result.residuals[i]
+        assert r[k - 1] < 1e-6 <= r[: k - 1].min() and torch.isnan(r[k:]).all()

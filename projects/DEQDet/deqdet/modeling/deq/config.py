@@ -16,24 +16,16 @@ def add_deqdet_decoder_config(cfg: CN) -> None:
     # Refinement-aware gradient: applications of f WITH gradient in each supervised segment, from the
     # no-grad state. 0 = the plain one-step gradient: the position's own step is recomputed with gradient.
     d.RAG = 2
-    # Supervise the init stage's prediction (False: the init stage is frozen, it gets no gradient).
-    d.INIT_SUPERVISION = True
     # Extra supervised applications of f after the init stage (their gradient reaches the init stage).
     d.EXTRA_INIT_SUPERVISIONS = 2
     # Refinement-aware perturbation before each no-grad step: with PERTURB_CONTENT_PROB the content q
     # becomes (1 - I) q + I ||q|| eps (I = PERTURB_CONTENT_INTENSITY); with PERTURB_POSITION_PROB the
-    # box corners (xyxy pixels) move by PERTURB_POSITION_INTENSITY * eps and are re-encoded. eps ~ N(0, 1).
+    # box corners (xyxy pixels) move by PERTURB_POSITION_INTENSITY * eps and are re-encoded with |w|, |h|,
+    # the step's IoF attention bias using the raw corners (as MCG-NJU/DEQDet). eps ~ N(0, 1).
     d.PERTURB_CONTENT_PROB = 0.2
     d.PERTURB_CONTENT_INTENSITY = 0.1
     d.PERTURB_POSITION_PROB = 0.2
     d.PERTURB_POSITION_INTENSITY = 25.0
-    # What the step after a box jitter sees (the corners may cross): "official" (MCG-NJU/DEQDet) encodes
-    # |w|, |h| and computes the IoF attention bias from the raw corners (a crossed box overlaps nothing);
-    # "clamped" encodes |w|, |h| of at least 1 px and computes the bias from that box.
-    d.PERTURB_POSITION_MODE = "official"
-    # The unit of PERTURB_POSITION_INTENSITY: "pixels" (official: every corner moves by the same amount
-    # whatever its box's size) or "box" (each corner by that much times its box's width or height).
-    d.PERTURB_POSITION_UNIT = "pixels"
     # Memory-lean training: backpropagate every supervised segment (the init stage, the applications of f
     # after it, each position's RAG steps) inside the forward through detached features and queries and
     # stash the gradients: the decoder's activation memory is that of its largest segment, whatever the
@@ -50,10 +42,6 @@ def add_deqdet_decoder_config(cfg: CN) -> None:
     d.TOL = 0.0
     # At most MAX_ITERS iterations before that output application (official: 20, i.e. 20 + 1 steps).
     d.MAX_ITERS = 20
-    # Fixed-point solver of the inference iterations: "fixed_point" (plain z_k+1 = f(z_k)) or "anderson".
-    d.SOLVER = "fixed_point"
-    # Anderson acceleration: number of past iterates mixed.
-    d.ANDERSON_WINDOW = 5
     # Run the inference applications of the refinement stage through torch.compile (opt-in). The first
     # inference compiles (once more when the input shape first changes, then shape-generic); the
     # compile time and the speed-up are in benchmarks/results/speed_and_memory.md.

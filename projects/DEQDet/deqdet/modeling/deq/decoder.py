@@ -13,8 +13,8 @@ Training (:meth:`DEQDecoder.losses`, the official recipe; all of it under ``MODE
             loss += L(f^RAG(z))                       #   RAG applications of f WITH gradient
                                                       #   (RAG = 0: L(f(z_in)), the one-step gradient)
 
-RAP may hand the step the jittered box corners for its IoF attention bias (``PERTURB_POSITION_MODE``
-"official", :class:`.perturb.RefinementPerturbation`). With ``GRAD_STASH`` each segment (the
+RAP hands the step the jittered box corners for its IoF attention bias
+(:class:`.perturb.RefinementPerturbation`). With ``GRAD_STASH`` each segment (the
 init stage, its supervised applications of f, each ``L(f^RAG(z))``) is backpropagated at once through
 detached features and queries (:mod:`.stash`).
 Inference (:meth:`DEQDecoder.forward`): the init stage, then :func:`.solver.solve` for at most
@@ -35,7 +35,7 @@ from ..query.decoder import QUERY_DECODER_REGISTRY, LossFn, QueryDecoder, stage_
 from ..query.stage import AdaMixerStage, StageOutput
 from .graphs import CUDAGraphCache
 from .perturb import RefinementPerturbation
-from .solver import SOLVERS, fixed_steps, relative_residual, solve, warn_non_finite
+from .solver import fixed_steps, relative_residual, solve, warn_non_finite
 from .stash import GradientStash, ObservedLossScale
 
 __all__ = ["DEQDecoder", "StateCodec", "TEST_OUTPUTS"]
@@ -92,14 +92,11 @@ class DEQDecoder(QueryDecoder):
         refinement_steps: int = 20,
         supervision_positions: Sequence[int] = (1, 3, 6, 9, 12, 20),
         rag: int = 2,
-        init_supervision: bool = True,
         extra_init_supervisions: int = 2,
         perturbation: RefinementPerturbation = None,
         grad_stash: bool = True,
         tol: float = 0.0,
         max_iters: int = 20,
-        solver: str = "fixed_point",
-        anderson_window: int = 5,
         compile_stage: bool = False,
         cuda_graph: bool = False,
         test_output: str = "refined",
@@ -114,8 +111,6 @@ class DEQDecoder(QueryDecoder):
         if rag < 0 or extra_init_supervisions < 0:
             raise ValueError(f"MODEL.DEQDET.RAG ({rag}) and EXTRA_INIT_SUPERVISIONS "
                              f"({extra_init_supervisions}) must be >= 0")
-        if solver not in SOLVERS:
-            raise ValueError(f"MODEL.DEQDET.SOLVER must be one of {SOLVERS}, got {solver!r}")
         if tol < 0 or max_iters < 0:
             raise ValueError(f"MODEL.DEQDET.TOL ({tol}) and MAX_ITERS ({max_iters}) must be >= 0")
         if test_output not in TEST_OUTPUTS:
@@ -127,10 +122,10 @@ class DEQDecoder(QueryDecoder):
         self.init_stage = AdaMixerStage(**stage_kwargs)
         self.refine_stage = AdaMixerStage(**stage_kwargs)
         self.refinement_steps, self.supervision_positions, self.rag = refinement_steps, positions, rag
-        self.init_supervision, self.extra_init_supervisions = init_supervision, extra_init_supervisions
+        self.extra_init_supervisions = extra_init_supervisions
         self.perturbation = perturbation or RefinementPerturbation(0.0, 0.0, 0.0, 0.0)
         self.grad_stash = grad_stash
-        self.tol, self.max_iters, self.solver, self.anderson_window = tol, max_iters, solver, anderson_window
+        self.tol, self.max_iters = tol, max_iters
         self.compile_stage = compile_stage
         self.cuda_graph = cuda_graph
         self.test_output = test_output
@@ -138,8 +133,6 @@ class DEQDecoder(QueryDecoder):
         self._compiled_stage: Optional[Callable] = None
         self._graph_cache: Optional[CUDAGraphCache] = None
         self.loss_scale = ObservedLossScale()
-        if not init_supervision:  # nothing would ever reach its parameters (refinement starts detached)
-            self.init_stage.requires_grad_(False)
 
     @classmethod
     def from_config(cls, cfg, strides):
@@ -149,17 +142,14 @@ class DEQDecoder(QueryDecoder):
             "refinement_steps": d.REFINEMENT_STEPS,
             "supervision_positions": d.SUPERVISION_POSITIONS,
             "rag": d.RAG,
-            "init_supervision": d.INIT_SUPERVISION,
             "extra_init_supervisions": d.EXTRA_INIT_SUPERVISIONS,
             "perturbation": RefinementPerturbation(
                 d.PERTURB_CONTENT_PROB, d.PERTURB_CONTENT_INTENSITY, d.PERTURB_POSITION_PROB,
-                d.PERTURB_POSITION_INTENSITY, d.PERTURB_POSITION_MODE, d.PERTURB_POSITION_UNIT,
+                d.PERTURB_POSITION_INTENSITY
             ),
             "grad_stash": d.GRAD_STASH,
             "tol": d.TOL,
             "max_iters": d.MAX_ITERS,
-            "solver": d.SOLVER,
-            "anderson_window": d.ANDERSON_WINDOW,
             "compile_stage": d.COMPILE,
             "cuda_graph": d.CUDA_GRAPH,
             "test_output": d.TEST_OUTPUT,
@@ -169,10 +159,6 @@ class DEQDecoder(QueryDecoder):
         """Init stage (+ supervised applications of f) -> (its losses, its detached state). With a
         ``stash`` the applications of f form one segment and the init stage, receiving their gradient
         on its output content, another."""
-        if not self.init_supervision:
-            with torch.no_grad():
-                init = self.init_stage(content, xyzr, features)
-            return {}, (init.content, init.xyzr)
         init = self.init_stage(content, xyzr, features)
         content = init.content
         start = (content.detach(), init.xyzr.detach())
@@ -317,11 +303,10 @@ class DEQDecoder(QueryDecoder):
             return codec.flatten(out.content, out.xyzr)
 
         z0 = codec.flatten(content, xyzr)
-        options = {"method": self.solver, "anderson_window": self.anderson_window}
         if self.tol == 0:  # warned about after the loop (forward), outside a CUDA graph
-            result = fixed_steps(step, z0, max_iters=self.max_iters, **options)
+            result = fixed_steps(step, z0, max_iters=self.max_iters)
         else:
-            result = solve(step, z0, tol=self.tol, max_iters=self.max_iters, **options)
+            result = solve(step, z0, tol=self.tol, max_iters=self.max_iters)
         out = stage(*codec.unflatten(result.state), features)
         return _scores(init), init.boxes, _scores(out), out.boxes, result.residuals, result.iterations
 
