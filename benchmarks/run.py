@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -220,13 +221,18 @@ def summary(seconds) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- phases
+def _deform_conv_flops(inputs, outputs) -> int:
+    """fvcore's count of torchvision::deform_conv2d(input, weight, offset, mask, bias, ...): the 3x3
+    convolution it computes, C_in * 9 multiply-adds per output value."""
+    weight_shape = inputs[1].type().sizes()
+    out_shape = outputs[0].type().sizes()
+    return math.prod(out_shape) * math.prod(weight_shape[1:])
+
+
 def flops(models: dict, hw, device: str) -> dict:
     from detectron2.utils.analysis import FlopCountAnalysis
 
     from deqdet.modeling.dyhead.dyconv import ModulatedDeformConv3x3
-
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from dyhead_cost import _deform_conv_flops
 
     out = {}
     for name, model in models.items():
@@ -673,7 +679,6 @@ def main(argv=None) -> None:
     AUTOCAST["dtype"] = getattr(torch, args.autocast) if args.autocast else None
     sizes = args.sizes or [SIZES["shapes"], SIZES["800x1333"]]
     if args.memory_child:
-        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
         print(
             json.dumps(
                 memory_child(args.memory_child, sizes[0], args.train_batch, args.device, args.repeat or 2)

@@ -12,7 +12,7 @@ step by step, so that a load change on the machine reaches all of them alike; co
 A step is timed as forward (the model's losses), backward and optimizer step (data loading excluded);
 inside the forward, forward hooks time the pyramid (bottom-up network, FPN, DyHead blocks), the dense
 head and, for the combined detector, the dense proposals and the query decoder's losses. Writes
-``benchmarks/results/train_step_parts.{md,json}`` (``--tag`` appends to the names).
+``<out>.md`` and ``<out>.json`` (``--out``, default ``output/train_step_parts``).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def inner_parts(model) -> dict:
 class Variant:
     def __init__(self, spec: str):
         name, _, rest = spec.partition("=")
-        config, *opts = rest.split()
+        config, *opts = shlex.split(rest) or [""]
         if not name or not config or len(opts) % 2:
             raise SystemExit(f"--variant {spec!r}: expected NAME=CONFIG [KEY VALUE ...]")
         self.name, self.config, self.opts = name, config, opts
@@ -137,7 +137,8 @@ def write(variants, args, loads):
     lines += ["", "Parts inside the forward overlap (the pyramid contains the bottom-up network and the",
               "blocks).", "", "Variants:", ""]
     lines += [f"- `{name}`: `{r['config']}` {' '.join(r['opts'])}" for name, r in rows.items()]
-    out = os.path.join(ROOT, "benchmarks", "results", f"train_step_parts{args.tag}")
+    out = args.out
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out + ".json", "w") as f:
         json.dump({"command": sys.argv[1:], "loads": loads, "variants": rows}, f, indent=1)
     with open(out + ".md", "w") as f:
@@ -153,7 +154,8 @@ def main(argv=None):
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=CONFIG [KEY VALUE ...]")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument("--out", default=os.path.join("output", "train_step_parts"),
+                        help="stem of the result files (.md, .json)")
     args = parser.parse_args(argv)
     variants = [Variant(spec) for spec in args.variant]
     loads = [os.getloadavg()[0]]
