@@ -1,5 +1,5 @@
 """The fast COCOeval plug agrees with pycocotools; full-model gradient clipping clips the total norm; the
-combined detector's two heads are evaluated in one pass; the oracle fixes are evaluated as such."""
+combined detector's two heads are evaluated in one pass."""
 
 import contextlib
 import io
@@ -11,11 +11,10 @@ from detectron2.structures import Boxes, Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from deqdet.analysis import ORACLE_FIXES, OracleFixEvaluator
 from deqdet.data import ensure_shapes
 from deqdet.engine import Trainer, build_config
 from deqdet.errors import UserInputError
-from deqdet.evaluation import CheckedCOCOEvaluator, _faster_coco_eval, coco_eval_backend
+from deqdet.evaluation import _faster_coco_eval, coco_eval_backend
 from deqdet.optim import build_optimizer
 from tests.data.hostile_data import perfect_instances, register, write_coco
 from tests.helpers import config_file
@@ -131,27 +130,3 @@ def test_combined_detector_with_both_sources_is_evaluated_for_each_head_in_one_p
         assert results["bbox"]["AP"] == 0.0
         if source == "both":
             assert results["dense_bbox"]["AP"] == 100.0
-
-
-def test_oracle_fix_evaluator_scores_the_fixed_detections(tmp_path):
-    """Perfect boxes with every class wrong: AP 0 as they are, 100 with the classes fixed, 0 with the boxes
-    or the ranking fixed (neither touches a class); reported under the evaluator's prefix."""
-    json_path = write_coco(tmp_path, ["good", "good2"], category_ids=(1, 2), extra_boxes=False)
-    records = register("oracle_fixes", json_path)
-    truth = {r["image_id"]: (perfect_instances(r).pred_boxes.tensor, perfect_instances(r).pred_classes)
-             for r in records}
-    evaluators = {
-        name: OracleFixEvaluator(CheckedCOCOEvaluator("oracle_fixes", output_dir=str(tmp_path / name)), fix,
-                                 truth, prefix=f"{name}_")
-        for name, fix in ORACLE_FIXES.items()
-    }
-    for evaluator in evaluators.values():
-        evaluator.reset()
-        for record in records:
-            wrong = perfect_instances(record)
-            wrong.pred_classes = 1 - wrong.pred_classes
-            evaluator.process([{"image_id": record["image_id"]}], [{"instances": wrong}])
-    results = {name: e.evaluate() for name, e in evaluators.items()}
-    assert results["classes"]["classes_bbox"]["AP"] == 100.0
-    assert results["boxes"]["boxes_bbox"]["AP"] == 0.0
-    assert results["ranking"]["ranking_bbox"]["AP"] == 0.0

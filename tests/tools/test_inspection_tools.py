@@ -7,13 +7,10 @@ import os
 
 import numpy as np
 import pytest
-import torch
-from detectron2.structures import Boxes, Instances
 from PIL import Image
 
 import train_net
-from deqdet import analysis
-from deqdet.analysis import ErrorBreakdown, classify_detections, fix_boxes, fix_classes, fix_ranking
+from deqdet.analysis import ErrorBreakdown, classify_detections
 from tests.data.hostile_data import ATSS_CONFIG, TINY_ATSS, write_coco
 
 EVAL = [
@@ -142,62 +139,6 @@ def test_error_kinds_by_hand():
     assert kinds == ["correct", "duplicate", "class confusion", "localisation", "background"]
     assert breakdown.counts["missed"] == 2  # boxes 1 and 2
     assert breakdown.confusion.tolist() == [[1, 0, 1], [1, 0, 1], [1, 1, 0]]
-
-
-def _detections(boxes, classes, scores):
-    out = Instances((100, 100))
-    out.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
-    out.pred_classes, out.scores = torch.tensor(classes), torch.tensor(scores)
-    return out
-
-
-GT_BOXES, GT_CLASSES = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), torch.tensor([0, 1])
-
-
-def test_oracle_fixes_by_hand():
-    dets = _detections(
-        [[0, 0, 10, 12],  # IoU 10/12 with box 0 (class 0), detected as class 0
-         [0, 0, 10, 20],  # IoU 0.5 with box 0, class 0: box 0 already taken by the higher score
-         [20, 20, 30, 35],  # IoU 10/15 with box 1 (class 1), detected as class 0
-         [60, 60, 70, 70]],  # overlaps nothing
-        [0, 0, 0, 1], [0.9, 0.8, 0.7, 0.6])
-    classes = fix_classes(dets, GT_BOXES, GT_CLASSES)
-    assert classes.pred_classes.tolist() == [0, 0, 1, 1]
-    assert torch.equal(classes.pred_boxes.tensor, dets.pred_boxes.tensor)
-    boxes = fix_boxes(dets, GT_BOXES, GT_CLASSES)
-    # only the first moves: the second's box is taken, the third and fourth overlap no box of their class
-    assert boxes.pred_boxes.tensor.tolist() == [
-        [0, 0, 10, 10], [0, 0, 10, 20], [20, 20, 30, 35], [60, 60, 70, 70]]
-    ranking = fix_ranking(dets, GT_BOXES, GT_CLASSES)
-    torch.testing.assert_close(ranking.scores, torch.tensor([10 / 12, 0.5, 0.0, 0.0]))
-    assert dets.scores.tolist() == pytest.approx([0.9, 0.8, 0.7, 0.6])  # the input is left unchanged
-    assert dets.pred_classes.tolist() == [0, 0, 0, 1]
-
-
-def test_oracle_fixes_of_an_image_without_ground_truth():
-    dets = _detections([[0, 0, 10, 10]], [0], [0.9])
-    none = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
-    assert fix_classes(dets, *none).pred_classes.tolist() == [0]
-    assert fix_boxes(dets, *none).pred_boxes.tensor.tolist() == [[0, 0, 10, 10]]
-    assert fix_ranking(dets, *none).scores.tolist() == [0.0]
-
-
-def test_first_hits_by_hand():
-    dets = _detections(
-        [[0, 0, 10, 20],  # IoU 0.5 with box 0, class 0, the highest score: box 0's first hit
-         [0, 0, 10, 11],  # IoU 10/11 with box 0: its best detection, scored lower
-         [20, 20, 30, 30]],  # box 1's exact box, but detected as class 0
-        [0, 0, 0], [0.9, 0.8, 0.7])
-    hits = analysis.first_hits(dets, GT_BOXES, GT_CLASSES)
-    torch.testing.assert_close(hits, torch.tensor([[0.5, 10 / 11], [0.0, 0.0]]))
-    no_objects = torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
-    evaluator = analysis.FirstHitEvaluator({1: (GT_BOXES, GT_CLASSES), 2: no_objects})
-    evaluator.reset()
-    evaluator.process([{"image_id": 1}, {"image_id": 2}], [{"instances": dets}, {"instances": dets}])
-    summary = evaluator.evaluate()["first_hit"]
-    assert summary["objects hit, %"] == 50.0 and summary["first hit's mean IoU"] == pytest.approx(0.5)
-    assert summary["first hit IoU >= 0.75, %"] == 0.0
-    assert summary["best detection's mean IoU"] == pytest.approx(10 / 11)
 
 
 def test_analyze_errors_table_and_confusion_matrix(run, tmp_path, capsys):
