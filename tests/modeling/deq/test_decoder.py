@@ -126,7 +126,7 @@ def test_rap_off_is_deterministic_and_rap_on_is_not():
     batch = synthetic_batch()
     a, b = model(batch), model(batch)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    model.decoder.perturbation = RefinementPerturbation(1.0, 0.1, 1.0, 25.0)
+    model.decoder.schedule.perturbation = RefinementPerturbation(1.0, 0.1, 1.0, 25.0)
     c = model(batch)
     assert all(torch.equal(a[k], c[k]) for k in a if k.startswith("init"))  # RAP only acts on refinement
     assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("iter"))
@@ -194,7 +194,8 @@ def test_compiled_stage_equals_the_plain_stage():
     batch = synthetic_batch(2)
     with torch.no_grad():
         expected, actual = plain(batch), compiled(batch)
-    assert compiled.decoder.compiled_stage is not None and plain.decoder.compiled_stage is None
+    assert compiled.decoder.inference.compiled_stage is not None
+    assert plain.decoder.inference.compiled_stage is None
     for e, a in zip(expected, actual):
         assert int(a["steps"]) == int(e["steps"]) == 4
         e, a = e["instances"], a["instances"]
@@ -215,14 +216,14 @@ def test_tolerance_stops_each_image_early():
         full = model(batch)
         # A tolerance between the two images' residuals after the second iteration stops one of them.
         second = torch.stack([r["residuals"][1] for r in full])
-        model.decoder.tol = float(second.mean())
+        model.decoder.inference.tol = float(second.mean())
         early = model(batch)
     steps = [int(r["steps"]) for r in early]
     assert min(steps) <= 3 and steps[0] != steps[1], (steps, second)
     for r in early:
         k = int(r["steps"]) - 1
         assert torch.isfinite(r["residuals"][:k]).all() and torch.isnan(r["residuals"][k:]).all()
-        assert r["residuals"][k - 1] < model.decoder.tol or k == 20
+        assert r["residuals"][k - 1] < model.decoder.inference.tol or k == 20
 
 
 def test_non_finite_state_stops_with_the_last_finite_state(caplog):

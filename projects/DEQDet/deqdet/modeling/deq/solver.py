@@ -14,8 +14,8 @@ image then keeps its last finite state, with a warning):
   reads the active images (``active.nonzero()``, one synchronisation per step) so that
   ``f(z, index)`` evaluates only those and finished images cost nothing.
 
-The decoder (:class:`~deqdet.modeling.deq.decoder.DEQDecoder`) validates ``TOL`` and ``MAX_ITERS``
-when it is built and picks the loop by ``TOL``.
+The decoder's inference (:class:`~deqdet.modeling.deq.inference.InferenceSolver`) validates ``TOL``
+and ``MAX_ITERS`` when it is built and picks the loop by ``TOL``.
 """
 
 import logging

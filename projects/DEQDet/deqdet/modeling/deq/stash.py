@@ -23,7 +23,7 @@ backpropagated scaled by the scale observed in the previous iteration (and divid
 when returned), which changes nothing numerically beyond rounding.
 """
 
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -62,19 +62,22 @@ class _ReturnStashedGradients(torch.autograd.Function):
 
 class GradientStash:
     """Stash of ``d(segment losses) / d(inputs)`` for ``inputs`` = detached copies of the real input
-    tensors (image features, initial queries) + ``module``'s trainable parameters.
+    tensors (image features, initial queries) + the trainable ones of ``params``.
 
     Args:
-        module: the module whose parameters the segments use (the decoder).
+        params: the parameters the segments use (the decoder's; those without ``requires_grad`` are
+            left out).
         inputs: the real tensors the segments read (feature maps L x (B, C, H_l, W_l), queries);
             :attr:`leaves` are their detached copies, to be used by the segments in their place.
         loss_scale: scale observed in the previous backward (segments are backpropagated with it).
     """
 
-    def __init__(self, module: nn.Module, inputs: Sequence[torch.Tensor], loss_scale: ObservedLossScale):
+    def __init__(
+        self, params: Iterable[nn.Parameter], inputs: Sequence[torch.Tensor], loss_scale: ObservedLossScale
+    ):
         self.real_inputs = list(inputs)
         self.leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.params = [p for p in params if p.requires_grad]
         self.loss_scale = loss_scale
         self.segment_scale = loss_scale.value
         self.grads: List[Optional[torch.Tensor]] = [None] * (len(self.leaves) + len(self.params))
