@@ -147,7 +147,7 @@ def load_sweep(path: str) -> Sweep:
     output = _repo_path(spec.get("output") or os.path.join("output", "sweep", stem))
     sweep = Sweep(path=path, variants=[], common=_overrides(spec.get("common"), f"{path}: common"),
                   output=output, results=_repo_path(spec.get("results") or os.path.join(output, stem)),
-                  title=spec.get("title", stem), question=spec.get("question", ""))
+                  title=spec.get("title", stem), question=str(spec.get("question", "")).strip())
     for i, entry in enumerate(spec["variants"]):
         where = f"{path}: variant {entry.get('name', i) if isinstance(entry, dict) else i}"
         if not isinstance(entry, dict) or not entry.get("name"):
@@ -162,7 +162,8 @@ def load_sweep(path: str) -> Sweep:
             raise VariantsFileError(f"{where}: names must be unique and hold no '/'")
         sweep.variants.append(Variant(
             name=name, config=_repo_path(config), overrides=_overrides(entry.get("overrides"), where),
-            seeds=_seeds(entry.get("seeds", spec.get("seeds")), where), note=entry.get("note", "")))
+            seeds=_seeds(entry.get("seeds", spec.get("seeds")), where),
+            note=str(entry.get("note", "")).strip()))
     return sweep
 
 
@@ -375,7 +376,7 @@ def plot(results: dict, path: str) -> bool:
                     color=line.get_color(), label=f"{name}, dense head")
     ax.set_xlabel("iteration")
     ax.set_ylabel("AP (mean over seeds)")
-    ax.set_title(results.get("title", ""))
+    ax.set_title(results.get("title", "").replace("`", ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
