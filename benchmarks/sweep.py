@@ -465,15 +465,20 @@ def main(argv=None) -> int:
     group.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     group.add_argument("--report", action="store_true", help="rewrite the Markdown and PNG from the JSON")
     args = parser.parse_args(argv)
-    sweep = load_sweep(args.variants_file)
+    from deqdet.errors import UserInputError, one_line
+
+    try:
+        sweep = load_sweep(args.variants_file)
+        runs = [] if args.report else plan(sweep, args.only, args.seeds)
+    except (OSError, VariantsFileError, UserInputError) as e:
+        raise SystemExit(f"error: {one_line(e)}") from None
     if args.results:
         sweep.results = os.path.abspath(args.results)
     if args.report:
         if not os.path.isfile(sweep.results + ".json"):
-            raise SystemExit(f"{_relative(sweep.results)}.json: no results yet")
+            raise SystemExit(f"error: {_relative(sweep.results)}.json: no results yet")
         print("\n".join(write_results(load_results(sweep.results + ".json"), sweep.results)))
         return 0
-    runs = plan(sweep, args.only, args.seeds)
     if args.dry_run:
         print("\n".join(command(run, args.threads) for run in runs))
         return 0

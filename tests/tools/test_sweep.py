@@ -83,6 +83,8 @@ def test_only_and_seeds_select_the_runs(variants_file):
     assert runs[1].args[-4:] == ["SEED", "7", "OUTPUT_DIR", os.path.join(study.output, "deqdet", "s7")]
     with pytest.raises(sweep.VariantsFileError, match="no variants"):
         sweep.plan(study, only=["nonexistent"])
+    with pytest.raises(SystemExit, match="error: .*no variants"):  # one line, no traceback
+        sweep.main([str(variants_file), "--only", "nonexistent", "--dry-run"])
 
 
 @pytest.mark.parametrize("text, message", [
