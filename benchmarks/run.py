@@ -74,22 +74,11 @@ MODELS = {
     "adamixer_r50": ("configs/adamixer_r50_1x.yaml", [], "AdaMixer R50, 6 stages"),
     "atss_r50": ("configs/atss_r50_fpn_1x.yaml", [], "ATSS R50, 4-conv towers"),
     "atss_dyhead_r50": ("configs/dyhead_r50_atss_fpn_1x.yaml", [], "ATSS R50 + 6 DyHead blocks"),
-    "atss_dyhead_r50_sampling": (
-        "configs/dyhead_r50_atss_fpn_1x.yaml",
-        ["MODEL.DYHEAD.DCN_IMPL", "sampling"],
-        "ATSS R50 + 6 DyHead blocks, sampling DCN",
-    ),
-    "dense_query_r50": ("configs/deqdet_dyhead_r50_1x.yaml", [], "DyHead ATSS + DEQ decoder R50"),
+    "dense_query_r50": ("configs/deqdet_dyhead_r50_1x.yaml", [], "DyHead RetinaNet + DEQ decoder R50"),
     "dense_query_r50_2steps": (
         "configs/deqdet_dyhead_r50_1x.yaml",
         ["MODEL.DEQDET.TOL", "0.0", "MODEL.DEQDET.MAX_ITERS", "1"],
-        "DyHead ATSS + DEQ decoder R50, init + 2 steps (the shapes flagship's test depth)",
-    ),
-    "dense_query_r50_flagship": (
-        "configs/deqdet_dyhead_r50_1x.yaml",
-        ["MODEL.DEQDET.TOL", "0.0", "MODEL.DEQDET.MAX_ITERS", "1", "MODEL.QUERY.QUALITY_WEIGHT", "1.0",
-         "MODEL.DENSE_QUERY.DECODER_NMS_THRESH", "0.5"],
-        "DyHead ATSS + DEQ decoder R50, the shapes flagship's inference (init + 2 steps, IoU branch, NMS)",
+        "DyHead RetinaNet + DEQ decoder R50, init + 2 steps (the shapes flagship's test depth)",
     ),
     "faster_rcnn_r50": ("zoo:COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", [], "Faster R-CNN R50-FPN"),
     "retinanet_r50": ("zoo:COCO-Detection/retinanet_R_50_FPN_1x.yaml", [], "RetinaNet R50-FPN"),
@@ -97,11 +86,10 @@ MODELS = {
 # Variants timed at inference only (their base model has the train / memory rows).
 INFERENCE_VARIANTS = {
     "deqdet_r50_tol", "deqdet_r50_compiled", "deqdet_r50_graph", "deqdet_r50_compiled_graph",
-    "dense_query_r50_2steps", "dense_query_r50_flagship",
+    "dense_query_r50_2steps",
 }
-# Measured on CUDA only: the CUDA graphs, and DyHead with the sampling DCN (the CPU default of
-# MODEL.DYHEAD.DCN_IMPL auto, which picks torchvision's kernel on CUDA).
-CUDA_ONLY = {"deqdet_r50_graph", "deqdet_r50_compiled_graph", "atss_dyhead_r50_sampling"}
+# Measured on CUDA only: the CUDA graphs.
+CUDA_ONLY = {"deqdet_r50_graph", "deqdet_r50_compiled_graph"}
 SIZES = {"800x1333": (800, 1333), "shapes": (256, 352)}
 PHASES = ("flops", "latency", "step", "train", "memory")
 REFERENCE = "faster_rcnn_r50"
@@ -460,7 +448,7 @@ def targets(record: dict) -> list:
             r = _ratio(med.get(name), med.get(REFERENCE))
             if r is not None:
                 rows.append((f"{size}: {model_label(name)} / Faster R-CNN latency <= {goal}", r, r <= goal))
-        for name in ("atss_dyhead_r50", "atss_dyhead_r50_sampling"):
+        for name in ("atss_dyhead_r50",):
             r = _ratio(med.get(name), med.get("atss_r50"))
             if r is not None:
                 rows.append((f"{size}: {model_label(name)} / ATSS 4-conv latency <= 1.3", r, r <= 1.3))
