@@ -123,13 +123,13 @@ def test_resume_restores_the_deq_loss_scale_and_the_data_position(tmp_path):
     trainer's checkpointed state; the data stream continues at the next iteration's batch."""
     cfg = build_config(DEQ[1], [*DEQ[2:], "OUTPUT_DIR", str(tmp_path)])
     first = Trainer(cfg)
-    first.model.decoder.loss_scale.value = 1024.0
+    first.model.decoder.set_loss_scale(1024.0)
     first.iter = 1
     first.checkpointer.save("model_0000001")
     second = Trainer(cfg)
-    assert second.model.decoder.loss_scale.value == 1.0
+    assert second.model.decoder.get_loss_scale() == 1.0
     second.resume_or_load(resume=True)
-    assert second.model.decoder.loss_scale.value == 1024.0
+    assert second.model.decoder.get_loss_scale() == 1024.0
     assert second.start_iter == 2 and second.data_loader.dataset.start == 2
 
 

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import weakref
+from typing import Protocol, runtime_checkable
 
 import detectron2.engine.defaults
 import torch
@@ -31,7 +32,6 @@ from .deq_evaluator import DEQStatisticsEvaluator
 from .env import collect_env
 from .errors import NonFiniteLossError, UserInputError
 from .evaluation import CheckedCOCOEvaluator, OutputKeyEvaluator
-from .modeling.deq.stash import ObservedLossScale
 from .optim import build_optimizer
 from .resume import (
     AtomicCheckpointer,
@@ -41,7 +41,10 @@ from .resume import (
     same_graphs_every_call,
 )
 
-__all__ = ["FiniteLossGuard", "Trainer", "build_config", "set_float32_matmul_precision", "setup"]
+__all__ = [
+    "FiniteLossGuard", "LossScaleObserver", "Trainer", "build_config", "set_float32_matmul_precision",
+    "setup",
+]
 
 logger = logging.getLogger("deqdet")
 
@@ -70,10 +73,22 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _loss_scales(model: torch.nn.Module):
-    """``{module name: ObservedLossScale}`` of the modules that keep one (DEQDecoder's stash)."""
-    return {name: m.loss_scale for name, m in _unwrapped(model).named_modules()
-            if isinstance(getattr(m, "loss_scale", None), ObservedLossScale)}
+@runtime_checkable
+class LossScaleObserver(Protocol):
+    """A module whose forward backpropagates part of its losses itself, at the loss scale it observed in
+    the trainer's previous backward (1, or the ``GradScaler``'s scale under AMP), as DEQDecoder's
+    gradient stash. The trainer checkpoints that scale and restores it on resumption."""
+
+    def get_loss_scale(self) -> float:
+        """The loss scale observed in the last backward (1.0 before the first)."""
+
+    def set_loss_scale(self, scale: float) -> None:
+        """Take ``scale`` as the last observed one (resumption)."""
+
+
+def _loss_scale_observers(model: torch.nn.Module) -> dict[str, LossScaleObserver]:
+    """``{module name: module}`` of the model's :class:`LossScaleObserver` modules."""
+    return {name: m for name, m in _unwrapped(model).named_modules() if isinstance(m, LossScaleObserver)}
 
 
 class FiniteLossGuard(HookBase):
@@ -135,7 +150,8 @@ class Trainer(DefaultTrainer):
 
     def state_dict(self):
         state = super().state_dict()
-        state["loss_scales"] = {name: s.value for name, s in _loss_scales(self.model).items()}
+        observers = _loss_scale_observers(self.model)
+        state["loss_scales"] = {name: m.get_loss_scale() for name, m in observers.items()}
         state["loss_normalizers"] = loss_normalizers(_unwrapped(self.model))
         if self._batch_stream is not None:
             state["data_seed"] = self._batch_stream.seed
@@ -143,8 +159,10 @@ class Trainer(DefaultTrainer):
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        for name, scale in _loss_scales(self.model).items():
-            scale.value = state_dict.get("loss_scales", {}).get(name, scale.value)
+        saved = state_dict.get("loss_scales", {})
+        for name, module in _loss_scale_observers(self.model).items():
+            if name in saved:
+                module.set_loss_scale(saved[name])
         modules = dict(_unwrapped(self.model).named_modules())
         for name, value in state_dict.get("loss_normalizers", {}).items():
             modules[name].loss_normalizer = value
@@ -180,9 +198,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """COCO AP and DEQ steps (nothing for models without a DEQ decoder); for the combined detector with
-        ``MODEL.DENSE_QUERY.INFERENCE_SOURCE both`` also its dense head's COCO AP (task ``dense_bbox``) from
-        the same pass."""
+        """COCO AP and DEQ steps (nothing for models without a DEQ decoder); with
+        ``MODEL.DENSE_QUERY.INFERENCE_SOURCE both`` also the COCO AP (task ``dense_bbox``) of the combined
+        detector's dense head, whose detections its outputs carry as ``dense_instances``, from the same
+        pass."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
 
         def coco(folder):
@@ -190,8 +209,7 @@ class Trainer(DefaultTrainer):
                                         max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
 
         evaluators = [coco(output_folder), DEQStatisticsEvaluator()]
-        both = cfg.MODEL.DENSE_QUERY.INFERENCE_SOURCE == "both"
-        if cfg.MODEL.META_ARCHITECTURE == "DenseQueryDetector" and both:
+        if cfg.MODEL.DENSE_QUERY.INFERENCE_SOURCE == "both":
             dense = coco(os.path.join(output_folder, "dense_head"))
             evaluators.append(OutputKeyEvaluator(dense, key="dense_instances", prefix="dense_"))
         return DatasetEvaluators(evaluators)

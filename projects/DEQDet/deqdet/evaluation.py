@@ -128,7 +128,8 @@ class OutputKeyEvaluator(DatasetEvaluator):
     """Runs ``evaluator`` (which reads ``outputs[i]["instances"]``) on ``outputs[i][key]`` instead, and
     reports its tasks with ``prefix`` in front (``bbox`` -> ``dense_bbox``), so that two heads of one model
     are evaluated in one pass (``DenseQueryDetector`` with ``INFERENCE_SOURCE both`` returns its dense
-    head's detections as ``dense_instances``)."""
+    head's detections as ``dense_instances``). Outputs without ``key`` (a model that returns no such
+    entry) are left out; ``evaluator`` then reports that it received no predictions."""
 
     def __init__(self, evaluator: DatasetEvaluator, key: str, prefix: str):
         self.evaluator, self.key, self.prefix = evaluator, key, prefix
@@ -137,7 +138,9 @@ class OutputKeyEvaluator(DatasetEvaluator):
         self.evaluator.reset()
 
     def process(self, inputs, outputs):
-        self.evaluator.process(inputs, [{"instances": output[self.key]} for output in outputs])
+        pairs = [(i, {"instances": o[self.key]}) for i, o in zip(inputs, outputs) if self.key in o]
+        if pairs:
+            self.evaluator.process(*map(list, zip(*pairs)))
 
     def evaluate(self):
         results = self.evaluator.evaluate()

@@ -70,10 +70,10 @@ def test_stash_follows_the_trainers_loss_scale(stash_and_plain):
     for _ in range(2):
         stash.zero_grad(set_to_none=True)
         (1024.0 * sum(stash(batch).values())).backward()
-        assert stash.decoder.loss_scale.value == 1024.0
+        assert stash.decoder.get_loss_scale() == 1024.0
         for name, g in _grads(stash).items():
             _assert_close(g / 1024.0, expected[name], name)
-    stash.decoder.loss_scale.value = 1.0
+    stash.decoder.set_loss_scale(1.0)
 
 
 class _StageActivationMeter(SavedTensorMeter):

@@ -16,7 +16,6 @@ from ..query.decoder import QUERY_DECODER_REGISTRY, LossFn, QueryDecoder, stage_
 from ..query.stage import AdaMixerStage
 from .inference import InferenceSolver
 from .perturb import RefinementPerturbation
-from .stash import ObservedLossScale
 from .training import TrainingSchedule
 
 __all__ = ["DEQDecoder"]
@@ -83,10 +82,15 @@ class DEQDecoder(QueryDecoder):
             "test_output": d.TEST_OUTPUT,
         }
 
-    @property
-    def loss_scale(self) -> ObservedLossScale:
-        """The loss scale the gradient stash observed in the previous backward."""
-        return self.schedule.loss_scale
+    def get_loss_scale(self) -> float:
+        """The loss scale of the trainer's last backward through the gradient stash (1, or the
+        ``GradScaler``'s scale under AMP; 1.0 before the first): the next training step backpropagates
+        its segments at it. The trainer checkpoints it (``deqdet.engine.LossScaleObserver``)."""
+        return self.schedule.loss_scale.value
+
+    def set_loss_scale(self, scale: float) -> None:
+        """Take ``scale`` as the last observed loss scale (the trainer, resuming from a checkpoint)."""
+        self.schedule.loss_scale.value = scale
 
     def losses(
         self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor], loss_fn: LossFn
