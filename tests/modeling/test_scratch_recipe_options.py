@@ -54,23 +54,19 @@ def test_official_block_has_no_residual_parameter():
 
 
 # ------------------------------------------------------------------------------------ ATSS tower norms
-def _head(norm, per_level, seed=0):
+def _head(norm, seed=0):
     torch.manual_seed(seed)
     shapes = [ShapeSpec(channels=32, stride=s) for s in (8, 16, 32)]
-    return ATSSHead(input_shape=shapes, num_classes=3, num_anchors=1, num_convs=2, norm=norm, prior_prob=0.01,
-                    norm_per_level=per_level)
+    return ATSSHead(input_shape=shapes, num_classes=3, num_anchors=1, num_convs=2, norm=norm)
 
 
-def test_per_level_norms_train_like_the_shared_norm_but_keep_each_levels_statistics():
-    shared, per_level = _head("BN", False), _head("BN", True)
+def test_batch_norms_are_per_level_and_keep_each_levels_statistics():
+    """As Detectron2's RetinaNetHead: the tower convs are shared, each level has its own BatchNorms, whose
+    running mean after one training pass is 0.1 x the batch mean of the first conv's output on that level."""
+    per_level = _head("BN")
     assert per_level.cls_norms is not None and len(per_level.cls_norms) == 3
     features = list(_pyramid().values())
-    # in training both normalise each level with its own batch statistics: same outputs
-    for a, b in zip(shared(features), per_level(features)):
-        for x, y in zip(a, b):
-            torch.testing.assert_close(x, y)
-    # but the shared norm's running mean has seen the levels one after another; each per-level norm
-    # holds only its own level's: 0.1 x the batch mean of the first conv's output on that level
+    per_level(features)
     for level, feature in enumerate(features):
         conv_out = per_level.cls_tower[0](feature)
         torch.testing.assert_close(
@@ -80,10 +76,11 @@ def test_per_level_norms_train_like_the_shared_norm_but_keep_each_levels_statist
     assert not torch.allclose(means[0], means[2])
 
 
-def test_per_level_norms_default_off_keeps_the_official_names():
-    assert _head("GN", False).cls_norms is None
-    official = set(_head("GN", False).state_dict())
-    assert "cls_tower.1.weight" in official and not any("norms" in n for n in official)
+def test_group_norm_is_shared_by_the_levels_with_the_official_names():
+    official = _head("GN")
+    assert official.cls_norms is None
+    names = set(official.state_dict())
+    assert "cls_tower.1.weight" in names and not any("norms" in n for n in names)
 
 
 # ------------------------------------------------------------------------------ one-to-many matching

@@ -21,7 +21,7 @@ ATSS_CONFIG = config_file("shapes", "atss_dyhead_r18.yaml")
 # small widths; images resized as at test time to 96 px (shortest edge): 192 x 256 -> 96 x 128
 OPTS = [
     "MODEL.DEVICE", "cpu", "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
-    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.DYHEAD.CHANNELS", "32", "MODEL.ATSS.INFERENCE_TH", "0.0",
+    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ATSS.INFERENCE_TH", "0.0",
     "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "160",
 ]
 NAMES = ["c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8"]

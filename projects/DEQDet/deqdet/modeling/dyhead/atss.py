@@ -29,6 +29,13 @@ from torchvision.ops import generalized_box_iou_loss
 
 __all__ = ["ATSS", "ATSSHead", "atss_assign", "centerness_targets"]
 
+# The official ATSS's fixed constants: the classifier's prior probability (its initial bias) and the
+# box coder's (dx, dy, dw, dh) weights.
+PRIOR_PROB = 0.01
+BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+# Norms with batch statistics, which the towers keep one per pyramid level.
+PER_LEVEL_NORMS = ("BN", "SyncBN")
+
 
 @torch.no_grad()
 def atss_assign(anchors: List[Tensor], gt_boxes: Tensor, topk: int) -> Tensor:
@@ -105,17 +112,17 @@ class ATSSHead(nn.Module):
     1x1 predictors ``cls_logits`` (A x K), ``bbox_pred`` (A x 4, times a per-level ``scales``) and
     ``centerness`` (A). Names as microsoft/DynamicHead's ATSS head.
 
-    With ``norm_per_level`` the tower convs stay shared but every pyramid level has its own norms
-    (``cls_norms[l][j]``, ``bbox_norms[l][j]``; the towers' norm slots are then identities), as
-    Detectron2's ``RetinaNetHead`` does for BatchNorm: one BatchNorm shared by all levels keeps running
+    With a batch norm (``norm`` in ``PER_LEVEL_NORMS``) the tower convs stay shared but every pyramid level
+    has its own norms (``cls_norms[l][j]``, ``bbox_norms[l][j]``; the towers' norm slots are then
+    identities), as Detectron2's ``RetinaNetHead`` does: one BatchNorm shared by all levels keeps running
     statistics that are a mix dominated by the last (coarsest) level, which then normalises every level
-    at test time.
+    at test time. GroupNorm is shared by the levels, as the official head.
     """
 
     @configurable
     def __init__(
         self, *, input_shape: List[ShapeSpec], num_classes: int, num_anchors: int, num_convs: int, norm: str,
-        prior_prob: float, norm_per_level: bool = False,
+        prior_prob: float = PRIOR_PROB,
     ):
         super().__init__()
         channels = {s.channels for s in input_shape}
@@ -124,6 +131,7 @@ class ATSSHead(nn.Module):
                 f"ATSSHead: all MODEL.ATSS.IN_FEATURES must have the same channels, got {channels}"
             )
         (channels,) = channels
+        norm_per_level = norm in PER_LEVEL_NORMS
         if num_convs > 0:
             tower_norm = "" if norm_per_level else norm
             self.cls_tower = self._tower(channels, num_convs, tower_norm)
@@ -131,7 +139,7 @@ class ATSSHead(nn.Module):
         else:
             self.cls_tower = self.bbox_tower = None
         self.cls_norms = self.bbox_norms = None
-        if num_convs > 0 and norm_per_level and norm:
+        if num_convs > 0 and norm_per_level:
             self.cls_norms, self.bbox_norms = (
                 nn.ModuleList(
                     [nn.ModuleList([get_norm(norm, channels) for _ in range(num_convs)]) for _ in input_shape]
@@ -166,8 +174,6 @@ class ATSSHead(nn.Module):
             "num_anchors": build_anchor_generator(cfg, input_shape).num_cell_anchors[0],
             "num_convs": a.NUM_CONVS,
             "norm": a.NORM,
-            "prior_prob": a.PRIOR_PROB,
-            "norm_per_level": a.NORM_PER_LEVEL,
         }
 
     @staticmethod
@@ -251,7 +257,7 @@ class ATSS(DenseDetector):
             "head": ATSSHead(cfg, feature_shapes),
             "head_in_features": a.IN_FEATURES,
             "anchor_generator": anchor_generator,
-            "box2box_transform": Box2BoxTransform(weights=a.BBOX_REG_WEIGHTS),
+            "box2box_transform": Box2BoxTransform(weights=BBOX_REG_WEIGHTS),
             "num_classes": a.NUM_CLASSES,
             "topk": a.TOPK * anchor_generator.num_cell_anchors[0],
             "focal_loss_alpha": a.FOCAL_LOSS_ALPHA,

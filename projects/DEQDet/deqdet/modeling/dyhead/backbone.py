@@ -26,23 +26,20 @@ __all__ = [
 class DyHead(Backbone):
     """A pyramid backbone followed by ``MODEL.DYHEAD.NUM_CONVS`` :class:`DyConv` blocks.
 
-    Outputs the same names and strides as the wrapped backbone, ``MODEL.DYHEAD.CHANNELS`` channels.
+    Outputs the same names, strides and channels (``MODEL.FPN.OUT_CHANNELS``) as the wrapped backbone.
     The input is padded to a multiple of ``size_divisibility`` (0: the coarsest output stride, as the
     official code), at least the wrapped backbone's own, so every level is the stride-2 successor of
     the one below.
     """
 
-    def __init__(
-        self, backbone: Backbone, num_blocks: int, channels: int, size_divisibility: int = 0, **block_kwargs
-    ):
+    def __init__(self, backbone: Backbone, num_blocks: int, size_divisibility: int = 0, **block_kwargs):
         super().__init__()
         self.backbone = backbone
         in_channels = {s.channels for s in backbone.output_shape().values()}
-        if in_channels != {channels}:
-            raise ValueError(
-                f"DyHead: MODEL.DYHEAD.CHANNELS ({channels}) must equal the pyramid's channels "
-                f"{sorted(in_channels)} (MODEL.FPN.OUT_CHANNELS)"
-            )
+        if len(in_channels) != 1:
+            raise ValueError(f"DyHead: the pyramid's levels must share one channel count, got "
+                             f"{sorted(in_channels)}")
+        (channels,) = in_channels
         self.dyhead_tower = nn.Sequential(
             *[DyConv(channels, channels, **block_kwargs) for _ in range(num_blocks)]
         )
@@ -73,10 +70,10 @@ def _wrap(cfg, bottom_up: Backbone, top_block) -> DyHead:
     return DyHead(
         fpn,
         d.NUM_CONVS,
-        d.CHANNELS,
         size_divisibility=d.SIZE_DIVISIBILITY,
         coarse_offsets=d.COARSE_OFFSETS,
-        task_attention=d.TASK_ATTENTION,
+        # the paper's two-stage form: the box head applies the task-aware attention to pooled features
+        task_attention=cfg.MODEL.ROI_BOX_HEAD.NAME != "DyHeadBoxHead",
         zero_init_offset=d.ZERO_INIT_OFFSET,
         identity_init=d.IDENTITY_INIT,
     )

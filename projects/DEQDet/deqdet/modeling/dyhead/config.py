@@ -10,15 +10,10 @@ def add_dyhead_config(cfg: CN) -> CN:
     cfg.MODEL.DYHEAD = CN()
     # Number of stacked DyHead blocks after the FPN (paper: 6 best on R50; 0 = plain FPN).
     cfg.MODEL.DYHEAD.NUM_CONVS = 6
-    # Channels of the blocks; must equal MODEL.FPN.OUT_CHANNELS (the blocks mix levels and input).
-    cfg.MODEL.DYHEAD.CHANNELS = 256
     # Offsets/masks given to the DCN on the coarser level: "aligned" (the level-l predictions at the
     # coarse positions) or "official" (microsoft/DynamicHead's kernel memory reinterpretation; use it
     # to run their released weights as trained).
     cfg.MODEL.DYHEAD.COARSE_OFFSETS = "aligned"
-    # Apply the task-aware attention (DyReLU) in the blocks. False for the paper's two-stage form,
-    # where the box head (ROI_BOX_HEAD.NAME "DyHeadBoxHead") applies it to the pooled features.
-    cfg.MODEL.DYHEAD.TASK_ATTENTION = True
     # Task-aware attention layers in "DyHeadBoxHead" (each a DyReLU on the pooled RoI features).
     cfg.MODEL.DYHEAD.ROI_NUM_ATTENTION = 2
     # Initialise the conv that predicts the DCN offsets and masks to zero (mmdetection's DyHead default:
@@ -42,15 +37,9 @@ def add_dyhead_config(cfg: CN) -> CN:
     cfg.MODEL.ATSS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
     # 3x3 conv layers in each of the classification and box towers (0 when DyHead replaces them).
     cfg.MODEL.ATSS.NUM_CONVS = 4
-    # Norm of the tower convs: "GN" (GroupNorm(32)) or "" (none).
+    # Norm of the tower convs: "GN" (GroupNorm(32), one shared by the levels, the official head), "BN" /
+    # "SyncBN" (one per level, as Detectron2's RetinaNetHead: batch statistics differ by level) or "".
     cfg.MODEL.ATSS.NORM = "GN"
-    # One norm per pyramid level in the towers (the convs stay shared), as Detectron2's RetinaNetHead
-    # does for BatchNorm. False: one norm shared by all levels (the official head, with GN).
-    cfg.MODEL.ATSS.NORM_PER_LEVEL = False
-    # Prior probability of the classifier's initial bias.
-    cfg.MODEL.ATSS.PRIOR_PROB = 0.01
-    # Box2BoxTransform weights (dx, dy, dw, dh).
-    cfg.MODEL.ATSS.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
     cfg.MODEL.ATSS.FOCAL_LOSS_GAMMA = 2.0
     cfg.MODEL.ATSS.FOCAL_LOSS_ALPHA = 0.25
     # Weight of the GIoU box loss.

@@ -134,8 +134,7 @@ class DyConv(nn.Module):
             raise ValueError(f"DyConv: dcn_impl must be one of {DCN_IMPLS}, got {dcn_impl!r}")
         if in_channels != out_channels:
             raise ValueError(f"DyHead: the block mixes levels and input, so in ({in_channels}) must equal "
-                             f"out ({out_channels}) channels; set MODEL.DYHEAD.CHANNELS = "
-                             "MODEL.FPN.OUT_CHANNELS")
+                             f"out ({out_channels}) channels")
         self.coarse_offsets = coarse_offsets
         self.dcn_impl = dcn_impl
         # [0]: stride 1 on the coarser level, [1]: the level itself, [2]: stride 2 on the finer level.

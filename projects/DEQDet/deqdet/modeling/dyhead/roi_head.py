@@ -1,6 +1,6 @@
 """The paper's two-stage form: task-aware attention on the pooled RoI features in the box head.
 
-With ``MODEL.DYHEAD.TASK_ATTENTION: False`` the backbone's blocks apply only the scale- and
+With ``ROI_BOX_HEAD.NAME: "DyHeadBoxHead"`` the backbone's blocks apply only the scale- and
 spatial-aware attention to the FPN features; RoI pooling follows, then this head applies
 ``MODEL.DYHEAD.ROI_NUM_ATTENTION`` task-aware attentions (:class:`DyReLU`, coefficients from each
 RoI's own pooled features) in place of the usual FC layers. ``ROI_BOX_HEAD.NUM_CONV`` / ``NUM_FC``
