@@ -44,7 +44,7 @@ def add_deqdet_decoder_config(cfg: CN) -> None:
     d.MAX_ITERS = 20
     # Run the inference applications of the refinement stage through torch.compile (opt-in). The first
     # inference compiles (once more when the input shape first changes, then shape-generic); the
-    # compile time and the speed-up are in benchmarks/results/speed_and_memory.md.
+    # compile time and the speed-up are measured by `make bench`.
     # Training and tools/export.py use the plain stage.
     d.COMPILE = False
     # On CUDA with TOL 0: record the init stage and the 20 + 1 steps as a CUDA graph per input shape
