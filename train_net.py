@@ -10,7 +10,7 @@
 
 import sys
 
-import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
+import deqdet  # noqa: F401  (first: it imports Detectron2 without the import-time warnings; registers models)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
@@ -18,9 +18,11 @@ from detectron2.utils import comm
 from deqdet.checkpoint.loading import readable_checkpoint_errors
 from deqdet.engine import Trainer, setup
 from deqdet.errors import NonFiniteLossError, UserInputError, one_line
+from deqdet.quiet import silence_known_warnings
 
 
 def main(args):
+    silence_known_warnings()
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)

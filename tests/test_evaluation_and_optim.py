@@ -14,7 +14,7 @@ from pycocotools.cocoeval import COCOeval
 from deqdet.data import ensure_shapes
 from deqdet.engine import Trainer, build_config
 from deqdet.errors import UserInputError
-from deqdet.evaluation import _faster_coco_eval, coco_eval_backend
+from deqdet.evaluation import _faster_coco_eval, install_fast_coco_eval
 from deqdet.optim import build_optimizer
 from tests.data.hostile_data import perfect_instances, register, write_coco
 from tests.helpers import config_file
@@ -50,7 +50,7 @@ def test_faster_coco_eval_matches_pycocotools_on_noisy_detections():
     reference = _stats(COCOeval, gt, dt)
     assert 0.1 < reference[0] < 0.9  # a non-trivial AP, so the comparison means something
     np.testing.assert_allclose(_stats(_faster_coco_eval, gt, dt), reference, atol=1e-9)
-    assert coco_eval_backend().startswith("faster-coco-eval")
+    assert install_fast_coco_eval().startswith("faster-coco-eval")
 
 
 def test_full_model_clipping_bounds_the_total_gradient_norm():

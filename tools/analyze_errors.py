@@ -24,7 +24,7 @@ import json
 import os
 import sys
 
-import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
+import deqdet  # noqa: F401  (first: it imports Detectron2 without the import-time warnings; registers models)
 import matplotlib
 import numpy as np
 from detectron2.data import MetadataCatalog
@@ -36,7 +36,8 @@ from tabulate import tabulate
 from deqdet.analysis import ERROR_KINDS, ErrorBreakdown, classify_detections, per_class_ap
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
-from deqdet.evaluation import clean_ground_truth
+from deqdet.evaluation import clean_ground_truth, install_fast_coco_eval
+from deqdet.quiet import silence_known_warnings
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -137,6 +138,8 @@ def plot_confusion(breakdown: ErrorBreakdown, names, path: str) -> None:
 
 
 def main(argv=None) -> int:
+    silence_known_warnings()
+    install_fast_coco_eval()  # the COCOeval that the evaluation runs
     args = get_parser().parse_args(argv)
     try:
         build_config(args.config_file, args.opts)  # registers DATASETS.COCO_FILES

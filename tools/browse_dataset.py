@@ -20,7 +20,7 @@ import math
 import os
 import sys
 
-import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
+import deqdet  # noqa: F401  (first: it imports Detectron2 without the import-time warnings; registers models)
 import cv2
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
@@ -31,6 +31,7 @@ from deqdet.data.checks import clean_box, image_problem
 from deqdet.data.loading import load_dataset
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
+from deqdet.quiet import silence_known_warnings
 
 KEPT, CLIPPED, DROPPED = "kept", "clipped", "dropped"
 
@@ -102,6 +103,7 @@ def draw(record: dict, metadata, scale: float = 1.0) -> tuple:
 
 
 def main(argv=None) -> int:
+    silence_known_warnings()
     args = get_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s")  # the checks' warnings, on stderr
     try:

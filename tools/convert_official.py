@@ -17,9 +17,11 @@ import torch
 import deqdet  # noqa: F401  (registers the converters)
 from deqdet.checkpoint import available_sources, convert_official, read_state_dict
 from deqdet.errors import UserInputError, one_line
+from deqdet.quiet import silence_known_warnings
 
 
 def main(argv=None) -> int:
+    silence_known_warnings()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -27,6 +27,7 @@ import deqdet  # noqa: F401  (registers datasets and models)
 from deqdet.data import SPLITS, ensure_shapes
 from deqdet.engine import Trainer, setup
 from deqdet.errors import UserInputError, one_line
+from deqdet.quiet import silence_known_warnings
 from deqdet.visualization import render_refinement
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -76,6 +77,7 @@ def draw_predictions(cfg, dataset_name: str, out_path: str, num_images: int, sco
 
 
 def main(argv=None) -> None:
+    silence_known_warnings()
     args = parse_args(argv)
     start = time.perf_counter()
     try:

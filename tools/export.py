@@ -35,7 +35,7 @@ import warnings
 from typing import List, Tuple
 
 import numpy as np
-import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
+import deqdet  # noqa: F401  (first: it imports Detectron2 without the import-time warnings; registers models)
 import torch
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
@@ -45,6 +45,7 @@ from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
 from deqdet.export import DEQ_OUTPUTS, OUTPUTS, describe, description_path, ordered_outputs
 from deqdet.inference import build_inference_model
+from deqdet.quiet import silence_known_warnings
 
 FORMATS = ("torchscript", "onnx")
 
@@ -166,6 +167,7 @@ def check_onnx(path: str, adapter: TracingAdapter) -> str:
 
 
 def main(argv=None) -> int:
+    silence_known_warnings()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

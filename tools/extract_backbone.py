@@ -26,9 +26,11 @@ import torch
 import deqdet  # noqa: F401
 from deqdet.checkpoint import read_state_dict, transfer_backbone
 from deqdet.errors import UserInputError, one_line
+from deqdet.quiet import silence_known_warnings
 
 
 def main(argv=None) -> int:
+    silence_known_warnings()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

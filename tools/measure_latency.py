@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Callable, Dict, List
 
-import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
+import deqdet  # noqa: F401  (first: it imports Detectron2 without the import-time warnings; registers models)
 import numpy as np
 import torch
 
@@ -28,6 +28,7 @@ from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
 from deqdet.inference import read_inputs
 from deqdet.predictor import Predictor
+from deqdet.quiet import silence_known_warnings
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -79,6 +80,7 @@ def measure(
 
 
 def main(argv=None) -> int:
+    silence_known_warnings()
     args = get_parser().parse_args(argv)
     if args.warmup < 0 or args.repeat < 1:
         print("error: --warmup must be >= 0 and --repeat >= 1", file=sys.stderr)

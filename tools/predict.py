@@ -27,7 +27,7 @@ import sys
 
 import cv2
 import tqdm
-import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
+import deqdet  # noqa: F401  (first: it imports Detectron2 without the import-time warnings; registers models)
 from detectron2.data import Metadata
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import Visualizer
@@ -36,6 +36,7 @@ from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
 from deqdet.inference import find_inputs
 from deqdet.predictor import Predictor as DeqdetPredictor
+from deqdet.quiet import silence_known_warnings
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -148,6 +149,7 @@ def predict_video(predictor: Predictor, path: str, output) -> None:
 
 
 def main(argv=None) -> int:
+    silence_known_warnings()
     args = get_parser().parse_args(argv)
     if bool(args.input) == bool(args.video_input):
         print("error: give either --input or --video-input", file=sys.stderr)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
+import deqdet  # noqa: F401  (first: it imports Detectron2 without the import-time warnings; registers models)
 
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
 from deqdet.inference import build_inference_model, read_inputs
+from deqdet.quiet import silence_known_warnings
 from deqdet.visualization import render_refinement
 
 
@@ -46,6 +47,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    silence_known_warnings()
     args = get_parser().parse_args(argv)
     try:
         cfg = build_config(args.config_file, args.opts)

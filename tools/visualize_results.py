@@ -20,7 +20,7 @@ import os
 import sys
 from collections import defaultdict
 
-import deqdet  # noqa: F401,I001  (first: its warning filters precede Detectron2's imports; registers models)
+import deqdet  # noqa: F401  (first: it imports Detectron2 without the import-time warnings; registers models)
 import cv2
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from detectron2.utils.visualizer import Visualizer
 from deqdet.data.loading import check_dataset, load_dataset
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
+from deqdet.quiet import silence_known_warnings
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -93,6 +94,7 @@ def draw(record: dict, results: list, metadata, threshold: float) -> np.ndarray:
 
 
 def main(argv=None) -> int:
+    silence_known_warnings()
     args = get_parser().parse_args(argv)
     try:
         build_config(args.config_file, args.opts)  # registers DATASETS.COCO_FILES

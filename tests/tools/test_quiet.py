@@ -1,6 +1,7 @@
 """Quiet by default: a normal training + evaluation run and a prediction run print no warning from
 PyTorch, Detectron2 or fvcore that a user cannot act on, no empty summaries, and no progress bar
-into output that is not a terminal."""
+into output that is not a terminal; importing deqdet prints none either and changes neither the
+warning filters nor Detectron2's COCOeval."""
 
 import subprocess
 import sys
@@ -44,3 +45,10 @@ def test_predict_lists_one_line_per_image_and_nothing_else(tmp_path):
     assert [line.split(":")[0] for line in proc.stdout.splitlines()] == [str(tmp_path / "a.png"),
                                                                           str(tmp_path / "b.png")]
     assert proc.stderr.splitlines() == ["MODEL.WEIGHTS is empty: the model keeps its random initialisation"]
+
+
+def test_importing_deqdet_is_quiet_and_changes_no_filter_and_no_cocoeval():
+    code = ("import warnings; filters = list(warnings.filters); import deqdet; "
+            "from deqdet.evaluation import _faster_coco_eval, coco_evaluation; "
+            "assert warnings.filters == filters and coco_evaluation.COCOeval_opt is not _faster_coco_eval")
+    assert _run("-c", code).stderr == ""

@@ -31,7 +31,7 @@ from .data.stream import BatchStream, build_stream_loader
 from .deq_evaluator import DEQStatisticsEvaluator
 from .env import collect_env
 from .errors import NonFiniteLossError, UserInputError
-from .evaluation import CheckedCOCOEvaluator, OutputKeyEvaluator
+from .evaluation import CheckedCOCOEvaluator, OutputKeyEvaluator, install_fast_coco_eval
 from .optim import build_optimizer
 from .resume import (
     AtomicCheckpointer,
@@ -309,7 +309,10 @@ def _quiet_cpp_extension_import():
 
 def setup(args) -> CfgNode:
     """``build_config`` from command-line ``args``, then Detectron2's ``default_setup``; the
-    ``deqdet`` logger writes to the console and ``OUTPUT_DIR/log.txt`` like Detectron2's."""
+    ``deqdet`` logger writes to the console and ``OUTPUT_DIR/log.txt`` like Detectron2's, and
+    ``COCOEvaluator`` uses the fast COCOeval (:func:`~deqdet.evaluation.install_fast_coco_eval`, before
+    the environment report names it)."""
+    install_fast_coco_eval()
     cfg = build_config(args.config_file, args.opts)
     with _quiet_cpp_extension_import():
         default_setup(cfg, args)

@@ -3,8 +3,9 @@
 ``COCOEvaluator(use_fast_impl=True)`` (its default) uses ``COCOeval_opt`` from detectron2's C++
 extension; without ``detectron2._C`` it falls back to pycocotools' pure-Python COCOeval, which
 is slow. :func:`install_fast_coco_eval` puts ``faster_coco_eval.COCOeval_faster`` (PyPI
-``faster-coco-eval``, a C++ port of the same algorithm) in its place, so every
-``COCOEvaluator`` in the process, built by this project or by the user, evaluates fast.
+``faster-coco-eval``, a C++ port of the same algorithm) in its place, so that from then on every
+``COCOEvaluator`` in the process, built by this project or by the user, evaluates fast. The run set-up
+(:func:`deqdet.engine.setup`) and :class:`CheckedCOCOEvaluator` call it; importing ``deqdet`` does not.
 Nothing changes when detectron2's own fast COCOeval is built or ``faster-coco-eval`` is missing.
 
 :class:`CheckedCOCOEvaluator` evaluates against the ground truth that training uses;
@@ -105,9 +106,11 @@ class CheckedCOCOEvaluator(COCOEvaluator):
     detector is never taught would otherwise count as missed, and a zero-size box can never be
     matched), boxes partly outside are clipped (predictions are clipped to the image too), and
     annotations whose ``image_id`` names no image are left out (:func:`clean_ground_truth`); each
-    is named in a warning, the first 20 of each kind."""
+    is named in a warning, the first 20 of each kind. Building one makes ``COCOEvaluator`` use the fast
+    COCOeval (:func:`install_fast_coco_eval`)."""
 
     def __init__(self, dataset_name: str, *args, **kwargs):
+        install_fast_coco_eval()
         super().__init__(dataset_name, *args, **kwargs)
         dropped, clipped = clean_ground_truth(self._coco_api)
         logger = logging.getLogger("deqdet")
