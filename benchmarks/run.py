@@ -228,11 +228,11 @@ def flops(models: dict, hw, device: str) -> dict:
         impls = [m.impl for m in dcns]
         for m in dcns:  # fvcore counts torchvision's deform_conv2d (with the handle below), not the gathers
             m.impl = "torchvision"
-        decoder = getattr(model, "decoder", None)
+        solver = getattr(getattr(model, "decoder", None), "inference", None)
         # fvcore traces the plain stage, not its compiled or CUDA-graph form (same operations).
-        accelerated = {k: getattr(decoder, k) for k in ("compile_stage", "cuda_graph") if hasattr(decoder, k)}
+        accelerated = {k: getattr(solver, k) for k in ("compile_stage", "cuda_graph") if hasattr(solver, k)}
         for key in accelerated:
-            setattr(decoder, key, False)
+            setattr(solver, key, False)
         with torch.no_grad():
             analysis = FlopCountAnalysis(model, images(1, hw, device))
             analysis.set_op_handle("torchvision::deform_conv2d", _deform_conv_flops)
@@ -242,7 +242,7 @@ def flops(models: dict, hw, device: str) -> dict:
         for m, impl in zip(dcns, impls):
             m.impl = impl
         for key, value in accelerated.items():
-            setattr(decoder, key, value)
+            setattr(solver, key, value)
         out[name] = {"gflops": round(total / 1e9, 1), "unsupported_ops": unsupported}
         print(f"  flops {name}: {out[name]['gflops']} G", flush=True)
     return out
@@ -289,7 +289,7 @@ def refinement_step(model, hw, repeat: int, device: str, compiled=None) -> dict:
             "refinement_step": lambda: model.decoder.refine_stage(content, xyzr, features),
         }
         if compiled is not None:
-            stage = compiled.decoder._inference_stage()
+            stage = compiled.decoder.inference.stage()
             fns["refinement_step_compiled"] = lambda: stage(content, xyzr, features)
         times = interleaved(fns, repeat, device)
     out = {k: summary(v) for k, v in times.items()}

@@ -6,9 +6,11 @@ import re
 
 import pytest
 import torch
+from detectron2.modeling import build_model
 
 import train_net
-from tests.helpers import ATSS_DYHEAD, synthetic_batch, tiny_model
+from deqdet.engine import build_config
+from tests.helpers import ATSS_DYHEAD, DENSE_QUERY_CONFIG, TINY_DENSE_QUERY, synthetic_batch, tiny_model
 
 
 def _scale_outputs(factor):
@@ -37,19 +39,23 @@ def test_diverging_refinement_falls_back_to_the_init_prediction(factor, caplog):
 
 
 def test_diverging_refinement_with_a_quality_branch_falls_back_to_the_init_prediction(caplog):
-    model = tiny_model("MODEL.DEQDET.MAX_ITERS", "3", "MODEL.QUERY.QUALITY_WEIGHT", "1.0").eval()
+    """The combined detector's predicted-IoU branch: the fallback keeps the init stage's predicted IoU
+    with its class scores (prior added)."""
+    torch.manual_seed(0)
+    cfg = build_config(DENSE_QUERY_CONFIG, [*TINY_DENSE_QUERY, "MODEL.QUERY.QUALITY_WEIGHT", "1.0",
+                                            "MODEL.DEQDET.MAX_ITERS", "3"])
+    model = build_model(cfg).eval()
     model.decoder.refine_stage.register_forward_hook(_scale_outputs(float("nan")))
+    batch = synthetic_batch(2)
+    init_outputs = []
+    model.decoder.init_stage.register_forward_hook(lambda m, a, out: init_outputs.append(out))
     with caplog.at_level(logging.WARNING), torch.no_grad():
-        results = model(synthetic_batch(2))
-        init = model.decoder.init_stage
-        init_scores = []
-        init.register_forward_hook(lambda m, a, out: init_scores.append(out))
-        model(synthetic_batch(2))
+        results = model(batch)
+        prior = model.initial_queries(batch).prior
     assert "output step not finite for images [0, 1]" in caplog.text
     _assert_well_formed(results)
-    # the fallback keeps the init stage's predicted IoU with its class scores
-    out = init_scores[0]
-    expected = (out.logits.sigmoid() * out.quality.sigmoid()).sqrt().flatten(1).max(dim=1).values
+    out = init_outputs[0]
+    expected = ((out.logits + prior).sigmoid() * out.quality.sigmoid()).sqrt().flatten(1).max(dim=1).values
     for r, top in zip(results, expected):
         torch.testing.assert_close(r["instances"].scores.max(), top)
 
