@@ -95,16 +95,8 @@ class DEQDecoder(QueryDecoder):
     def losses(
         self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor], loss_fn: LossFn
     ) -> Dict[str, torch.Tensor]:
-        """Training losses (:meth:`.training.TrainingSchedule.losses`).
-
-        Args:
-            content (B, N, D), xyzr (B, N, 4): the initial queries; features: L x (B, C, H_l, W_l).
-            loss_fn: predictions list -> ``{"s{i}_loss_*": scalar}`` (the criterion with the targets).
-
-        Returns:
-            ``init_*``, ``init^{j}_*`` and ``iter{i}_*`` losses. With ``GRAD_STASH`` the values are
-            detached numbers except one, which carries all of their gradients.
-        """
+        """Training losses: ``init_*``, ``init^{j}_*`` and ``iter{i}_*``, as
+        :meth:`.training.TrainingSchedule.losses` computes them."""
         return self.schedule.losses(content, xyzr, features, loss_fn)
 
     def trace(

@@ -114,16 +114,9 @@ class TrainingSchedule:
     def losses(
         self, content: torch.Tensor, xyzr: torch.Tensor, features: List[torch.Tensor], loss_fn: LossFn
     ) -> Dict[str, torch.Tensor]:
-        """Training losses (module docstring).
-
-        Args:
-            content (B, N, D), xyzr (B, N, 4): the initial queries; features: L x (B, C, H_l, W_l).
-            loss_fn: predictions list -> ``{"s{i}_loss_*": scalar}`` (the criterion with the targets).
-
-        Returns:
-            ``init_*``, ``init^{j}_*`` and ``iter{i}_*`` losses. With ``grad_stash`` the values are
-            detached numbers except one, which carries all of their gradients (:mod:`.stash`).
-        """
+        """Training losses (module docstring) of the arguments of :meth:`QueryDecoder.losses`:
+        ``init_*``, ``init^{j}_*`` and ``iter{i}_*``. With ``grad_stash`` the values are detached numbers
+        except one, which carries all of their gradients (:mod:`.stash`)."""
         stash = None
         if self.grad_stash:
             params = [*self.init_stage.parameters(), *self.refine_stage.parameters()]
