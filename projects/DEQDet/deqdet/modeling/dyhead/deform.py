@@ -10,9 +10,8 @@ Two interchangeable implementations of the same function, selected by its ``impl
   3 with the kernel. About twice as fast as torchvision's kernel on CPU; same output up to float
   rounding (tests compare the two, values and gradients).
 * ``"auto"`` (what the DyHead blocks run): ``"torchvision"`` for CUDA inputs, ``"sampling"``
-  otherwise. On an H100 torchvision's kernel ran ATSS + 6 DyHead blocks 2.6x faster at inference and
-  kept half the training activations (benchmarks/results/bench_cuda_800x1333.md); on CPU the sampling
-  form is the faster.
+  otherwise: on CUDA torchvision's kernel is the faster and keeps fewer training activations, on CPU
+  the sampling form is the faster (`make bench`).
 
 Both take offsets laid out as DCNv2 does: channel ``2k`` is the y offset and ``2k + 1`` the x offset
 of tap ``k = 3 i + j`` (row-major over the 3x3 kernel), in pixels of the input.
