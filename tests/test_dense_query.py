@@ -9,6 +9,7 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from deqdet.engine import build_config
+from deqdet.errors import UserInputError
 from deqdet.modeling.dense_query import DenseQueryDetector
 from deqdet.modeling.query.boxes import xyzr_to_xyxy
 
@@ -48,7 +49,6 @@ def test_builds_from_config_with_shared_pyramid():
 @pytest.mark.parametrize("bad, message", [
     (["MODEL.QUERY.FEAT_CHANNELS", "32"], "MODEL.QUERY.FEAT_CHANNELS"),
     (["MODEL.QUERY.IN_FEATURES", "['p9']"], "MODEL.QUERY.IN_FEATURES"),
-    (["MODEL.QUERY.NUM_CLASSES", "5"], "MODEL.ATSS.NUM_CLASSES"),
     (["MODEL.DENSE_QUERY.INFERENCE_SOURCE", "all"], "MODEL.DENSE_QUERY.INFERENCE_SOURCE"),
     (["MODEL.DENSE_QUERY.DECODER_NMS_THRESH", "0.0"], "MODEL.DENSE_QUERY.DECODER_NMS_THRESH"),
 ])
@@ -211,8 +211,9 @@ def test_retinanet_dense_detector_trains_and_seeds_the_queries():
 def test_unknown_dense_detector_and_class_mismatch_name_the_key():
     with pytest.raises(ValueError, match="MODEL.DENSE_QUERY.DENSE_DETECTOR"):
         _model("MODEL.DENSE_QUERY.DENSE_DETECTOR", "FCOS")
-    with pytest.raises(ValueError, match="MODEL.RETINANET.NUM_CLASSES"):
-        _model(*RETINANET[:2])
+    # two heads' counts set apart: one line naming both (deqdet.data.class_count)
+    with pytest.raises(UserInputError, match="MODEL.QUERY.NUM_CLASSES 5, MODEL.RETINANET.NUM_CLASSES 8"):
+        _model(*RETINANET[:2], "MODEL.QUERY.NUM_CLASSES", "5", "MODEL.RETINANET.NUM_CLASSES", "8")
 
 
 def test_class_prior_adds_the_dense_log_odds():

@@ -24,6 +24,7 @@ from .checkpoint.classes import CHECKPOINT_KEY as CLASSES_KEY
 from .checkpoint.classes import dataset_classes
 from .checkpoint.loading import readable_checkpoint_errors
 from .config import add_deqdet_config
+from .data.class_count import resolve_class_count
 from .data.coco_files import register_coco_files
 from .data.loading import checked_dataset_dicts
 from .data.mapper import CheckedDatasetMapper, build_train_mapper
@@ -264,11 +265,12 @@ def set_float32_matmul_precision(cfg: CfgNode) -> None:
 
 def build_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
     """Defaults + the project's keys + ``config_file`` + ``opts``, frozen; the datasets of
-    ``DATASETS.COCO_FILES`` registered.
+    ``DATASETS.COCO_FILES`` registered; one class count for every head (from the data unless set,
+    :mod:`deqdet.data.class_count`).
 
     Raises:
-        UserInputError: the config file is missing or unreadable, a key is unknown, or
-            ``TEST.AUTOCAST`` names no dtype.
+        UserInputError: the config file is missing or unreadable, a key is unknown, the class counts
+            set disagree, or ``TEST.AUTOCAST`` names no dtype.
     """
     cfg = get_cfg()
     add_deqdet_config(cfg)
@@ -287,10 +289,24 @@ def build_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
         cfg.merge_from_list(opts or [])
     except (KeyError, AssertionError, ValueError) as e:
         raise UserInputError(f"command-line override: {e.args[0] if e.args else e}") from e
+    register_coco_files(cfg)
+    resolve_class_count(cfg, _keys_set(config_file, opts or []))
     cfg.freeze()
     autocast_dtype(cfg)  # an unknown TEST.AUTOCAST fails here, not after training
-    register_coco_files(cfg)
     return cfg
+
+
+def _keys_set(config_file: str, opts: list[str]) -> set[str]:
+    """The dotted keys ``config_file`` (with its ``_BASE_`` files) and the ``opts`` pairs set."""
+
+    def flat(node: dict, prefix: str = "") -> set[str]:
+        keys = set()
+        for name, value in node.items():
+            keys |= flat(value, f"{prefix}{name}.") if isinstance(value, dict) else {prefix + name}
+        return keys
+
+    keys = flat(CfgNode.load_yaml_with_base(config_file)) if config_file else set()
+    return keys | set(opts[0::2])
 
 
 @contextlib.contextmanager
