@@ -303,3 +303,15 @@ def test_a_training_step_computes_the_dense_anchors_once(opts, monkeypatch):
     with EventStorage(0):
         model(_inputs())
     assert len(calls) == 1
+
+
+def test_coco_config_is_the_shapes_flagships_combined_detector():
+    """One combined detector: the COCO config's wiring and matching are those of the flagship trained from
+    a trained backbone (its shapes analogue)."""
+    coco = build_config(os.path.join(ROOT, "configs", "deqdet_dyhead_r50_1x.yaml"))
+    finetune = os.path.join(ROOT, "configs", "shapes", "retinanet_dyhead_deqdet_r18_finetune.yaml")
+    shapes = build_config(finetune)
+    assert coco.MODEL.DENSE_QUERY == shapes.MODEL.DENSE_QUERY
+    assert coco.MODEL.META_ARCHITECTURE == shapes.MODEL.META_ARCHITECTURE == "DenseQueryDetector"
+    for key in ("DECODER", "QUALITY_WEIGHT", "MATCHES_PER_GT"):
+        assert coco.MODEL.QUERY[key] == shapes.MODEL.QUERY[key], key
