@@ -7,8 +7,10 @@ line per run.
     .venv/bin/python tools/plot_curves.py output/demo/metrics.json --keys total_loss bbox/AP
 
 A run is its ``OUTPUT_DIR`` or its ``metrics.json``. Without ``--keys``: ``total_loss``, every other
-``loss_*``, ``lr``, ``bbox/AP`` and ``deq/mean_steps``, those that some run has. A line that is not
-JSON (the last one of a killed run) is skipped and counted.
+loss (``loss_*``, and those of the decoders and the combined detector: ``dense_loss_*``,
+``init_loss_*``, ``iter{i}_loss_*``, ...), ``lr``, ``bbox/AP`` and ``deq/mean_steps``, those that
+some run has. Each run keeps its colour in every panel; one legend names them all. A line that is
+not JSON (the last one of a killed run) is skipped and counted.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Dict, List, Sequence, Tuple
 
@@ -23,8 +26,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 DEFAULT_KEYS = ("total_loss", "lr", "bbox/AP", "deq/mean_steps")
+# a loss of any model: ``loss_*`` and ``<prefix>_loss_*`` (dense_, init_, init^{j}_, iter{i}_, s{i}_)
+LOSS_KEY = re.compile(r"(^|_)loss_")
 
 
 class BadRun(ValueError):
@@ -55,23 +62,37 @@ def series(records: Sequence[dict], key: str) -> Tuple[List[int], List[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _natural(key: str) -> list:
+    """Sort key that orders ``iter2_...`` before ``iter10_...``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
 def default_keys(runs: Dict[str, List[dict]]) -> List[str]:
-    """:data:`DEFAULT_KEYS` with every ``loss_*`` after ``total_loss``, those that some run has."""
+    """:data:`DEFAULT_KEYS` with every other loss after ``total_loss`` (:data:`LOSS_KEY`: ATSS's
+    ``loss_*``, the combined detector's ``dense_loss_*``, the decoders' ``init_loss_*``,
+    ``init^{j}_loss_*``, ``iter{i}_loss_*`` and ``s{i}_loss_*``), those that some run has."""
     present = {k for records in runs.values() for r in records for k in r}
-    losses = sorted(k for k in present if k.startswith("loss_"))
+    losses = sorted((k for k in present if LOSS_KEY.search(k) and k not in DEFAULT_KEYS), key=_natural)
     return [k for k in (DEFAULT_KEYS[0], *losses, *DEFAULT_KEYS[1:]) if k in present]
 
 
-def plot(runs: Dict[str, List[dict]], keys: Sequence[str], output: str) -> None:
-    """One panel per key, one line per run; written to ``output`` (PNG)."""
+def draw(runs: Dict[str, List[dict]], keys: Sequence[str]) -> Figure:
+    """One panel per key, one line per run; a run has the same colour in every panel (the colour
+    cycle's entry of its index, whichever panels it is missing from) and one legend above the panels
+    names every run."""
     columns = min(3, len(keys))
     rows = (len(keys) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
+    height = 3.4 * rows + 0.3 * ((len(runs) + 2) // 3)  # the panels, then the legend's rows
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(5 * columns, height), squeeze=False, layout="constrained"
+    )
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {name: cycle[i % len(cycle)] for i, name in enumerate(runs)}
     for ax, key in zip(axes.flat, keys):
         for name, records in runs.items():
             x, y = series(records, key)
             if x:
-                ax.plot(x, y, marker="o" if len(x) < 5 else None, label=name)
+                ax.plot(x, y, marker="o" if len(x) < 5 else None, color=colors[name], label=name)
         ax.set_title(key)
         ax.set_xlabel("iteration")
         positive = all(v > 0 for records in runs.values() for v in series(records, key)[1])
@@ -80,8 +101,14 @@ def plot(runs: Dict[str, List[dict]], keys: Sequence[str], output: str) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles = [Line2D([], [], color=colors[name], label=name) for name in runs]
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(3, len(runs)), fontsize=8)
+    return fig
+
+
+def plot(runs: Dict[str, List[dict]], keys: Sequence[str], output: str) -> None:
+    """:func:`draw` written to ``output`` (PNG)."""
+    fig = draw(runs, keys)
     fig.savefig(output, dpi=100)
     plt.close(fig)
 
