@@ -3,7 +3,9 @@
 a per-class AP / AP50 / AP75 table (COCOeval, as the evaluation computes it), each detection with a
 score of at least ``--score-threshold`` classified as correct, duplicate, class confusion,
 localisation or background, the missed boxes counted (overall and per class;
-:mod:`deqdet.analysis` defines each), and a confusion matrix picture.
+:mod:`deqdet.analysis` defines each), a confusion matrix picture whose counts are those of the
+table, and the ``--topk`` best and worst images by F1 at IoU 0.5 (as mmdetection's
+``analyze_results``).
 
     .venv/bin/python tools/analyze_errors.py \\
         --results output/demo/inference/shapes_val/coco_instances_results.json \\
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -33,7 +36,15 @@ from detectron2.structures import BoxMode
 from pycocotools.coco import COCO
 from tabulate import tabulate
 
-from deqdet.analysis import ERROR_KINDS, ErrorBreakdown, classify_detections, per_class_ap
+from deqdet.analysis import (
+    CONFUSION_ROWS,
+    ERROR_KINDS,
+    ErrorBreakdown,
+    ImageScore,
+    best_and_worst,
+    classify_detections,
+    per_class_ap,
+)
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
 from deqdet.evaluation import clean_ground_truth, install_fast_coco_eval
@@ -58,6 +69,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="folder for confusion_matrix.png and errors.json")
     parser.add_argument(
         "--score-threshold", type=float, default=0.3, help="detections classified (default 0.3)"
+    )
+    parser.add_argument(
+        "--topk", type=int, default=10, help="how many best and worst images to list (default 10)"
     )
     parser.add_argument("--config-file", default="", metavar="FILE", help="for DATASETS.COCO_FILES in --opts")
     parser.add_argument(
@@ -95,7 +109,8 @@ def load_ground_truth_and_results(dataset: str, results_path: str):
 
 
 def analyze(coco_gt, coco_dt, score_threshold: float):
-    """(per-class AP array (K, 3), :class:`ErrorBreakdown`, class names)."""
+    """(per-class AP array (K, 3), :class:`ErrorBreakdown`, class names, an :class:`ImageScore`
+    per image)."""
     cat_ids = sorted(coco_gt.getCatIds())
     names = [coco_gt.cats[c]["name"] for c in cat_ids]
     index = {c: i for i, c in enumerate(cat_ids)}
@@ -104,10 +119,11 @@ def analyze(coco_gt, coco_dt, score_threshold: float):
         evaluation.evaluate()
         evaluation.accumulate()
     breakdown = ErrorBreakdown(len(cat_ids))
+    scores = []
     for image_id in coco_gt.getImgIds():
         gts = [a for a in coco_gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
         dets = [d for d in coco_dt.imgToAnns.get(image_id, []) if d["score"] >= score_threshold]
-        classify_detections(
+        kinds = classify_detections(
             breakdown,
             _xyxy(gts),
             [index[a["category_id"]] for a in gts],
@@ -115,12 +131,14 @@ def analyze(coco_gt, coco_dt, score_threshold: float):
             [index[d["category_id"]] for d in dets],
             [d["score"] for d in dets],
         )
-    return per_class_ap(evaluation.eval["precision"]), breakdown, names
+        scores.append(ImageScore.of(image_id, coco_gt.imgs[image_id]["file_name"], kinds, len(gts)))
+    return per_class_ap(evaluation.eval["precision"]), breakdown, names, scores
 
 
 def plot_confusion(breakdown: ErrorBreakdown, names, path: str) -> None:
+    """The confusion matrix as a picture: counts written, colour the fraction of the row."""
     matrix = breakdown.confusion
-    rows, columns = [*names, "(background)"], [*names, "(missed)"]
+    rows, columns = [*names, *(f"({kind})" for kind in CONFUSION_ROWS)], [*names, "(missed)"]
     size = 1.2 + 0.55 * len(rows)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     shown = ax.imshow(matrix / np.maximum(matrix.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
@@ -137,6 +155,20 @@ def plot_confusion(breakdown: ErrorBreakdown, names, path: str) -> None:
     plt.close(fig)
 
 
+def image_table(scores) -> str:
+    """A pipe table of :class:`ImageScore` rows."""
+    rows = [[s.file_name, f"{s.f1:.2f}", s.correct, s.false_positives, s.missed] for s in scores]
+    headers = ["image", "F1", "correct", "false positives", "missed"]
+    return tabulate(  # file names as given: a name of digits stays text
+        rows, headers=headers, tablefmt="pipe", disable_numparse=True, colalign=("left", *["right"] * 4)
+    )
+
+
+def _image_entry(score: ImageScore) -> dict:
+    """An :class:`ImageScore` for errors.json."""
+    return {**dataclasses.asdict(score), "f1": score.f1}
+
+
 def main(argv=None) -> int:
     silence_known_warnings()
     install_fast_coco_eval()  # the COCOeval that the evaluation runs
@@ -147,7 +179,7 @@ def main(argv=None) -> int:
     except UserInputError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    ap, breakdown, names = analyze(coco_gt, coco_dt, args.score_threshold)
+    ap, breakdown, names, scores = analyze(coco_gt, coco_dt, args.score_threshold)
     table = [
         [
             name,
@@ -162,6 +194,11 @@ def main(argv=None) -> int:
     print(tabulate(table, headers=["class", "AP", "AP50", "AP75", *ERROR_KINDS], tablefmt="pipe"))
     print(f"(detections with score >= {args.score_threshold}; IoU 0.5 for a match, 0.1 to count as "
           "localisation)")
+    best, worst = best_and_worst(scores, args.topk)
+    for title, listed in (("best", best), ("worst", worst)):
+        print(f"\n{title} {len(listed)} images (F1 of the detections with score >= {args.score_threshold} "
+              "at IoU 0.5):")
+        print(image_table(listed))
     os.makedirs(args.output, exist_ok=True)
     plot_confusion(breakdown, names, os.path.join(args.output, "confusion_matrix.png"))
     with open(os.path.join(args.output, "errors.json"), "w") as f:
@@ -170,7 +207,11 @@ def main(argv=None) -> int:
                 "classes": names,
                 "ap": ap.tolist(),
                 "counts": dict(breakdown.counts),
+                "per_class": {names[k]: dict(counts) for k, counts in sorted(breakdown.per_class.items())},
+                "confusion_rows": [*names, *CONFUSION_ROWS],
                 "confusion": breakdown.confusion.tolist(),
+                "best_images": [_image_entry(s) for s in best],
+                "worst_images": [_image_entry(s) for s in worst],
                 "score_threshold": args.score_threshold,
             },
             f,

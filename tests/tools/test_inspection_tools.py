@@ -138,7 +138,8 @@ def test_error_kinds_by_hand():
     kinds = classify_detections(breakdown, gt, [0, 1, 0], dets, [0, 0, 0, 0, 1], [0.9, 0.8, 0.7, 0.6, 0.5])
     assert kinds == ["correct", "duplicate", "class confusion", "localisation", "background"]
     assert breakdown.counts["missed"] == 2  # boxes 1 and 2
-    assert breakdown.confusion.tolist() == [[1, 0, 1], [1, 0, 1], [1, 1, 0]]
+    # rows: the two classes, then localisation, background; columns: the two classes, then missed
+    assert breakdown.confusion.tolist() == [[1, 0, 1], [1, 0, 1], [1, 0, 0], [0, 1, 0]]
 
 
 def test_analyze_errors_table_and_confusion_matrix(run, tmp_path, capsys):

@@ -1,6 +1,7 @@
-"""What an evaluation's errors are: per-class AP from COCOeval's precision array, and each
-detection classified against the ground truth (as the error analyses of the COCO toolkit and
-TIDE do) with a confusion matrix (as mmdetection's ``confusion_matrix``).
+"""What an evaluation's errors are: per-class AP from COCOeval's precision array, each detection
+classified against the ground truth (as the error analyses of the COCO toolkit and TIDE do) with a
+confusion matrix (as mmdetection's ``confusion_matrix``), and the images ranked by F1 (as
+mmdetection's ``analyze_results`` ranks them by AP).
 
 A detection (score >= a threshold, highest first in each image) is:
 
@@ -18,15 +19,25 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from detectron2.structures import Boxes, pairwise_iou
 
-__all__ = ["ERROR_KINDS", "ErrorBreakdown", "classify_detections", "per_class_ap"]
+__all__ = [
+    "CONFUSION_ROWS",
+    "ERROR_KINDS",
+    "ErrorBreakdown",
+    "ImageScore",
+    "best_and_worst",
+    "classify_detections",
+    "per_class_ap",
+]
 
 ERROR_KINDS = ("correct", "duplicate", "class confusion", "localisation", "background", "missed")
+# the confusion matrix's rows after the K ground-truth classes: detections of no object, by kind
+CONFUSION_ROWS = ("localisation", "background")
 
 
 def per_class_ap(precision: np.ndarray) -> np.ndarray:
@@ -44,9 +55,12 @@ def per_class_ap(precision: np.ndarray) -> np.ndarray:
 @dataclass
 class ErrorBreakdown:
     """Counts of :data:`ERROR_KINDS`, overall and per class (the detection's class; a missed box's
-    class), and the (K + 1) x (K + 1) confusion matrix: rows the ground-truth class, the last row
-    detections of no object (background, localisation); columns the detected class, the last
-    column boxes no detection found. Duplicates are counted only in ``counts``."""
+    class), and the (K + 2) x (K + 1) confusion matrix: rows the ground-truth class, then the
+    detections of no object, as :data:`CONFUSION_ROWS` (``localisation``, ``background``); columns
+    the detected class, the last column boxes no detection found. Every count of the table is a
+    part of the matrix: for class k, ``correct`` is ``confusion[k, k]``, ``class confusion`` the
+    rest of column k over the ground-truth rows, ``localisation`` and ``background`` column k of
+    their rows, ``missed`` row k of the last column. Duplicates are counted only in ``counts``."""
 
     num_classes: int
     counts: Counter = field(default_factory=Counter)
@@ -54,7 +68,7 @@ class ErrorBreakdown:
     confusion: np.ndarray = None
 
     def __post_init__(self):
-        self.confusion = np.zeros((self.num_classes + 1, self.num_classes + 1), np.int64)
+        self.confusion = np.zeros((self.num_classes + len(CONFUSION_ROWS), self.num_classes + 1), np.int64)
 
     def add(self, kind: str, cls: int) -> None:
         self.counts[kind] += 1
@@ -71,7 +85,7 @@ def classify_detections(breakdown: ErrorBreakdown, gt_boxes: np.ndarray, gt_clas
     ious = pairwise_iou(Boxes(torch.as_tensor(det_boxes, dtype=torch.float32).reshape(-1, 4)),
                         Boxes(torch.as_tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4))).numpy()
     gt_classes, taken = np.asarray(gt_classes, np.int64), np.zeros(len(gt_boxes), bool)
-    background = breakdown.num_classes
+    missed_column = breakdown.num_classes
     kinds = [""] * len(det_boxes)
     for d in order:
         cls = int(det_classes[d])
@@ -90,10 +104,45 @@ def classify_detections(breakdown: ErrorBreakdown, gt_boxes: np.ndarray, gt_clas
             breakdown.confusion[gt_classes[other[np.argmax(ious[d][other])]], cls] += 1
         else:
             kind = "localisation" if np.any(same & (ious[d] >= background_iou)) else "background"
-            breakdown.confusion[background, cls] += 1
+            breakdown.confusion[breakdown.num_classes + CONFUSION_ROWS.index(kind), cls] += 1
         breakdown.add(kind, cls)
         kinds[d] = kind
     for g in np.where(~taken)[0]:
         breakdown.add("missed", int(gt_classes[g]))
-        breakdown.confusion[gt_classes[g], background] += 1
+        breakdown.confusion[gt_classes[g], missed_column] += 1
     return kinds
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """One image's detections at IoU 0.5 (:func:`classify_detections`): ``correct`` ones, the
+    other detections (``false_positives``: duplicates, confusions, localisation, background) and
+    the ``missed`` boxes."""
+
+    image_id: int
+    file_name: str
+    correct: int
+    false_positives: int
+    missed: int
+
+    @classmethod
+    def of(cls, image_id: int, file_name: str, kinds: Sequence[str], num_gt: int) -> "ImageScore":
+        """From :func:`classify_detections`' kinds of the image's detections and its box count."""
+        correct = sum(kind == "correct" for kind in kinds)
+        return cls(image_id, file_name, correct, len(kinds) - correct, num_gt - correct)
+
+    @property
+    def f1(self) -> float:
+        """``2 correct / (2 correct + false positives + missed)``: 1 for an image whose every box
+        is found with no other detection, 0 when none is found."""
+        return 2 * self.correct / (2 * self.correct + self.false_positives + self.missed)
+
+
+def best_and_worst(scores: Sequence[ImageScore], k: int) -> Tuple[List[ImageScore], List[ImageScore]]:
+    """The ``k`` images of highest F1 (ties: more correct detections first) and the ``k`` of lowest
+    F1 (ties: more errors first), each list best / worst first; ties beyond that by image id. Images
+    with neither ground truth nor detections have no F1 and are not ranked."""
+    ranked = [s for s in scores if s.correct + s.false_positives + s.missed]
+    best = sorted(ranked, key=lambda s: (-s.f1, -s.correct, s.image_id))[:k]
+    worst = sorted(ranked, key=lambda s: (s.f1, -(s.false_positives + s.missed), s.image_id))[:k]
+    return best, worst
