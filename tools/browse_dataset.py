@@ -36,6 +36,11 @@ from deqdet.quiet import silence_known_warnings
 KEPT, CLIPPED, DROPPED = "kept", "clipped", "dropped"
 
 
+def count(n: int, noun: str) -> str:
+    """``1 box``, ``2 boxes``."""
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("x") else "s")
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -126,9 +131,10 @@ def main(argv=None) -> int:
         )
         cv2.imwrite(target, picture[:, :, ::-1])
         counts = {kind: sum(o[0] == kind for o in outcomes) for kind in (KEPT, CLIPPED, DROPPED)}
-        print(f"{target}: {len(outcomes)} boxes, {counts[CLIPPED]} clipped, {counts[DROPPED]} dropped")
+        boxes = count(len(outcomes), "box")
+        print(f"{target}: {boxes}, {counts[CLIPPED]} clipped, {counts[DROPPED]} dropped")
         drawn += 1
-    print(f"{drawn} images of {args.dataset!r} drawn into {args.output}")
+    print(f"{count(drawn, 'image')} of {args.dataset!r} drawn into {args.output}")
     return 0
 
 

@@ -15,7 +15,8 @@ The interface of Detectron2's ``demo/demo.py``. Images are read with Detectron2'
 checkpoint (those of the training data; ``DATASETS.TEST`` only for a checkpoint without them).
 ``--output``: a folder (one PNG per input, named after it) or, for a single input, a file name.
 Without ``--output`` the detections are only listed. An input that cannot be read, or a path or
-glob that names no file, is reported in one line (``skipped ...``) and skipped; the exit status is
+glob that names no file, is reported in one line (``skipped ...``) and skipped, and so are, in one
+line per folder, the files of a folder that are not images by their extension; the exit status is
 1 when no input could be read. Runs on ``MODEL.DEVICE`` (CUDA when available, else CPU).
 """
 
@@ -37,6 +38,13 @@ from deqdet.errors import UserInputError, one_line
 from deqdet.inference import find_inputs
 from deqdet.predictor import Predictor as DeqdetPredictor
 from deqdet.quiet import silence_known_warnings
+
+LISTED = 5  # detections named per image; the others are counted
+
+
+def count(n: int, noun: str) -> str:
+    """``1 detection``, ``2 detections``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -88,10 +96,13 @@ class Predictor:
         return instances, drawn.get_image()
 
     def describe(self, instances) -> str:
+        """``N detections: <class> <score>, ...``, highest score first; past :data:`LISTED` detections
+        ``N detections, the 5 highest: ...``."""
         label = self.classes.label if self.classes else str
-        classes, scores = instances.pred_classes.tolist(), instances.scores.tolist()
-        parts = [f"{label(c)} {s:.2f}" for c, s in zip(classes, scores)]
-        return f"{len(instances)} detections" + (": " + ", ".join(parts[:5]) if parts else "")
+        order = instances.scores.argsort(descending=True)[:LISTED].tolist()
+        parts = [f"{label(instances.pred_classes[i].item())} {instances.scores[i].item():.2f}" for i in order]
+        listed = f", the {len(parts)} highest" if len(parts) < len(instances) else ""
+        return count(len(instances), "detection") + (f"{listed}: " + ", ".join(parts) if parts else "")
 
 
 def predict_images(predictor: Predictor, paths, output) -> int:

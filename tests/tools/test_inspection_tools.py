@@ -64,7 +64,7 @@ def test_browse_dataset_marks_clipped_and_dropped_boxes(tmp_path, capsys):
     )
     captured = capsys.readouterr()
     assert f"{out / 'boxes.png'}: 7 boxes, 2 clipped, 4 dropped" in captured.out
-    assert f"{out / 'good.png'}: 1 boxes, 0 clipped, 0 dropped" in captured.out
+    assert f"{out / 'good.png'}: 1 box, 0 clipped, 0 dropped" in captured.out
     assert "skipped" in captured.err and "missing.png: image not found" in captured.err
     assert sorted(os.listdir(out)) == ["boxes.png", "good.png"]
     drawn, plain = np.asarray(Image.open(out / "boxes.png")), np.asarray(

@@ -26,11 +26,30 @@ __all__ = ["IMAGE_EXTENSIONS", "find_inputs", "read_inputs", "check_weights", "b
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_NAMED_FILES = 5  # files that are not images named per folder; the others are counted
+
+
+def _name_other_files(folder: str) -> None:
+    """Name on stderr, in one line, the files of ``folder`` that are not images by their extension
+    (hidden files, such as ``.DS_Store``, left out)."""
+    others = sorted(
+        f for f in os.listdir(folder)
+        if not f.startswith(".") and not f.lower().endswith(IMAGE_EXTENSIONS)
+        and os.path.isfile(os.path.join(folder, f))
+    )
+    if others:
+        named = ", ".join(others[:_NAMED_FILES]) + (
+            f" and {len(others) - _NAMED_FILES} more" if len(others) > _NAMED_FILES else ""
+        )
+        noun = "file" if len(others) == 1 else "files"
+        print(f"skipped {len(others)} {noun} of {folder} that are not images "
+              f"({' '.join(IMAGE_EXTENSIONS)}): {named}", file=sys.stderr)
 
 
 def find_inputs(patterns: Sequence[str]) -> Tuple[List[str], List[str]]:
     """``--input`` patterns -> ``(image files, patterns that named no file)``: files as given, globs
-    expanded (sorted), folders -> their image files (sorted, by extension)."""
+    expanded (sorted), folders -> their image files (sorted, by extension; the folder's other files
+    are named on stderr, ``skipped N files of FOLDER that are not images ...``)."""
     paths: List[str] = []
     missing: List[str] = []
     for pattern in patterns:
@@ -38,6 +57,7 @@ def find_inputs(patterns: Sequence[str]) -> Tuple[List[str], List[str]]:
             found = sorted(
                 os.path.join(pattern, f) for f in os.listdir(pattern) if f.lower().endswith(IMAGE_EXTENSIONS)
             )
+            _name_other_files(pattern)
         elif os.path.isfile(pattern):
             found = [pattern]
         else:
