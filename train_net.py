@@ -27,8 +27,10 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-        with readable_checkpoint_errors(checkpointer, cfg.MODEL.WEIGHTS, resume=args.resume):
-            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # weights of other shapes (another class count) are refused rather than evaluated untrained
+        weights = cfg.MODEL.WEIGHTS
+        with readable_checkpoint_errors(checkpointer, weights, resume=args.resume, inference_cfg=cfg):
+            checkpointer.resume_or_load(weights, resume=args.resume)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             from detectron2.evaluation import verify_results

@@ -19,6 +19,7 @@ from detectron2.modeling import build_model
 
 from .checkpoint.classes import CHECKPOINT_KEY as CLASSES_KEY
 from .checkpoint.classes import ClassNames, resolve_classes
+from .checkpoint.loading import shapes_checked
 from .errors import UserInputError
 
 __all__ = ["IMAGE_EXTENSIONS", "find_inputs", "read_inputs", "check_weights", "build_inference_model"]
@@ -97,8 +98,16 @@ def check_weights(path: str) -> None:
 
 def build_inference_model(cfg) -> Tuple[torch.nn.Module, Optional[ClassNames]]:
     """``build_model(cfg)`` in eval mode with ``MODEL.WEIGHTS`` loaded (:func:`check_weights`), and
-    the class names of its training data (:func:`~deqdet.checkpoint.classes.resolve_classes`)."""
+    the class names of its training data (:func:`~deqdet.checkpoint.classes.resolve_classes`).
+
+    Raises:
+        UserInputError: ``MODEL.WEIGHTS`` names no file, or weights whose shapes differ from the
+            model's (another class count: the message names both and the ``NUM_CLASSES`` keys to set;
+            :func:`~deqdet.checkpoint.loading.shapes_checked`).
+    """
     check_weights(cfg.MODEL.WEIGHTS)
     model = build_model(cfg)
-    rest = DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # what the checkpoint holds besides the model
+    checkpointer = DetectionCheckpointer(model)
+    with shapes_checked(checkpointer, cfg.MODEL.WEIGHTS, inference_cfg=cfg):
+        rest = checkpointer.load(cfg.MODEL.WEIGHTS)  # what the checkpoint holds besides the model
     return model.eval(), resolve_classes(cfg, rest.get(CLASSES_KEY))
