@@ -116,6 +116,11 @@ def _log_problems(name: str, problems: list[tuple[str, str]], what: str) -> Coun
     return kinds
 
 
+def _number(count: int, noun: str) -> str:
+    """``"1 box"``, ``"3 boxes"``, ``"2 images"``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith('x') else 's'}"
+
+
 def _counts(kinds: Counter) -> str:
     return ", ".join(f"{kind}: {n}" for kind, n in kinds.most_common())
 
@@ -147,13 +152,13 @@ def check_dataset(name: str, dicts: list[dict], *, skip_bad_images: bool) -> lis
         clipped += n_clipped
     image_kinds = _log_problems(name, bad, "skipped image" if skip_bad_images else "image")
     box_kinds = _log_problems(name, dropped_boxes, "dropped")
-    summary = [f"dataset {name!r}: {len(dicts)} images checked"]
+    summary = [f"dataset {name!r}: {_number(len(dicts), 'image')} checked"]
     if bad:
         summary.append(f"{len(bad)} unusable ({_counts(image_kinds)})")
     if dropped_boxes:
-        summary.append(f"{len(dropped_boxes)} boxes dropped ({_counts(box_kinds)})")
+        summary.append(f"{_number(len(dropped_boxes), 'box')} dropped ({_counts(box_kinds)})")
     if clipped:
-        summary.append(f"{clipped} boxes clipped to their image")
+        summary.append(f"{_number(clipped, 'box')} clipped to their image")
     if len(summary) == 1:
         summary.append("no problems found")
     logger.info("; ".join(summary))
