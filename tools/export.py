@@ -19,18 +19,24 @@ named fields. A DEQ decoder is exported with a fixed number of refinement steps:
 stop is data-dependent control flow, which tracing cannot keep). Likewise a ``DenseQueryDetector``
 keeps the sample's number of dense boxes after NMS (normally ``NUM_QUERIES``).
 
-Writes ``{output}.ts`` (``torch.jit.load``), ``{output}.onnx`` when ONNX export succeeds (needs
-``pip install .[export]``: onnx, and onnxruntime to check it), ``{output}.json``, and prints the
-largest difference between the exported and the eager outputs on the sample and on a second random
-input of the same size.
+Writes ``{output}.ts`` (``torch.jit.load``), ``{output}.onnx`` when ONNX export succeeds (needs the
+optional extra ``export``: onnx, and onnxruntime to check it; ``.venv/bin/pip install -e '.[export]'``),
+``{output}.onnx.log`` (the ONNX exporter's own output: its warnings, and on failure the full error
+with the graph it stopped at), ``{output}.json``, and prints one line per format with the largest
+difference between the exported and the eager outputs on the sample and on a second random input
+of the same size.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import importlib.util
 import json
 import os
 import sys
+import traceback
 import warnings
 from typing import List, Tuple
 
@@ -43,7 +49,10 @@ from detectron2.export import TracingAdapter
 
 from deqdet.engine import build_config
 from deqdet.errors import UserInputError, one_line
-from deqdet.export import DEQ_OUTPUTS, OUTPUTS, describe, description_path, ordered_outputs
+from deqdet.export import (
+    DEQ_OUTPUTS, INSTALL_EXPORT_EXTRA, ONNX_OPSET, OUTPUTS, describe, description_path, onnx_exportable,
+    onnx_symbolics, ordered_outputs,
+)
 from deqdet.inference import build_inference_model
 from deqdet.quiet import silence_known_warnings
 
@@ -136,34 +145,107 @@ def check_torchscript(model, path: str, images: List[torch.Tensor]) -> List[floa
     return diffs
 
 
+def missing_export_extra() -> List[str]:
+    """The modules of the optional extra ``export`` that are not installed: ``onnx`` (to export),
+    ``onnxruntime`` (to check the export)."""
+    return [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+
+
+def failure_cause(error: Exception) -> str:
+    """The first line of the exporter's error without the graph it names (e.g. "Unsupported: ONNX export
+    of batch_norm for unknown channel size."); the error's type when its message is empty."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0].split("[Caused by")[0].strip()[:300]
+
+
+@contextlib.contextmanager
+def output_to(path: str):
+    """Everything the block writes to stdout and stderr goes to the file ``path``: Python's output and
+    native code's (the ONNX exporter logs its whole graph from C++ to the process's stdout when it
+    fails), through the file descriptors and C's buffers."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield
+        finally:
+            log.flush()
+            ctypes.CDLL(None).fflush(None)  # what C++ (std::cout, through C's stdout) still buffers
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
 @torch.no_grad()
-def export_onnx(model, image: torch.Tensor, path: str, names: List[str]) -> str:
-    """Try ``torch.onnx.export`` (TorchScript-based exporter, opset 17; input ``image``, outputs
-    ``names``); returns "" or why it failed."""
-    model.requires_grad_(False)
+def export_onnx(model, image: torch.Tensor, path: str, names: List[str], log_path: str) -> str:
+    """Export ``model`` traced on ``image`` with ``torch.onnx.export`` (TorchScript-based exporter,
+    opset 17; input ``image``, outputs ``names``) through :func:`deqdet.export.onnx_exportable` and
+    with :func:`deqdet.export.onnx_symbolics`.
+    Whatever the exporter prints, and its error with traceback when it fails, goes to ``log_path``.
+
+    Returns:
+        "" on success, else the one-line cause (no ``path`` is left behind).
+    """
+    model = onnx_exportable(model).requires_grad_(False)
     adapter = adapter_for(model, image)
-    try:
-        torch.onnx.export(adapter, adapter.flattened_inputs, path, opset_version=17, dynamo=False,
-                          input_names=["image"], output_names=names)
-    except Exception as e:  # the exporter raises many types; its message names the op at fault
-        if os.path.exists(path):
-            os.remove(path)
-        return " ".join(str(e).split())[:400]
-    return ""
+    cause = ""
+    with output_to(log_path), onnx_symbolics():
+        try:
+            torch.onnx.export(adapter, adapter.flattened_inputs, path, opset_version=ONNX_OPSET, dynamo=False,
+                              input_names=["image"], output_names=names)
+        except Exception as e:  # the exporter raises many types; its message names the op at fault
+            traceback.print_exc()
+            cause = failure_cause(e)
+    if cause and os.path.exists(path):
+        os.remove(path)
+    return cause
 
 
-def check_onnx(path: str, adapter: TracingAdapter) -> str:
-    """Run the ONNX file with onnxruntime (when installed) -> a one-line verdict."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return "not run (onnxruntime is not installed)"
+@torch.no_grad()
+def check_onnx(model, path: str, images: List[torch.Tensor]) -> List[float]:
+    """Per image: the largest difference between the ONNX model run by onnxruntime (CPU) and the eager
+    model."""
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: its graph-optimisation notes are not the user's
     runtime = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feeds = {i.name: x.cpu().numpy() for i, x in zip(runtime.get_inputs(), adapter.flattened_inputs)}
-    got = tuple(torch.from_numpy(x) for x in runtime.run(None, feeds))
-    return f"onnxruntime max |difference| {max_difference(got, adapter(*adapter.flattened_inputs)):.3g}"
+    diffs = []
+    for image in images:
+        adapter = adapter_for(model, image)
+        feeds = {i.name: x.cpu().numpy() for i, x in zip(runtime.get_inputs(), adapter.flattened_inputs)}
+        got = tuple(torch.from_numpy(x) for x in runtime.run(None, feeds))
+        diffs.append(max_difference(got, adapter(*adapter.flattened_inputs)))
+    return diffs
+
+
+def report_onnx(model, image: torch.Tensor, other: torch.Tensor, prefix: str, names: List[str]) -> int:
+    """Export to ``{prefix}.onnx`` and check it on ``image`` and ``other``; print one line. Returns the
+    exit status: 1 when onnx is missing or the export fails, else 0."""
+    path, log_path = prefix + ".onnx", prefix + ".onnx.log"
+    missing = missing_export_extra()
+    if "onnx" in missing:
+        print(f"onnx: not exported: {' and '.join(missing)} not installed (the optional extra 'export'; "
+              f"from the repository root: {INSTALL_EXPORT_EXTRA})")
+        return 1
+    cause = export_onnx(model, image, path, names, log_path)
+    if cause:
+        print(f"onnx: not exported: {cause} (the exporter's full output: {log_path})")
+        return 1
+    if missing:
+        print(f"onnx: {path}; not checked: onnxruntime not installed (the optional extra 'export'; "
+              f"from the repository root: {INSTALL_EXPORT_EXTRA})")
+        return 0
+    diffs = check_onnx(model, path, [image, other])
+    print(f"onnx: {path}; max |onnxruntime - eager| on the sample {diffs[0]:.3g}, "
+          f"on another input of the same size {diffs[1]:.3g}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -208,23 +290,17 @@ def main(argv=None) -> int:
         json.dump(describe(cfg, image.shape[1:], names, classes), f, indent=2)
     print(f"description: {description} (outputs: {', '.join(names)})")
     status = 0
+    other = sample_input(cfg, None, tuple(image.shape[1:]), seed=1)
     if "torchscript" in args.format:
         path = args.output + ".ts"
         export_torchscript(model, image, path)
-        other = sample_input(cfg, None, tuple(image.shape[1:]), seed=1)
         diffs = check_torchscript(model, path, [image, other])
         print(
             f"torchscript: {path}; max |exported - eager| on the sample {diffs[0]:.3g}, "
             f"on another input of the same size {diffs[1]:.3g}"
         )
     if "onnx" in args.format:
-        path = args.output + ".onnx"
-        failure = export_onnx(model, image, path, names)
-        if failure:
-            print(f"onnx: not exported: {failure}")
-            status = 1
-        else:
-            print(f"onnx: {path}; {check_onnx(path, adapter_for(model, image))}")
+        status = report_onnx(model, image, other, args.output, names)
     return status
 
 

@@ -18,10 +18,15 @@ classes     (N,)        class indices (int64) into the JSON's ``classes.names``
 residuals   (S,)        DEQ decoders only: relative residual of each refinement step
 steps       ()          DEQ decoders only: refinement steps run
 ==========  ==========  ===================================================================
+
+:func:`onnx_exportable` and :func:`onnx_symbolics` let the TorchScript-based ONNX exporter (opset
+:data:`ONNX_OPSET`) write every detector of the project, without changing what it computes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import warnings
@@ -31,12 +36,18 @@ import numpy as np
 import torch
 from detectron2.data import transforms as T
 from detectron2.structures import Boxes
+from torch import nn
 
 __all__ = [
-    "DEQ_OUTPUTS", "OUTPUTS", "ExportedDetector", "describe", "description_path", "load", "ordered_outputs",
+    "DEQ_OUTPUTS", "INSTALL_EXPORT_EXTRA", "ONNX_OPSET", "OUTPUTS", "ExportedDetector", "describe",
+    "description_path", "load", "onnx_exportable", "onnx_symbolics", "ordered_outputs",
 ]
 
 OUTPUTS = ("boxes", "scores", "classes")
+ONNX_OPSET = 17
+# The optional extra `export` (onnx, onnxruntime; pinned in pyproject.toml) into the project's .venv,
+# run from the repository root (`make setup` installs the project without it).
+INSTALL_EXPORT_EXTRA = ".venv/bin/pip install -e '.[export]'"
 DEQ_OUTPUTS = ("residuals", "steps")
 _SHAPES = {"boxes": ["N", 4], "scores": ["N"], "classes": ["N"], "residuals": ["S"], "steps": []}
 _MEANINGS = {
@@ -54,6 +65,55 @@ def ordered_outputs(output: Dict) -> tuple:
     instances = output["instances"]
     fields = (instances.pred_boxes.tensor, instances.scores, instances.pred_classes)
     return fields + tuple(output[k] for k in DEQ_OUTPUTS if k in output)
+
+
+def onnx_exportable(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose batch norms without affine parameters have the identity ones
+    (weight 1, bias 0, frozen): the same outputs bit for bit (PyTorch's batch norm takes a missing
+    weight as 1 and a missing bias as 0), and a graph the TorchScript-based ONNX exporter can write.
+
+    The exporter writes a missing weight or bias as a constant of the input's channel count, and
+    stops with "ONNX export of batch_norm for unknown channel size" where its shape inference has
+    lost that count. Detectron2's ``RetinaNetHead`` with ``NORM: "BN"`` normalises each pyramid level
+    with such a norm (the ``affine=False`` members of its ``CycleBatchNormList``, followed by one
+    affine shared by the levels), on the output of a convolution whose input is the DyHead's
+    deformable convolution: an ``embedding_bag`` (exported as an ONNX ``Loop``) followed by a
+    reshape to sizes computed at run time, after which only the rank of the maps is known.
+    """
+    model = copy.deepcopy(model)
+    device = next(model.parameters()).device
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.affine:
+            channels = module.num_features
+            module.weight = nn.Parameter(torch.ones(channels, device=device), requires_grad=False)
+            module.bias = nn.Parameter(torch.zeros(channels, device=device), requires_grad=False)
+            module.affine = True
+    return model
+
+
+def _expm1(g, x):
+    """ONNX for ``torch.expm1`` (ONNX has no such operator, and the exporter no symbolic for it):
+    ``exp(x) - 1`` where ``|x| >= 1`` (no cancellation there; inf and -1 at the extremes), Kahan's
+    ``(exp(x) - 1) x / log(exp(x))`` below, which keeps expm1's accuracy where ``exp(x) - 1``
+    cancels (``x`` itself where ``exp(x)`` rounds to 1). Used by the combined detector's score
+    (:func:`~deqdet.modeling.dense_query.criterion.quality_logits`)."""
+    one = g.op("CastLike", g.op("Constant", value_t=torch.tensor(1.0)), x)
+    exp = g.op("Exp", x)
+    exp_minus_1 = g.op("Sub", exp, one)
+    kahan = g.op("Div", g.op("Mul", exp_minus_1, x), g.op("Log", exp))
+    small = g.op("Where", g.op("Equal", exp, one), x, kahan)
+    return g.op("Where", g.op("Less", g.op("Abs", x), one), small, exp_minus_1)
+
+
+@contextlib.contextmanager
+def onnx_symbolics():
+    """Within the block the ONNX exporter (opset :data:`ONNX_OPSET`) also writes ``aten::expm1``
+    (:func:`_expm1`), which it has no symbolic for."""
+    torch.onnx.register_custom_op_symbolic("aten::expm1", _expm1, ONNX_OPSET)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::expm1", ONNX_OPSET)
 
 
 def description_path(model_path: str) -> str:
@@ -97,8 +157,11 @@ class ExportedDetector:
         resize = self.description["input"]["test_resize"]
         self._resize = T.ResizeShortestEdge([resize["min_size"]] * 2, resize["max_size"])
         if path.endswith(".onnx"):
-            import onnxruntime
-
+            try:
+                import onnxruntime
+            except ImportError:
+                raise ImportError(f"{path}: running an ONNX model needs onnxruntime, of the optional extra "
+                                  f"'export' (from the repository root: {INSTALL_EXPORT_EXTRA})") from None
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3  # errors only: its graph-optimisation notes are not the user's
             session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
