@@ -219,7 +219,7 @@ def test_malformed_box_and_orphan_annotation_are_named_in_training_and_evaluatio
         in log
     assert f"{source}: malformed box (dropped): annotation 50 (image_id 1) box [1, 2, 3] is not " in log
     assert f"{source}: 4 annotations; 2 dropped (malformed box: 1, orphan annotation: 1)" in log
-    assert "2 images checked; 1 boxes dropped (malformed box: 1)" in log  # Detectron2's loader kept it
+    assert "2 images checked; 1 box dropped (malformed box: 1)" in log  # Detectron2's loader kept it
 
     with _Lines() as lines:  # died with ValueError (3 numbers) and KeyError (image_id 9999)
         dropped, clipped = clean_ground_truth(COCO(str(json_path)))
@@ -258,4 +258,4 @@ def test_a_clean_dataset_prints_no_empty_counts():
     records = [{"file_name": "x", "height": H, "width": W, "image_id": 1, "annotations": []}]
     with _Lines() as lines, mock.patch("deqdet.data.loading.image_problem", return_value=None):
         check_dataset("clean", records, skip_bad_images=True)
-    assert lines == ["dataset 'clean': 1 images checked; no problems found"]
+    assert lines == ["dataset 'clean': 1 image checked; no problems found"]
