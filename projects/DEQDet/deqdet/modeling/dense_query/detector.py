@@ -267,16 +267,20 @@ class DenseQueryDetector(nn.Module):
     def _forward_parts(self, batched_inputs: List[dict]):
         """(DecoderInputs, the dense head's input maps L x (B, C, H_l, W_l), its raw predictions, its
         DenseOutputs): the backbone, the dense head and the initial queries, each computed once."""
-        images = self.dense.preprocess_image(batched_inputs)
-        features = self.dense.backbone(images.tensor)
-        dense_features = [features[f] for f in self.dense.head_in_features]
-        predictions = self.dense.head(dense_features)
+        images, features, dense_features, predictions = self._dense_parts(batched_inputs)
         dense_outputs = DenseOutputs.of(self.dense, dense_features, predictions)
         grad = self.decoder_feature_grad
         query_features = [_scale_gradient(features[f], grad) for f in self.query_in_features]
         content, xyzr, prior = self._queries(images, dense_features, dense_outputs)
         inputs = DecoderInputs(images, content, xyzr, query_features, prior)
         return inputs, dense_features, predictions, dense_outputs
+
+    def _dense_parts(self, batched_inputs: List[dict]):
+        """Images, the pyramid {name: (B, C, H_l, W_l)}, the dense head's input maps and its predictions."""
+        images = self.dense.preprocess_image(batched_inputs)
+        features = self.dense.backbone(images.tensor)
+        dense_features = [features[f] for f in self.dense.head_in_features]
+        return images, features, dense_features, self.dense.head(dense_features)
 
     def _queries(self, images: ImageList, dense_features: List[torch.Tensor], outputs: DenseOutputs):
         """Initial content (B, N, D), xyzr (B, N, 4) and the class prior (B, N, K) logits.
@@ -300,6 +304,9 @@ class DenseQueryDetector(nn.Module):
 
     def forward(self, batched_inputs: List[dict]):
         """Detectron2's model interface (see ``QueryDetector.forward``)."""
+        if not self.training and self.inference_source == "dense":  # no queries to make
+            images, _, dense_features, predictions = self._dense_parts(batched_inputs)
+            return self._dense_outputs(batched_inputs, images, dense_features, predictions)
         inputs, dense_features, predictions, dense_outputs = self._forward_parts(batched_inputs)
         images = inputs.images
         if self.training:
@@ -312,8 +319,6 @@ class DenseQueryDetector(nn.Module):
 
             losses.update(self.decoder.losses(inputs.content, inputs.xyzr, inputs.features, loss_fn))
             return losses
-        if self.inference_source == "dense":
-            return self._dense_outputs(batched_inputs, images, dense_features, predictions)
         prediction = self.decoder.predict(inputs.content, inputs.xyzr, inputs.features)
         prediction = {**prediction, "logits": prediction["logits"] + inputs.prior}
         scored = {k: v for k, v in prediction.items() if k != "quality"}
