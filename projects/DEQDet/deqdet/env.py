@@ -56,4 +56,7 @@ def collect_env() -> str:
 
 
 if __name__ == "__main__":
+    from .evaluation import install_fast_coco_eval
+
+    install_fast_coco_eval()  # report the backend that training and evaluation use
     print(collect_env())
